@@ -1,0 +1,39 @@
+# Every target that runs Python creates or refreshes .venv itself, so any of them works as the
+# first command on a fresh machine with Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMP := $(VENV)/.installed
+
+# torch first: DeepSpeed builds against the torch already in the environment.
+TORCH := torch==2.14.1 torchvision==0.29.2
+
+.PHONY: venv demo test test-fast bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(UV) pip install --python $(PY) --quiet setuptools wheel ninja $(TORCH)
+	$(UV) pip install --python $(PY) --quiet --no-build-isolation-package deepspeed -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m hlip_ray.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -x
+
+bench: $(STAMP)
+	@for bench in benchmarks/bench_*.py; do echo "# $$bench" >&2; $(PY) $$bench || exit 1; done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hlip_ray tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

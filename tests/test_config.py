@@ -1,0 +1,97 @@
+import pytest
+
+from hlip_ray.config import ConfigError, dump_config, expand_layout, load_config
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    config = load_config()
+    assert config.model.attention_levels == ("scan", "scan", "study") * 4
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_dotted_overrides_apply_on_top_of_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  depth: 6\n  embed_dim: 96\n  num_heads: 2\ntrain:\n  num_workers: 2\n")
+    config = load_config(path, ["model.depth=3", "data.grid=[16,32,32]", "train.num_workers=[1,4]"])
+    assert config.model.depth == 3
+    assert config.model.embed_dim == 96
+    assert config.data.grid == [16, 32, 32]
+    assert config.train.num_workers == [1, 4]
+
+
+@pytest.mark.parametrize(
+    "overrides, key_path",
+    [
+        (["model.depht=4"], "model.depht: unknown key"),
+        (["model.text.frozenn=true"], "model.text.frozenn: unknown key"),
+        (["nonsense.key=1"], "nonsense: unknown key"),
+        (["model.depth=zero"], "model.depth:"),
+        (["model.patch_size=[8,16]"], "model.patch_size:"),
+        (["train.zero_stage=5"], "train.zero_stage:"),
+        (["train.precision=fp8"], "train.precision:"),
+        (["data.windows=[[350,-1150]]"], "data.windows:"),
+        (["model.attention_layout=h9"], "model:"),
+        (["model.pixel_std=[0]"], "model.pixel_std[0]:"),
+        (["train.num_workers=[4,1]"], "train:"),
+    ],
+)
+def test_bad_key_or_value_fails_at_load_naming_the_key(overrides, key_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert key_path in str(error.value)
+
+
+def test_unknown_key_in_yaml_file_names_file_and_path(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("storage:\n  endpoint_url: http://127.0.0.1:9000\n  secret: x\n")
+    with pytest.raises(ConfigError, match=r"storage\.secret: unknown key") as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="not divisible by model.patch_size"):
+        load_config(None, ["data.grid=[20,224,224]"])
+    with pytest.raises(ConfigError, match="multiple of num_workers"):
+        load_config(None, ["train.global_batch_size=10", "train.num_workers=2", "train.chunk_size=4"])
+    with pytest.raises(ConfigError, match="depth divisible by 3"):
+        load_config(None, ["model.depth=4"])
+    with pytest.raises(ConfigError, match="3 values for 2 channels"):
+        load_config(None, ["data.windows=[[-1000,400],[0,80]]", "model.pixel_mean=[0.1,0.2,0.3]"])
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["model.depth"])
+
+
+@pytest.mark.parametrize(
+    "layout, depth, expected",
+    [
+        ("h2", 6, ("scan", "scan", "study") * 2),
+        ("h3", 3, ("slice", "scan", "study")),
+        ("chest", 6, ("slice", "slice", "study") * 2),
+        ("full", 4, ("study",) * 4),
+        ("slice,study", 2, ("slice", "study")),
+        (["scan", "study"], 2, ("scan", "study")),
+    ],
+)
+def test_layouts_by_name_or_list(layout, depth, expected):
+    assert expand_layout(layout, depth) == expected
+
+
+def test_layout_list_must_match_depth():
+    with pytest.raises(ConfigError, match="3 levels for a model of depth 12"):
+        load_config(None, ["model.attention_layout=[scan,scan,study]"])
+
+
+def test_config_module_imports_neither_torch_nor_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, hlip_ray.config; print('torch' in sys.modules, 'ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
