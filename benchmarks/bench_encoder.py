@@ -33,13 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import numpy as np
+import timm
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hlip_ray.config import expand_layout  # noqa: E402
-from hlip_ray.model import StudyEncoder  # noqa: E402
+from hlip_ray.config import expand_layout
+from hlip_ray.model import StudyEncoder
 
 MIB = 2**20
 GOALS = {"h2_time": 0.60, "throughput": 1.5, "mem_repeat_fill": 0.70}
@@ -193,26 +193,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_cases(args) -> tuple[dict, dict, list[int]]:
     """Timing cases, memory cases (name -> case dict) and the drawn scan counts."""
-    common = dict(patch=list(args.patch), embed_dim=args.embed_dim, depth=args.depth,
-                  heads=args.heads, bf16=args.bf16, seed=args.seed, kernel="default")
-    layout = dict(common, grid=list(args.grid), slots=args.scans, fill="mask",
-                  scan_counts=[args.scans] * args.batch)
+    common = {"patch": list(args.patch), "embed_dim": args.embed_dim, "depth": args.depth,
+              "heads": args.heads, "bf16": args.bf16, "seed": args.seed, "kernel": "default"}
+    layout = {**common, "grid": list(args.grid), "slots": args.scans, "fill": "mask",
+              "scan_counts": [args.scans] * args.batch}
     # P(n) ~ 1/n over n = 1..K, from a seeded RNG.
     sizes = np.arange(1, args.mixed_slots + 1)
     rng = np.random.default_rng(args.seed)
     counts = rng.choice(sizes, size=args.mixed_batch, p=(1 / sizes) / (1 / sizes).sum()).tolist()
-    mixed = dict(common, grid=list(args.mixed_grid), slots=args.mixed_slots, layout="h2",
-                 scan_counts=counts)
+    mixed = {**common, "grid": list(args.mixed_grid), "slots": args.mixed_slots,
+             "layout": "h2", "scan_counts": counts}
     timing = {
-        "h2": dict(layout, layout="h2"),
-        "h3": dict(layout, layout="h3"),
-        "full": dict(layout, layout="full"),
-        "masked": dict(mixed, fill="mask"),
-        "repeat_fill": dict(mixed, fill="repeat"),
+        "h2": {**layout, "layout": "h2"},
+        "h3": {**layout, "layout": "h3"},
+        "full": {**layout, "layout": "full"},
+        "masked": {**mixed, "fill": "mask"},
+        "repeat_fill": {**mixed, "fill": "repeat"},
     }
     memory = {name: timing[name] for name in ("h2", "full", "masked", "repeat_fill")}
-    memory["h2_math"] = dict(timing["h2"], kernel="math")
-    memory["full_math"] = dict(timing["full"], kernel="math")
+    memory["h2_math"] = {**timing["h2"], "kernel": "math"}
+    memory["full_math"] = {**timing["full"], "kernel": "math"}
     for name, case in {**timing, **memory}.items():
         case["name"] = name
     return timing, memory, counts
@@ -238,6 +238,20 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     timing_cases, memory_cases, counts = make_cases(args)
 
+    # Memory first: a cpu child's ru_maxrss starts at its parent's peak RSS (the kernel carries
+    # it over exec), so the children are started while this process is still small.
+    names = list(memory_cases)
+    measured = {name: [] for name in names}
+    for repeat in range(args.mem_repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            measured[name].append(peak_step_memory(memory_cases[name], device))
+            log(f"memory {name}: {measured[name][-1]}")
+    peak_mib = {}
+    for name, results in measured.items():
+        values = [result["peak_bytes"] for result in results]
+        peak_mib[name] = None if None in values else round(statistics.median(values) / MIB, 1)
+    gaps = [result.get("baseline_gap") or 0 for results in measured.values() for result in results]
+
     # Timings: one untimed warm-up step per case, then every repeat runs all cases, starting
     # from a different case each time, so drift on a shared machine hits them alike.
     built = {name: build_case(case, device) for name, case in timing_cases.items()}
@@ -251,24 +265,7 @@ def main(argv=None) -> None:
             seconds[name].append(timed_step(*built[name], timing_cases[name], device))
         log(f"repeat {repeat + 1}/{args.repeats}: "
             + ", ".join(f"{name} {seconds[name][-1]:.3f}s" for name in names))
-    del built
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     step_s = {name: statistics.median(values) for name, values in seconds.items()}
-
-    # Memory, interleaved the same way.
-    names = list(memory_cases)
-    measured = {name: [] for name in names}
-    for repeat in range(args.mem_repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            measured[name].append(peak_step_memory(memory_cases[name], device))
-            log(f"memory {name}: {measured[name][-1]}")
-    peak_mib = {}
-    for name, results in measured.items():
-        values = [result["peak_bytes"] for result in results]
-        peak_mib[name] = None if None in values else round(statistics.median(values) / MIB, 1)
-    gaps = [result.get("baseline_gap") or 0 for results in measured.values() for result in results]
 
     tokens_per_scan = int(np.prod([g // p for g, p in zip(args.mixed_grid, args.patch)]))
     useful_tokens = sum(counts) * tokens_per_scan
