@@ -97,7 +97,7 @@ class ModelConfig(_Section):
     text: TextConfig = TextConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         try:
             expand_layout(self.attention_layout, self.depth)
         except ValueError as error:
@@ -163,7 +163,7 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if isinstance(self.num_workers, list):
             low, high = self.num_workers
             if low > high:
@@ -206,7 +206,7 @@ class Config(_Section):
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         for axis, (size, patch) in enumerate(zip(self.data.grid, self.model.patch_size)):
             if size % patch:
                 raise ValueError(

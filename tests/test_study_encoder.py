@@ -195,7 +195,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     mask = torch.tensor([[True, True], [True, False]])
     grads = []
     for checkpointing in (False, True):
-        encoder = tiny_encoder("h2", depth=3, drop_path=0.3, patch_dropout=0.25, grad_checkpointing=checkpointing).train()
+        encoder = tiny_encoder("h2", depth=3, drop_path=0.3, patch_dropout=0.25, grad_checkpointing=checkpointing)
+        encoder.train()
         encoder(pixels, mask, [1, 2]).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
@@ -207,7 +208,8 @@ def _reference_varlen_kernel(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        outputs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale).transpose(0, 1))
+        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
+        outputs.append(out.transpose(0, 1))
     return torch.cat(outputs)
 
 

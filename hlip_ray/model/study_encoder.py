@@ -13,7 +13,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 
@@ -130,9 +129,10 @@ class StudyEncoder(nn.Module):
             for _ in self.attention_levels
         )
         self.norm = LayerNorm(embed_dim)
-        channels = in_channels
-        self.register_buffer("pixel_mean", torch.tensor(_per_channel(pixel_mean, channels, "pixel_mean")), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(_per_channel(pixel_std, channels, "pixel_std")), persistent=False)
+        mean = torch.tensor(_per_channel(pixel_mean, in_channels, "pixel_mean"))
+        std = torch.tensor(_per_channel(pixel_std, in_channels, "pixel_std"))
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -189,15 +189,13 @@ class StudyEncoder(nn.Module):
     def _drop_path_scales(self, study_seeds: list[int], device: torch.device) -> torch.Tensor:
         """``[depth, 2, B]``: 0 or 1/(1-p) per study, for each block's attention and MLP branch."""
         keep_prob = 1.0 - self.drop_path
-        draws = torch.stack(
+        draws = torch.tensor(
             [
-                torch.stack(
-                    [torch.rand(2, generator=randomness.generator(seed, randomness.DROP_PATH, block)) for seed in study_seeds],
-                    dim=-1,
-                )
+                [torch.rand(2, generator=randomness.generator(seed, randomness.DROP_PATH, block)).tolist()
+                 for seed in study_seeds]
                 for block in range(len(self.blocks))
             ]
-        )
+        ).permute(0, 2, 1)
         return ((draws < keep_prob).float() / keep_prob).to(device)
 
     # ------------------------------------------------------------------------------------
@@ -226,13 +224,15 @@ class StudyEncoder(nn.Module):
         scan_mask: torch.Tensor,
         study_seeds: torch.Tensor | Sequence[int] | None = None,
         num_blocks: int | None = None,
-    ) -> "EncodedTokens":
+    ) -> EncodedTokens:
         """Run the first ``num_blocks`` blocks (all by default) and return the tokens as they are."""
         if pixels.dim() != 6:
             raise ValueError(f"pixels must be [B, K, C, D, H, W], got shape {tuple(pixels.shape)}")
         batch, scans_max = pixels.shape[:2]
         if scan_mask.shape != (batch, scans_max):
-            raise ValueError(f"scan_mask shape {tuple(scan_mask.shape)} does not match pixels {tuple(pixels.shape[:2])}")
+            raise ValueError(
+                f"scan_mask shape {tuple(scan_mask.shape)} does not match pixels {tuple(pixels.shape[:2])}"
+            )
         scan_mask = scan_mask.to(device=pixels.device, dtype=torch.bool)
         scans_per_study = scan_mask.sum(dim=1).tolist()
         if min(scans_per_study) == 0:

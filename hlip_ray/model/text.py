@@ -80,13 +80,13 @@ class TextTower(nn.Module):
     @classmethod
     def from_name_or_path(
         cls, name_or_path: str, projection_dim: int, frozen: bool = False, with_weights: bool = True
-    ) -> "TextTower":
+    ) -> TextTower:
         """Build from a hub name, local folder or ``pkg:`` source; ``with_weights=False`` builds
         the architecture only (weights come from a checkpoint afterwards)."""
         source = resolve_text_source(name_or_path)
         return cls(_auto_model(source, with_weights), projection_dim, frozen)
 
-    def train(self, mode: bool = True) -> "TextTower":
+    def train(self, mode: bool = True) -> TextTower:
         super().train(mode)
         if self.frozen:
             self.transformer.eval()
