@@ -38,7 +38,7 @@ import timm
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hlip_ray.config import expand_layout
+from hlip_ray.layouts import expand_layout
 from hlip_ray.model import StudyEncoder
 
 MIB = 2**20

@@ -15,48 +15,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hlip_ray.layouts import NAMED_LAYOUTS, expand_layout
+
+__all__ = ["NAMED_LAYOUTS", "Config", "ConfigError", "expand_layout", "load_config"]
+
 AttentionLevel = Literal["slice", "scan", "study"]
-
-# Named attention layouts: a pattern repeated to the model's depth.
-NAMED_LAYOUTS: dict[str, tuple[str, ...]] = {
-    "h2": ("scan", "scan", "study"),
-    "h3": ("slice", "scan", "study"),
-    "chest": ("slice", "slice", "study"),
-    "full": ("study",),
-}
-
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key path."""
-
-
-def expand_layout(layout: str | list[str] | tuple[str, ...], depth: int) -> tuple[str, ...]:
-    """Attention level of every block: a named layout repeated to ``depth``, or an explicit list.
-
-    A string holding commas (``"scan,scan,study"``) is read as an explicit list.
-    """
-    if isinstance(layout, str):
-        if layout in NAMED_LAYOUTS:
-            pattern = NAMED_LAYOUTS[layout]
-            if depth % len(pattern):
-                raise ValueError(
-                    f"layout {layout!r} repeats {','.join(pattern)} and needs a depth divisible "
-                    f"by {len(pattern)}, got depth {depth}"
-                )
-            return pattern * (depth // len(pattern))
-        if "," not in layout:
-            raise ValueError(
-                f"unknown attention layout {layout!r}; names: {', '.join(NAMED_LAYOUTS)}, "
-                "or a list of slice/scan/study per block"
-            )
-        layout = [level.strip() for level in layout.split(",")]
-    levels = tuple(layout)
-    bad = [level for level in levels if level not in ("slice", "scan", "study")]
-    if bad:
-        raise ValueError(f"attention levels must be slice, scan or study, got {bad}")
-    if len(levels) != depth:
-        raise ValueError(f"layout lists {len(levels)} levels for a model of depth {depth}")
-    return levels
 
 
 class _Section(BaseModel):
@@ -122,6 +88,14 @@ class DataConfig(_Section):
     windows: list[Annotated[list[float], Field(min_length=2, max_length=2)]] = [[-1150.0, 350.0]]
     mri_percentiles: Annotated[list[float], Field(min_length=2, max_length=2)] = [0.5, 99.5]
     shuffle_sentences: bool = True
+    # 4D NIfTI: every volume a scan ("scans") or only the first ("first").
+    nifti_4d: Literal["scans", "first"] = "scans"
+    reorient_to_ras: bool = False
+    # Patient-level split: a salted hash of the PatientID (never stored) picks train or val.
+    split_salt: str = "hlip-ray"
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    # Shards written by `hlip-ray preprocess`; when set, training reads them instead of raw files.
+    shards: str | None = None
     decode_concurrency: int = Field(2, gt=0)
 
     @field_validator("windows")

@@ -9,7 +9,7 @@ def tiny_encoder(layout="h2", depth=3, grid=(16, 32, 32), patch=(8, 16, 16), **k
     """A study encoder small enough for a unit test (width 24, 2 heads)."""
     import torch
 
-    from hlip_ray.config import expand_layout
+    from hlip_ray.layouts import expand_layout
     from hlip_ray.model import StudyEncoder
 
     torch.manual_seed(kwargs.pop("seed", 0))

@@ -94,3 +94,13 @@ def test_build_model_from_config_with_packaged_text_tower():
         study = model.encode_study(torch.randint(0, 255, (1, 2, 1, 16, 32, 32), dtype=torch.uint8),
                                    torch.ones(1, 2, dtype=torch.bool))
     assert text.shape == study.shape == (1, 8)
+
+
+def test_model_library_imports_without_ray_deepspeed_or_config_dependencies():
+    import subprocess
+    import sys
+
+    code = ("import sys, hlip_ray.model; "
+            "print(sorted(m for m in ('ray', 'deepspeed', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hlip_ray.config import ModelConfig, TextConfig
-from hlip_ray.model.clip import StudyCLIP, build_study_encoder
+from hlip_ray.layouts import expand_layout
+from hlip_ray.model.clip import StudyCLIP
 from hlip_ray.model.pos_embed import spatial_from_2d
 from hlip_ray.model.study_encoder import StudyEncoder
 from hlip_ray.model.text import TextTower
@@ -27,6 +27,9 @@ HLIP_MODELS: dict[str, dict[str, Any]] = {
     "vit_base_multiscan_h3_token1176": dict(attention_layout="h3", patch_size=[8, 16, 16], grid=[48, 224, 224]),
 }
 HLIP_TEXT_MODEL = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
+# Overrides from_hlip_checkpoint passes on to the study encoder.
+ENCODER_OPTIONS = ("num_heads", "pixel_mean", "pixel_std", "patch_dropout", "drop_path",
+                   "grad_checkpointing", "attention_backend")
 
 
 def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -85,8 +88,8 @@ def from_hlip_checkpoint(path: str | Path, **overrides: Any) -> StudyCLIP:
     Shapes (width, depth, patch size, token grid, scan slots, projection) are read from the
     weights. What the weights cannot say comes from ``name`` (one of ``HLIP_MODELS``) or from
     overrides: ``attention_layout``, ``num_heads`` (default: width / 64), ``text_name_or_path``
-    (hub name or local folder of the BERT config; default HLIP's BiomedBERT), and any other
-    ``ModelConfig`` field (``patch_dropout``, ``grad_checkpointing``, ``pixel_mean``...).
+    (hub name or local folder of the BERT config; default HLIP's BiomedBERT), ``text_frozen``,
+    and the encoder options in ``ENCODER_OPTIONS`` (``patch_dropout``, ``grad_checkpointing``...).
     Pixels are taken as HLIP's [0, 1] scale (``pixel_mean=[0]``, ``pixel_std=[1]``) unless
     overridden. A checkpoint without text weights gives a model without a text tower.
     """
@@ -113,33 +116,34 @@ def from_hlip_checkpoint(path: str | Path, **overrides: Any) -> StudyCLIP:
         )
 
     text_source = overrides.pop("text_name_or_path", HLIP_TEXT_MODEL)
+    text_frozen = overrides.pop("text_frozen", False)
     layout = overrides.pop("attention_layout", known.get("attention_layout"))
     if layout is None:
         raise ValueError(
             "the attention layout of an HLIP checkpoint is not in its weights: pass name= "
             f"(one of {', '.join(HLIP_MODELS)}) or attention_layout="
         )
-    fields = dict(
-        attention_layout=layout,
+    options = dict(
+        grid=grid,
         patch_size=patch_size,
+        in_channels=in_channels,
         embed_dim=embed_dim,
-        depth=depth,
         num_heads=max(1, embed_dim // 64),
         mlp_ratio=mlp_hidden / embed_dim,
-        projection_dim=projection_dim,
         max_scan_slots=slots,
         pixel_mean=[0.0],
         pixel_std=[1.0],
-        loss="siglip" if "logit_bias" in towers["clip"] else "clip",
-        text=TextConfig(name_or_path=text_source),
     )
-    fields.update(overrides)
-    model_cfg = ModelConfig(**fields)
-    encoder = build_study_encoder(model_cfg, grid, in_channels)
+    unknown = set(overrides) - set(ENCODER_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; accepted: {', '.join(ENCODER_OPTIONS)}")
+    options.update(overrides)
+    encoder = StudyEncoder(attention_levels=expand_layout(layout, depth), **options)
     text = None
     if towers["text"]:
-        text = TextTower.from_name_or_path(text_source, projection_dim, model_cfg.text.frozen, with_weights=False)
-    model = StudyCLIP(encoder, text, projection_dim, loss=model_cfg.loss)
+        text = TextTower.from_name_or_path(text_source, projection_dim, text_frozen, with_weights=False)
+    loss = "siglip" if "logit_bias" in towers["clip"] else "clip"
+    model = StudyCLIP(encoder, text, projection_dim, loss=loss)
     state = {**visual, **towers["text"], **towers["clip"]}
     result = model.load_state_dict(state, strict=False)
     missing = [key for key in result.missing_keys if text is not None or not key.startswith("text.")]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlip_ray.config import Config, ModelConfig
+from hlip_ray.layouts import expand_layout
 from hlip_ray.model.study_encoder import StudyEncoder
 from hlip_ray.model.text import TextTower
+
+if TYPE_CHECKING:  # the model library runs without the config module's dependencies
+    from hlip_ray.config import Config, ModelConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -82,7 +86,7 @@ def build_study_encoder(model: ModelConfig, grid: Sequence[int], in_channels: in
     return StudyEncoder(
         grid=grid,
         patch_size=model.patch_size,
-        attention_levels=model.attention_levels,
+        attention_levels=expand_layout(model.attention_layout, model.depth),
         in_channels=in_channels,
         embed_dim=model.embed_dim,
         num_heads=model.num_heads,
