@@ -13,6 +13,54 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage(config):
+    from hlip_ray.data.storage import Storage
+
+    return Storage.from_config(config.storage)
+
+
+def _synth_command(args: argparse.Namespace) -> int:
+    from hlip_ray.data.synth import write_corpus
+
+    config = load_config(args.config, args.overrides)
+    storage = _storage(config)
+    out = args.out.rstrip("/")
+    summary = write_corpus(lambda relative, data: storage.write_bytes(f"{out}/{relative}", data),
+                           studies=args.studies, seed=args.seed, size=args.size)
+    print(f"wrote {summary.studies} studies, {summary.scans} scans, {summary.files} files to {out}")
+    return 0
+
+
+def _manifest_command(args: argparse.Namespace) -> int:
+    from hlip_ray.data.manifest import build_manifest, write_manifest
+
+    config = load_config(args.config, args.overrides)
+    storage = _storage(config)
+    rows = build_manifest(args.root, storage, salt=config.data.split_salt, val_fraction=config.data.val_fraction)
+    write_manifest(rows, args.out, storage)
+    splits: dict[str, int] = {}
+    for row in rows:
+        splits[row.split] = splits.get(row.split, 0) + 1
+    print(f"wrote {len(rows)} studies to {args.out}: {splits}")
+    return 0
+
+
+def _preprocess_command(args: argparse.Namespace) -> int:
+    from hlip_ray import ray_runtime
+    from hlip_ray.data.manifest import read_manifest
+    from hlip_ray.data.pipeline import create_quarantine_log
+    from hlip_ray.data.shards import write_shards
+
+    config = load_config(args.config, args.overrides)
+    storage = _storage(config)
+    rows = read_manifest(args.manifest, storage, data_root=args.data_root)
+    ray_runtime.connect()
+    summary = write_shards(rows, config, storage, args.out, create_quarantine_log())
+    print(f"wrote {summary['studies_written']} of {summary['studies_in_manifest']} studies to {args.out}; "
+          f"skipped: {summary['rejections'] or 'none'}")
+    return 0
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     from hlip_ray import demo
 
@@ -29,6 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=4")
     config.set_defaults(run=_config_command)
 
+    def with_config(command):
+        command.add_argument("--config", help="YAML config (default: built-in defaults)")
+        command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. storage.endpoint_url=...")
+        return command
+
+    synth = with_config(commands.add_parser("synth", help="write a synthetic DICOM/NIfTI corpus"))
+    synth.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
+    synth.add_argument("--studies", type=int, default=24)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", choices=["small", "medium"], default="small")
+    synth.set_defaults(run=_synth_command)
+
+    manifest = with_config(commands.add_parser("manifest", help="build a manifest from a folder listing"))
+    manifest.add_argument("--root", required=True, help="root/<study>/<scan>/... folder or s3:// prefix")
+    manifest.add_argument("--out", required=True, help="manifest .parquet or .jsonl (local or s3://)")
+    manifest.set_defaults(run=_manifest_command)
+
+    preprocess = with_config(commands.add_parser("preprocess", help="decode a manifest into Parquet shards"))
+    preprocess.add_argument("--manifest", required=True)
+    preprocess.add_argument("--out", required=True, help="folder or s3:// prefix for shards")
+    preprocess.add_argument("--data-root", help="data root of an HLIP JSON manifest")
+    preprocess.set_defaults(run=_preprocess_command)
+
     demo = commands.add_parser("demo", help="run the embedded CPU demo")
     demo.add_argument("rest", nargs=argparse.REMAINDER)
     demo.set_defaults(run=_demo_command)
@@ -39,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as error:
+    except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"hlip-ray: {error}", file=sys.stderr)
         return 2
 

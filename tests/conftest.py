@@ -1,4 +1,4 @@
-"""Shared test set-up: tiny model configs, fixtures paths, offline Hugging Face."""
+"""Shared test set-up: offline Hugging Face, a moto S3 endpoint, one Ray cluster per session."""
 
 from __future__ import annotations
 
@@ -7,15 +7,25 @@ from pathlib import Path
 
 import pytest
 
+from hlip_ray.local_s3 import use_local_credentials
+
 # No model hub here or in CI: everything loads from local files or packaged weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Dummy credentials for moto's S3, set before Ray starts so its workers inherit them.
+use_local_credentials()
+# Short Ray timeouts, quiet Ray Data output in tests.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HLIP_REFERENCE = Path(
     os.environ.get("HLIP_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "fixtures" / "hlip_reference")
 )
+# Logical resources of the test cluster: CPU pools for decoding, "trainer" slots for Ray Train.
+TEST_CLUSTER = {"num_cpus": 8, "resources": {"data_pool": 64, "trainer": 4}}
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +37,33 @@ def hlip_reference() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return HLIP_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1: a real HTTP endpoint."""
+    from hlip_ray.local_s3 import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    """A fresh bucket on the moto endpoint; yields ``s3://NAME``."""
+    import boto3
+
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid() % 1000}"
+    name = "".join(ch for ch in name if ch.isalnum() or ch == "-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster shared by every test that needs Ray."""
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False, **TEST_CLUSTER)
+    yield ray
+    ray.shutdown()

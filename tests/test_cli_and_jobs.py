@@ -1,5 +1,6 @@
 """The command line, the job configs and the demo."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,11 @@ def test_config_command_rejects_a_bad_key_with_its_path(capsys):
     assert "train.zero_stag: unknown key" in capsys.readouterr().err
 
 
-def test_demo_encodes_generated_studies(capsys):
+def test_demo_runs_synthetic_studies_from_s3_through_shards_to_the_model(ray_session, capsys):
     from hlip_ray import demo
 
-    figures = demo.main(["--studies", "3", "model.depth=3"])
-    assert figures["study_embedding_shape"] == [3, 64]
-    assert figures["text_embedding_shape"] == [3, 64]
-    assert 3 <= figures["real_scans"] <= 12
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+    figures = demo.main(["--studies", "4", "model.depth=3", "data.val_fraction=0", "data.grid=[16,32,32]"])
+    assert figures["studies_sharded"] == 4 and figures["rejections"] == {}
+    assert figures["batch_pixels_shape"] == [4, 4, 1, 16, 32, 32]
+    assert figures["study_embedding_shape"] == figures["text_embedding_shape"] == [4, 64]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == figures

@@ -1,0 +1,62 @@
+"""Records that pass between the data plane's stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Why a scan or study was skipped; the ``reason`` of a Rejection is one of these.
+REJECTION_REASONS = (
+    "corrupt",                    # unreadable, truncated, or pixel data that does not decode
+    "unsupported_transfer_syntax",  # compressed with a codec no installed plugin decodes
+    "not_an_image",               # a DICOM object without pixels (RT plan, structured report, ...)
+    "secondary_capture",          # a screenshot-like secondary capture, not an acquisition
+    "burned_in_annotation",       # BurnedInAnnotation == YES: text may identify the patient
+    "inconsistent_slice_shapes",  # slices of one series disagree in rows/columns
+    "non_finite_values",          # NaN or Inf voxels
+    "empty_axis",                 # an axis of length zero
+    "missing_object",             # the file or prefix does not exist
+    "unsupported_format",         # neither DICOM nor NIfTI
+    "empty_report",               # the study has no report text
+    "no_usable_scan",             # every scan of the study was rejected
+)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One skipped input. ``detail`` is for engineers: it never holds patient fields or report text."""
+
+    uri: str
+    reason: str
+    detail: str = ""
+    study_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {self.reason!r}")
+
+
+@dataclass
+class Volume:
+    """One decoded 3D scan.
+
+    ``pixels`` is float32 ``[D, H, W]``: D runs along the slice normal for DICOM (ordered by
+    position), along the third voxel axis for NIfTI; CT values are in HU. ``affine`` maps a
+    voxel index ``(d, h, w, 1)`` to RAS+ world millimetres. ``spacing`` is ``(D, H, W)`` mm.
+    """
+
+    pixels: np.ndarray
+    affine: np.ndarray
+    modality: str
+    uri: str
+    series: str = ""
+    spacing: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
+
+
+@dataclass
+class Decoded:
+    """What decoding one manifest scan gave: zero or more volumes, and what was rejected."""
+
+    volumes: list[Volume] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)

@@ -1,0 +1,181 @@
+"""Local paths and ``s3://`` URIs behind one small interface, on ``pyarrow.fs``.
+
+Credentials and region come from the standard AWS environment or profile
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
+``AWS_REGION``); ``storage.endpoint_url`` points at an S3-compatible store (MinIO, moto, ...).
+A ``Storage`` pickles as its settings only: the filesystem, which holds resolved credentials,
+is rebuilt from the environment of whichever process uses it, so no secret ever travels in a
+Ray task argument. Ray workers get the AWS variables through their environment (see
+``worker_env``).
+
+Objects are read, written and listed with boto3 (one request per object); Ray Data's Parquet
+readers and writers get the equivalent ``pyarrow.fs.S3FileSystem`` (``resolve``). Both retry
+transient S3 errors (5xx, throttling, dropped connections) with exponential backoff, the
+AWS SDKs' standard retry strategy, up to ``storage.retries`` attempts.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+AWS_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path parts with single slashes."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def worker_env() -> dict[str, str]:
+    """The AWS variables of this process, for ``runtime_env.env_vars`` of Ray workers.
+
+    Handed to Ray's runtime environment (never to task arguments, logs or configs).
+    """
+    return {key: os.environ[key] for key in AWS_ENV if key in os.environ}
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Reads, writes and lists files under local paths or ``s3://bucket/key`` URIs."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    retries: int = 5
+
+    @classmethod
+    def from_config(cls, storage_config) -> Storage:
+        return cls(storage_config.endpoint_url, storage_config.region, storage_config.retries)
+
+    # -- filesystems ---------------------------------------------------------------------
+    def s3_filesystem(self) -> pafs.S3FileSystem:
+        """An S3 filesystem with credentials from this process's environment or profile."""
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        options: dict = {
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(1, self.retries)),
+            "region": region or "us-east-1",
+        }
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            options["endpoint_override"] = parsed.netloc or parsed.path
+            options["scheme"] = parsed.scheme or "https"
+        return pafs.S3FileSystem(**options)
+
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """``(filesystem, path)`` for a URI: ``bucket/key`` on S3, an absolute local path otherwise."""
+        if is_s3(uri):
+            return self.s3_filesystem(), uri[len("s3://") :].rstrip("/")
+        if "://" in uri and not uri.startswith("file://"):
+            raise ValueError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/key")
+        return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+    # -- operations (S3 through boto3: one request per object, standard retries) --------
+    def _s3_client(self):
+        """A boto3 S3 client for this process (cached; never pickled with the Storage)."""
+        client = _S3_CLIENTS.get(self)
+        if client is None:
+            import boto3
+            from botocore.config import Config as BotoConfig
+
+            region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=region or "us-east-1",
+                config=BotoConfig(retries={"max_attempts": max(1, self.retries), "mode": "standard"}),
+            )
+            _S3_CLIENTS[self] = client
+        return client
+
+    def read_bytes(self, uri: str) -> bytes:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            client = self._s3_client()
+            with _s3_errors(uri):
+                try:
+                    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                except client.exceptions.NoSuchKey:
+                    raise FileNotFoundError(f"no such object: {uri}") from None
+        try:
+            with open(self._local(uri), "rb") as handle:
+                return handle.read()
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"no such object: {uri}") from None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            with _s3_errors(uri):
+                self._s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        path = self._local(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+
+    def exists(self, uri: str) -> bool:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            with _s3_errors(uri):
+                listing = self._s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+            return any(item["Key"] == key or item["Key"].startswith(key.rstrip("/") + "/")
+                       for item in listing.get("Contents", []))
+        return os.path.exists(self._local(uri))
+
+    def list_files(self, prefix: str) -> list[str]:
+        """Every file under a folder or key prefix, recursively, as URIs in sorted order."""
+        if is_s3(prefix):
+            bucket, key = _split_s3(prefix)
+            key = key.rstrip("/") + "/" if key else ""
+            with _s3_errors(prefix):
+                pages = self._s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+                return sorted(f"s3://{bucket}/{item['Key']}" for page in pages for item in page.get("Contents", []))
+        root = self._local(prefix)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"no such folder or prefix: {prefix}")
+        return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+
+    @staticmethod
+    def _local(uri: str) -> str:
+        if "://" in uri and not uri.startswith("file://"):
+            raise ValueError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/key")
+        return os.path.abspath(uri.removeprefix("file://"))
+
+
+_S3_CLIENTS: dict[Storage, object] = {}
+
+
+@contextmanager
+def _s3_errors(uri: str):
+    """S3 failures that survived the retries, as ``OSError`` naming the URI."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as error:
+        raise OSError(f"S3 request for {uri} failed: {error}") from error
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key

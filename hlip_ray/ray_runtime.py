@@ -1,0 +1,27 @@
+"""Connecting to Ray: the cluster in ``RAY_ADDRESS``, or a local one started here.
+
+Workers of a local cluster inherit this process's environment, AWS credentials included; on a
+real cluster each node brings its own (instance profile, node environment). Credentials are
+never passed in task arguments, runtime environments or configs.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def connect(num_cpus: int | None = None, resources: dict[str, float] | None = None) -> bool:
+    """``ray.init`` once: ``RAY_ADDRESS`` if set, else a local cluster (``num_cpus``, ``resources``).
+
+    Returns whether this call connected (False when Ray was already initialised by the caller).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=False, log_to_driver=True)
+    return True

@@ -1,0 +1,236 @@
+"""The synthetic corpus: deterministic, real DICOM/NIfTI, labels = masks = reports, no global-intensity leak."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+
+from hlip_ray.data.synth import LABELS, MAX_LESION_FRACTION, SIZES, VOCABULARY, folder_writer, write_corpus
+
+STUDIES, SEED = 60, 0
+EXPECTED_APPEARANCE = {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"}   # mass: hypo on T1
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def read_scan(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A scan in its masks' voxel order, that order's affine (voxel -> RAS+ mm) and facts about its files.
+
+    DICOM: ``[D, H, W]`` sorted by position along the slice normal, rescaled (HU for CT); NIfTI: ``(i, j, k)``.
+    """
+    paths = sorted(folder.glob("*.dcm"))
+    if not paths:
+        image = nib.load(next(folder.glob("*.nii.gz")))
+        normal_axis = int(np.abs(image.affine[:3, 2]).argmax())
+        return np.asarray(image.dataobj, np.float32), image.affine, {"format": "nifti", "normal_axis": normal_axis}
+    slices = [pydicom.dcmread(path) for path in paths]
+    row, col = np.array(slices[0].ImageOrientationPatient[:3]), np.array(slices[0].ImageOrientationPatient[3:])
+    normal = np.cross(row, col)
+    positions = [float(normal @ np.array(ds.ImagePositionPatient)) for ds in slices]
+    order = np.argsort(positions)
+    slices = [slices[i] for i in order]
+    assert len({(ds.Rows, ds.Columns, ds.SeriesInstanceUID, ds.PatientID) for ds in slices}) == 1
+    pixels = np.stack([ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+                       for ds in slices]).astype(np.float32)
+    first, (dy, dx) = np.array(slices[0].ImagePositionPatient), map(float, slices[0].PixelSpacing)
+    step = np.array(slices[1].ImagePositionPatient) - first if len(slices) > 1 else normal * slices[0].SliceThickness
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = step, col * dy, row * dx, first
+    facts = {
+        "format": "dicom", "normal_axis": int(np.abs(normal).argmax()),
+        "rle": slices[0].file_meta.TransferSyntaxUID == RLELossless, "top_down": bool(order[0] > order[-1]),
+        "modality": slices[0].Modality, "patient": (str(slices[0].PatientID), str(slices[0].PatientName)),
+        "description": str(slices[0].SeriesDescription),
+    }
+    return pixels, np.diag([-1.0, -1, 1, 1]) @ lps, facts
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("synth")
+    return root, write_corpus(folder_writer(root), STUDIES, SEED)
+
+
+@pytest.fixture(scope="module")
+def studies(corpus) -> dict[str, dict]:
+    """study_id -> {"labels": labels.json, "report": text, "scans": {name: (pixels, affine, facts)}}."""
+    root, _ = corpus
+    rows = [json.loads(line) for line in (root / "labels.jsonl").read_text().splitlines()]
+    return {
+        row["study_id"]: {
+            "labels": json.loads((root / row["study_id"] / "labels.json").read_text()),
+            "report": (root / row["study_id"] / "report.txt").read_text(),
+            "scans": {folder.name: read_scan(folder) for folder in sorted((root / row["study_id"]).iterdir())
+                      if folder.is_dir() and folder.name != "masks"},
+        }
+        for row in rows
+    }
+
+
+def test_same_seed_gives_identical_bytes_another_seed_differs(tmp_path):
+    summaries = [write_corpus(folder_writer(tmp_path / name), 3, seed) for name, seed in [("a", 5), ("b", 5), ("c", 6)]]
+    first, again, other = (files_of(tmp_path / name) for name in "abc")
+    assert first == again and summaries[0] == summaries[1]
+    assert first != other
+    assert summaries[0].files == len(first) - 1 and summaries[0].bytes == sum(map(len, first.values())) - len(
+        first["corpus.json"])
+
+
+def test_canary_reaches_only_its_study_report_and_patient_name(tmp_path):
+    canary = "Zebulon^Canaryfield"
+    write_corpus(folder_writer(tmp_path / "plain"), 3, 5)
+    write_corpus(folder_writer(tmp_path / "canary"), 3, 5, canary=canary)
+    plain, marked = files_of(tmp_path / "plain"), files_of(tmp_path / "canary")
+    assert plain.keys() == marked.keys()
+    changed = {path for path in plain if plain[path] != marked[path]} - {"corpus.json"}   # corpus.json: its byte count
+    assert all(path.startswith("study-0000/") for path in changed) and "study-0000/report.txt" in changed
+    assert {path for path, data in marked.items() if canary.encode() in data} == changed
+    assert plain["study-0000/report.txt"].decode().strip() in marked["study-0000/report.txt"].decode()
+    for path in changed - {"study-0000/report.txt"}:
+        assert path.endswith(".dcm") and str(pydicom.dcmread(tmp_path / "canary" / path).PatientName) == canary
+
+
+def test_files_decode_to_plausible_values_with_varied_formats(corpus, studies):
+    root, summary = corpus
+    counts, orientations = Counter(), Counter()
+    for study in studies.values():
+        for pixels, _, facts in study["scans"].values():
+            counts[facts["format"]] += 1
+            counts["rle"] += facts.get("rle", False)
+            counts["top_down"] += facts.get("top_down", False)
+            orientations[facts["normal_axis"]] += 1
+            depth, rows, cols = pixels.shape if facts["format"] == "dicom" else pixels.shape[::-1]
+            (low, high), (small, large) = SIZES["small"]
+            assert low <= depth <= high and small <= cols <= large and rows <= large
+            if study["labels"]["modality"] == "CT":
+                assert pixels.min() >= -1024 and np.median(pixels) < -500        # air around the head
+                assert 0.05 < np.mean((pixels > 0) & (pixels < 80)) < 0.6    # brain in the brain window
+                assert pixels.max() > 700                                      # skull
+            else:
+                assert pixels.min() >= 0 and np.percentile(pixels, 99) > 100
+            if facts["format"] == "dicom":
+                assert facts["modality"] == study["labels"]["modality"]
+                assert facts["patient"][0] == study["labels"]["patient_id"]
+    assert counts["dicom"] == summary.dicom_series and counts["nifti"] == summary.nifti_scans > 0
+    assert counts["rle"] == summary.rle_series > 0 and counts["top_down"] > 0
+    assert set(orientations) == {0, 1, 2}   # sagittal (normal along x), coronal (y), axial (z)
+    assert summary.scans == sum(len(study["scans"]) for study in studies.values()) > STUDIES
+    corpus_json = json.loads((root / "corpus.json").read_text())
+    assert corpus_json["seed"] == SEED and corpus_json["studies"] == STUDIES == summary.studies
+
+
+def lesion_and_surroundings(root: Path, study_id: str, lesion: dict, scan: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The lesion's mask and a one-voxel in-plane shell around it (bool arrays on the scan's grid)."""
+    pixels, affine, facts = scan
+    image = nib.load(root / study_id / lesion["mask"])
+    mask = np.asarray(image.dataobj).astype(bool)
+    assert mask.shape == pixels.shape and np.allclose(image.affine, affine, atol=1e-3)
+    shell = mask.copy()
+    for axis in (1, 2) if facts["format"] == "dicom" else (0, 1):
+        shell |= np.roll(mask, 1, axis) | np.roll(mask, -1, axis)
+    return mask, shell & ~mask
+
+
+def test_masks_match_labels_geometry_and_contrast(corpus, studies):
+    root, _ = corpus
+    for study_id, study in studies.items():
+        labels, ct = study["labels"], study["labels"]["modality"] == "CT"
+        present = {label for label, value in labels["labels"].items() if value}
+        scans_per_label = Counter(lesion["label"] for lesion in labels["lesions"])
+        assert scans_per_label == {label: len(study["scans"]) for label in present}   # every scan shows each lesion
+        for lesion in labels["lesions"]:
+            pixels = study["scans"][lesion["scan"]][0]
+            mask, shell = lesion_and_surroundings(root, study_id, lesion, study["scans"][lesion["scan"]])
+            assert 0 < mask.sum() <= MAX_LESION_FRACTION * mask.size
+            assert mask[tuple(np.round(lesion["center_voxel"]).astype(int))] and min(lesion["radius_voxels"]) > 1
+            t1 = "_t1_" in lesion["scan"]   # scan names: <number>_<contrast>_<orientation>
+            expected = "hypo" if (lesion["label"] == "mass" and t1) else EXPECTED_APPEARANCE[lesion["label"]]
+            assert lesion["appearance"] == expected
+            inside, around = np.median(pixels[mask]), np.median(pixels[shell])
+            contrast = inside - around if ct else (inside - around) / around
+            threshold = 10 if ct else 0.15   # HU, or relative
+            assert contrast > threshold if expected == "hyper" else contrast < -threshold, (study_id, lesion)
+
+
+def test_reports_state_presence_and_absence_with_vocabulary_phrases(corpus, studies):
+    root, _ = corpus
+    assert json.loads((root / "vocabulary.json").read_text()) == VOCABULARY
+    phrases = [phrase for entry in VOCABULARY.values() for kind in entry.values() for phrase in kind]
+    assert not [(a, b) for a in phrases for b in phrases if a != b and a in b]   # no phrase hides in another
+    for study in studies.values():
+        text = study["report"].lower()
+        for label in LABELS:
+            positive = any(phrase in text for phrase in VOCABULARY[label]["positive"])
+            negative = any(phrase in text for phrase in VOCABULARY[label]["negative"])
+            assert (positive, negative) == ((True, False) if study["labels"]["labels"][label] else (False, True))
+        for lesion in study["labels"]["lesions"]:
+            assert lesion["location"] in text
+
+
+def auc(scores, positives) -> float:
+    scores, positives = np.asarray(scores), np.asarray(positives, bool)
+    pos, neg = scores[positives][:, None], scores[~positives][None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def test_mean_intensity_does_not_predict_labels(corpus, studies):
+    root, _ = corpus
+    lesions = [(study_id, lesion, *lesion_and_surroundings(root, study_id, lesion, study["scans"][lesion["scan"]]))
+               for study_id, study in studies.items() for lesion in study["labels"]["lesions"]]
+    mr_ranges = {(study_id, name): np.percentile(pixels, [0.5, 99.5]) for study_id, study in studies.items()
+                 for name, (pixels, _, _) in study["scans"].items() if study["labels"]["modality"] == "MR"}
+
+    def scaled(study_id, name, window):   # CT: the window; MR: its 0.5-99.5 percentile range
+        low, high = mr_ranges.get((study_id, name), window)
+        return np.clip((studies[study_id]["scans"][name][0] - low) / (high - low), 0, 1)
+
+    for window in [(0, 80), (-1150, 350)]:   # brain window, and the demo config's wide window
+        scan_means = {(study_id, name): scaled(study_id, name, window).mean()
+                      for study_id, study in studies.items() for name in study["scans"]}
+        scores = [np.mean([scan_means[study_id, name] for name in study["scans"]]) for study_id, study in
+                  studies.items()]
+        for label in LABELS:
+            positives = [study["labels"]["labels"][label] for study in studies.values()]
+            assert 0.2 < np.mean(positives) < 0.7
+            assert 0.35 <= auc(scores, positives) <= 0.65, (window, label)
+        # and why: a lesion moves its scan's mean far less than scans vary, and never sets an MR scan's scale
+        spread = np.std(list(scan_means.values()))
+        for study_id, lesion, mask, shell in lesions:
+            image = scaled(study_id, lesion["scan"], window)
+            assert abs(image[mask].mean() - np.median(image[shell])) * mask.mean() < 0.2 * spread
+            if (study_id, lesion["scan"]) in mr_ranges:
+                pixels = studies[study_id]["scans"][lesion["scan"]][0]
+                assert np.median(pixels[mask]) < 0.9 * mr_ranges[study_id, lesion["scan"]][1]
+
+
+def test_patients_have_several_studies_with_consistent_identity(studies):
+    per_patient = Counter(study["labels"]["patient_id"] for study in studies.values())
+    assert max(per_patient.values()) <= 3 and sum(count > 1 for count in per_patient.values()) >= 5
+    for study in studies.values():
+        patient = study["labels"]["patient_id"]
+        for _, _, facts in study["scans"].values():
+            if facts["format"] == "dicom":
+                assert facts["patient"] == (patient, patient.replace("-", "^"))
+
+
+def test_medium_size_doubles_the_grid_and_keeps_the_content(tmp_path):
+    small, medium = (write_corpus(folder_writer(tmp_path / size), 1, 2, size) for size in ("small", "medium"))
+    assert (small.scans, small.prevalence) == (medium.scans, medium.prevalence)
+    for size in ("small", "medium"):
+        (low, high), (small_side, large_side) = SIZES[size]
+        for folder in (tmp_path / size / "study-0000").iterdir():
+            if folder.is_dir() and folder.name != "masks":
+                pixels, _, facts = read_scan(folder)
+                depth, _, cols = pixels.shape if facts["format"] == "dicom" else pixels.shape[::-1]
+                assert low <= depth <= high and small_side <= cols <= large_side
+    reports = [(tmp_path / size / "study-0000" / "report.txt").read_text() for size in ("small", "medium")]
+    assert reports[0] == reports[1]
