@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 import os
 import socket
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 
 # moto accepts any credentials; these dummies are only ever sent to the local server.
@@ -19,21 +22,30 @@ def free_port() -> int:
 
 
 @contextmanager
-def moto_server():
-    """moto's S3 server on a free local port; yields its endpoint URL (``http://127.0.0.1:PORT``)."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError as error:  # pragma: no cover
-        raise ImportError("a local S3 endpoint needs moto: pip install 'hlip-ray[dev]'") from error
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+def moto_server(timeout_s: float = 60.0):
+    """moto's S3 server on a free local port, in a process of its own (so serving S3 never competes
+    with this process for the GIL); yields its endpoint URL (``http://127.0.0.1:PORT``)."""
+    if importlib.util.find_spec("moto") is None:  # pragma: no cover
+        raise ImportError("a local S3 endpoint needs moto: pip install 'hlip-ray[dev]'")
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
     try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
+                time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def use_local_credentials() -> None:

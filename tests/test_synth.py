@@ -12,7 +12,15 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
-from hlip_ray.data.synth import LABELS, MAX_LESION_FRACTION, SIZES, VOCABULARY, folder_writer, write_corpus
+from hlip_ray.data.synth import (
+    LABELS,
+    MAX_LESION_FRACTION,
+    SIZES,
+    VOCABULARY,
+    CorpusSummary,
+    folder_writer,
+    write_corpus,
+)
 
 STUDIES, SEED = 60, 0
 EXPECTED_APPEARANCE = {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"}   # mass: hypo on T1
@@ -49,13 +57,12 @@ def read_scan(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         "format": "dicom", "normal_axis": int(np.abs(normal).argmax()),
         "rle": slices[0].file_meta.TransferSyntaxUID == RLELossless, "top_down": bool(order[0] > order[-1]),
         "modality": slices[0].Modality, "patient": (str(slices[0].PatientID), str(slices[0].PatientName)),
-        "description": str(slices[0].SeriesDescription),
     }
     return pixels, np.diag([-1.0, -1, 1, 1]) @ lps, facts
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, object]:
+def corpus(tmp_path_factory) -> tuple[Path, CorpusSummary]:
     root = tmp_path_factory.mktemp("synth")
     return root, write_corpus(folder_writer(root), STUDIES, SEED)
 

@@ -26,12 +26,12 @@ well inside the brain, clear of the ventricles and of the other lesions, at the 
 in every scan of the study (every scan covers the whole brain):
 
 - hemorrhage: CT 70-90 HU; MR bright in every contrast;
-- infarct: CT 6-12 HU, MR dark in every contrast (a simplification: any one scan shows it); between
-  CSF and brain, and larger than the ventricles, so that it does not pass for one;
-- mass: larger, CT 50-60 HU, MR dark on T1 and bright on T2/FLAIR; it shifts the ventricles 5-9 mm
-  to the other side and compresses the ventricle on its own side (midline shift).
+- infarct: CT 2-8 HU (CSF-like), MR dark in every contrast (a simplification: any one scan shows it);
+  a dark blob is easily taken for air or a ventricle, so it is larger and as dark as CSF;
+- mass: CT 52-62 HU, MR dark on T1 and bright on T2/FLAIR; it shifts the ventricles 5-9 mm to the
+  other side and compresses the ventricle on its own side (midline shift).
 
-Radii are 14-19 mm (infarct 18-23 mm, mass 20-25 mm; smaller where a brain is crowded): at least ~3
+Radii are 14-19 mm (infarct and mass 20-25 mm; smaller where a brain is crowded): at least ~3
 voxels on a 32x64x64 grid, at most 2% of a scan's voxels (checked). Lesions are placed per patient;
 field of view, tissue levels, calibration offset and MR gain vary by study and scan far more than a
 lesion moves a scan's mean, and MR scalp fat outshines every lesion (so 99.5th-percentile scaling
@@ -92,22 +92,22 @@ VOCABULARY = {
 # Tissue intensities. CT in HU (study-level ranges); MR relative to white matter on T1 (times a scan gain).
 CT_RANGES = {
     "scalp": (10, 30), "skull": (850, 1000), "wm": (26, 31), "gm_over_wm": (6, 9), "csf": (0, 6),
-    "hemorrhage": (70, 90), "infarct": (3, 8), "mass": (50, 60),
+    "hemorrhage": (70, 90), "infarct": (2, 8), "mass": (52, 62),
 }
 MR_TABLE = {  # scalp fat is the brightest tissue in every contrast, so percentile scaling ignores the lesions
-    "t1": {"scalp": 2.2, "skull": 0.1, "gm": 0.75, "wm": 1.0, "csf": 0.2, "hemorrhage": 1.55, "infarct": 0.3,
-           "mass": 0.55},
-    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.5, "infarct": 0.3,
-           "mass": 1.3},
-    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.6, "infarct": 0.25,
-              "mass": 1.35},
+    "t1": {"scalp": 2.2, "skull": 0.1, "gm": 0.75, "wm": 1.0, "csf": 0.2, "hemorrhage": 1.55, "infarct": 0.25,
+           "mass": 0.5},
+    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.5, "infarct": 0.25,
+           "mass": 1.35},
+    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.6, "infarct": 0.2,
+              "mass": 1.4},
 }
 MR_SEQUENCE = {  # TR, TE, TI (ms), scanning sequence
     "t1": (500.0, 10.0, None, "SE"), "t2": (4000.0, 100.0, None, "SE"), "flair": (9000.0, 120.0, 2500.0, "IR")
 }
 # orientation -> LPS unit vectors (row direction r, column direction c); slice normal n = r x c
 ORIENTATIONS = {"ax": ((1, 0, 0), (0, 1, 0)), "cor": ((1, 0, 0), (0, 0, -1)), "sag": ((0, 1, 0), (0, 0, -1))}
-RADIUS_MM = {"hemorrhage": (14, 19), "infarct": (18, 23), "mass": (20, 25)}
+RADIUS_MM = {"hemorrhage": (14, 19), "infarct": (20, 25), "mass": (20, 25)}
 LESION_MARGIN_MM = 6.0   # a lesion keeps this far from the brain surface and the ventricles
 UID_ROOT = "hlip-ray-synth"
 
@@ -256,6 +256,7 @@ def _patient_visits(studies: int, seed: int) -> list[tuple[int, int]]:
 
 
 def _draw_patient(seed: int, index: int) -> Patient:
+    """Head size, ventricles (normal and shifted) and where each label's lesion sits for patient ``index``."""
     rng = np.random.default_rng([seed, 1, index])
     brain = rng.uniform([62, 78, 58], [70, 88, 66])
     scale = brain / [66, 83, 62]
@@ -265,8 +266,8 @@ def _draw_patient(seed: int, index: int) -> Patient:
     shifted = [Blob(v.center - [mass_side * shift, 0, 0], v.semi * ([0.5, 1, 1] if v.center[0] * mass_side > 0 else 1))
                for v in ventricles]
     lesions: dict[str, Blob] = {}
-    for label in LABELS:  # the mass first: it must sit on ``mass_side``, clear of the shifted ventricles
-        avoid = shifted if label == "mass" else ventricles + shifted
+    for label in ("mass", "infarct", "hemorrhage"):  # largest first; the mass on ``mass_side``, clear of the
+        avoid = shifted if label == "mass" else ventricles + shifted   # ventricles it shifts, the others of both
         lesions[label] = _place(rng, label, brain, avoid, list(lesions.values()), mass_side if label == "mass" else 0)
     first_visit = datetime.date(2023, 1, 1) + datetime.timedelta(days=int(rng.integers(365)))
     return Patient(f"SYNTH-P{index:04d}", brain, rng.uniform(6, 8), rng.uniform(3, 5), ventricles, shifted, lesions,
@@ -339,7 +340,7 @@ def _draw_scan(rng, name, format, orientation, contrast, head, brain, head_cente
     n = np.cross(r, c)
     depth, cols = rng.integers(slices[0], slices[1] + 1), rng.integers(pixels[0], pixels[1] + 1)
     rows = cols if rng.random() < 0.7 else max(pixels[0], int(cols * rng.uniform(0.75, 0.9)))
-    margin = rng.uniform(16, 60)
+    margin = rng.uniform(16, 80)
     pixel = round(max((2 * abs(c) @ head + margin) / rows, (2 * abs(r) @ head + margin) / cols), 3)
     coverage = max(2 * abs(n) @ head + rng.uniform(-8, 16), 2 * abs(n) @ brain + 12)
     thickness = round(coverage / depth, 3)
