@@ -26,6 +26,7 @@ import re
 from typing import Any
 
 import numpy as np
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from hlip_ray.config import Config
 from hlip_ray.data.manifest import ScanRef, StudyRow
@@ -287,16 +288,21 @@ def study_dataset(rows: list[StudyRow], config: Config, storage: Storage, quaran
     return training_examples(records, config, train=train, epoch=epoch)
 
 
-def collate_study_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """``iter_torch_batches`` collate_fn: tensors for arrays, lists for ``study_id``/``labels``."""
-    import torch
+class StudyBatchCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches`` collate_fn: tensors for arrays, lists for ``study_id`` / ``labels``."""
 
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if key == "study_id":
-            out[key] = [str(v) for v in value]
-        elif key == "labels":
-            out[key] = [json.loads(v) for v in value]
-        else:
-            out[key] = torch.from_numpy(np.array(value, copy=True))
-    return out
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {}
+        for key, value in batch.items():
+            if key == "study_id":
+                out[key] = [str(v) for v in value]
+            elif key == "labels":
+                out[key] = [json.loads(v) for v in value]
+            else:
+                out[key] = torch.from_numpy(np.array(value, copy=True))
+        return out
+
+
+collate_study_batch = StudyBatchCollate()
