@@ -218,7 +218,7 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
         rows.append(StudyRow(
             study_id=study_id,
             report=report or "",
-            modality=(modality or "MR").upper() if (modality or "MR").upper() in MODALITIES else "MR",
+            modality=modality.upper() if modality and modality.upper() in MODALITIES else "MR",
             scans=scans,
             split=patient_split(patient_key, salt, val_fraction),
             labels={str(k): int(v) for k, v in (meta.get("labels") or {}).items()},

@@ -20,12 +20,14 @@ Training example (one study; batches stack them): ``pixels [K, C, D, H, W]`` uin
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import re
 from typing import Any
 
 import numpy as np
+import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from hlip_ray.config import Config
@@ -41,45 +43,32 @@ MAX_BLOCKS = 4096  # manifest blocks fed to the decode tasks
 
 def study_rng(seed: int, epoch: int, study_id: str) -> np.random.Generator:
     """A generator for one study's draws in one epoch (scan sampling, sentence order)."""
-    key = int.from_bytes(study_id.encode("utf-8")[:32].ljust(32, b"\0"), "big") % (1 << 63)
-    return np.random.default_rng([seed, epoch, key, len(study_id)])
+    key = int.from_bytes(hashlib.sha256(study_id.encode("utf-8")).digest()[:8], "big")
+    return np.random.default_rng([seed, epoch, key])
 
 
 # -- quarantine ----------------------------------------------------------------------------
-def _quarantine_actor_class():
-    import ray
+@ray.remote(num_cpus=0)
+class QuarantineLog:
+    """Collects the rejections of every decoding worker of one run."""
 
-    @ray.remote(num_cpus=0)
-    class QuarantineLog:
-        """Collects rejections from every decoding worker; counts them by reason."""
+    def __init__(self) -> None:
+        self.records: list[dict[str, str]] = []
 
-        def __init__(self) -> None:
-            self.records: list[dict[str, str]] = []
+    def record(self, rejections: list[dict[str, str]]) -> None:
+        self.records.extend(rejections)
 
-        def record(self, rejections: list[dict[str, str]]) -> None:
-            self.records.extend(rejections)
-
-        def counts(self) -> dict[str, int]:
-            counts: dict[str, int] = {}
-            for record in self.records:
-                counts[record["reason"]] = counts.get(record["reason"], 0) + 1
-            return counts
-
-        def records_list(self) -> list[dict[str, str]]:
-            return list(self.records)
-
-    return QuarantineLog
+    def records_list(self) -> list[dict[str, str]]:
+        return list(self.records)
 
 
 def create_quarantine_log():
     """A ``QuarantineLog`` actor for one run (pass it to ``study_dataset``)."""
-    return _quarantine_actor_class().remote()
+    return QuarantineLog.remote()
 
 
 def write_quarantine(quarantine, out_dir: str, storage: Storage) -> dict[str, int]:
     """Write ``out_dir/quarantine.jsonl`` (uri, study_id, reason, detail); return counts by reason."""
-    import ray
-
     records = ray.get(quarantine.records_list.remote())
     lines = "".join(json.dumps(record) + "\n" for record in records)
     storage.write_bytes(f"{out_dir.rstrip('/')}/{QUARANTINE_FILE}", lines.encode())
@@ -130,8 +119,6 @@ class StudyLoader:
         for record in records:
             logger.warning("skipped %s (study %s): %s", record["uri"], study_id, record["reason"])
         if self.quarantine is not None:
-            import ray
-
             ray.get(self.quarantine.record.remote(records))
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -258,8 +245,6 @@ def study_records(rows: list[StudyRow], config: Config, storage: Storage, quaran
     Training keeps ``data.scans_per_study`` scans per study, tried in random order;
     evaluation and the shard cache keep up to ``data.max_eval_scans`` in manifest order.
     """
-    import ray
-
     limit = config.data.scans_per_study if train else config.data.max_eval_scans
     loader = StudyLoader(config.model_dump(mode="json"), storage, quarantine, limit=limit, shuffle=train,
                          seed=config.train.seed, epoch=epoch)

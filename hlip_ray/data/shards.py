@@ -72,11 +72,3 @@ def read_shards(out: str, config: Config, storage: Storage, split: str | None = 
         records = records.filter(lambda record: record["split"] == split)
     return records
 
-
-def check_settings(out: str, config: Config, storage: Storage) -> None:
-    """Fail before any work when shards were made with other preprocessing settings."""
-    summary = json.loads(storage.read_bytes(join(out, SUMMARY_FILE)))
-    expected = preprocessing_settings(config)
-    if summary["settings"] != expected:
-        differing = sorted(k for k in expected if summary["settings"].get(k) != expected[k])
-        raise ValueError(f"shards at {out} were made with other data settings: {', '.join(differing)}")

@@ -5,8 +5,7 @@ Credentials and region come from the standard AWS environment or profile
 ``AWS_REGION``); ``storage.endpoint_url`` points at an S3-compatible store (MinIO, moto, ...).
 A ``Storage`` pickles as its settings only: the filesystem, which holds resolved credentials,
 is rebuilt from the environment of whichever process uses it, so no secret ever travels in a
-Ray task argument. Ray workers get the AWS variables through their environment (see
-``worker_env``).
+Ray task argument. Ray workers get the AWS variables through their environment.
 
 Objects are read, written and listed with boto3 (one request per object); Ray Data's Parquet
 readers and writers get the equivalent ``pyarrow.fs.S3FileSystem`` (``resolve``). Both retry
@@ -23,17 +22,6 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-AWS_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-)
-
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
@@ -45,14 +33,6 @@ def join(base: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
-
-
-def worker_env() -> dict[str, str]:
-    """The AWS variables of this process, for ``runtime_env.env_vars`` of Ray workers.
-
-    Handed to Ray's runtime environment (never to task arguments, logs or configs).
-    """
-    return {key: os.environ[key] for key in AWS_ENV if key in os.environ}
 
 
 @dataclass(frozen=True)
@@ -67,13 +47,15 @@ class Storage:
     def from_config(cls, storage_config) -> Storage:
         return cls(storage_config.endpoint_url, storage_config.region, storage_config.retries)
 
+    def _region(self) -> str:
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
     # -- filesystems ---------------------------------------------------------------------
     def s3_filesystem(self) -> pafs.S3FileSystem:
         """An S3 filesystem with credentials from this process's environment or profile."""
-        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         options: dict = {
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(1, self.retries)),
-            "region": region or "us-east-1",
+            "region": self._region(),
         }
         if self.endpoint_url:
             parsed = urlparse(self.endpoint_url)
@@ -97,11 +79,10 @@ class Storage:
             import boto3
             from botocore.config import Config as BotoConfig
 
-            region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
             client = boto3.session.Session().client(
                 "s3",
                 endpoint_url=self.endpoint_url,
-                region_name=region or "us-east-1",
+                region_name=self._region(),
                 config=BotoConfig(retries={"max_attempts": max(1, self.retries), "mode": "standard"}),
             )
             _S3_CLIENTS[self] = client
