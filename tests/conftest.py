@@ -64,6 +64,6 @@ def ray_session():
     """One local Ray cluster shared by every test that needs Ray."""
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, **TEST_CLUSTER)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **TEST_CLUSTER)  # never a running one
     yield ray
     ray.shutdown()
