@@ -23,8 +23,6 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,21 +30,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import timm
 import torch
+from measure import MIB, current_rss_bytes, device_name, log, maxrss_bytes, ratio, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hlip_ray.layouts import expand_layout
 from hlip_ray.model import StudyEncoder
 
-MIB = 2**20
 GOALS = {"h2_time": 0.60, "throughput": 1.5, "mem_repeat_fill": 0.70}
-
-
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 # -- one case: a model and its input, built deterministically from a JSON-able dict ----------
@@ -90,11 +85,6 @@ def train_step(model, batch, case: dict, device: torch.device) -> None:
     loss.backward()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(model, batch, case: dict, device: torch.device) -> float:
     """Seconds of one training step."""
     sync(device)
@@ -102,19 +92,6 @@ def timed_step(model, batch, case: dict, device: torch.device) -> float:
     train_step(model, batch, case, device)
     sync(device)
     return time.perf_counter() - start
-
-
-def maxrss_bytes() -> int:
-    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def current_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return None
 
 
 def measure_step_memory(case: dict, device: torch.device) -> dict:
@@ -218,12 +195,6 @@ def make_cases(args) -> tuple[dict, dict, list[int]]:
     return timing, memory, counts
 
 
-def ratio(numerator, denominator):
-    if numerator is None or denominator is None or denominator == 0:
-        return None
-    return round(numerator / denominator, 4)
-
-
 def at_most(value, goal):
     return None if value is None else value <= goal
 
@@ -275,9 +246,7 @@ def main(argv=None) -> None:
     mem_fill = ratio(peak_mib["masked"], peak_mib["repeat_fill"])
     tokens_per_study = args.scans * int(np.prod([g // p for g, p in zip(args.grid, args.patch)]))
     result = {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({platform.processor() or platform.machine()}, "
-                        f"{torch.get_num_threads()} threads)"),
+        "device": device_name(device),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "config": {

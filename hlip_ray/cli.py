@@ -61,6 +61,42 @@ def _preprocess_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_command(args: argparse.Namespace) -> int:
+    import json
+
+    from hlip_ray import ray_runtime
+    from hlip_ray.train.run import fit
+
+    config = load_config(args.config, args.overrides)
+    ray_runtime.connect()
+    summary = fit(config, init_checkpoint=args.checkpoint)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    """A run checkpoint brings its config (model, preprocessing, data, vocabulary); overrides apply on top."""
+    import json
+
+    from hlip_ray import ray_runtime
+    from hlip_ray.checkpoints import is_run_checkpoint, load_model, read_config
+    from hlip_ray.config import apply_overrides
+    from hlip_ray.eval.run import evaluate_zeroshot
+
+    config = load_config(args.config, args.overrides)
+    checkpoint = args.checkpoint or config.eval.checkpoint
+    if not checkpoint:
+        raise ValueError("name a model: --checkpoint (a run checkpoint folder or URI, or an HLIP model file)")
+    storage = _storage(config)
+    if is_run_checkpoint(checkpoint, storage):
+        config = apply_overrides(read_config(checkpoint, storage), args.overrides, checkpoint)
+    model, _ = load_model(checkpoint, storage, config)
+    ray_runtime.connect()
+    report = evaluate_zeroshot(model, config, split=args.split)
+    print(json.dumps({"checkpoint": checkpoint, **report}))
+    return 0
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     from hlip_ray import demo
 
@@ -99,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.add_argument("--out", required=True, help="folder or s3:// prefix for shards")
     preprocess.add_argument("--data-root", help="data root of an HLIP JSON manifest")
     preprocess.set_defaults(run=_preprocess_command)
+
+    train = with_config(commands.add_parser("train", help="train (or resume) a run on Ray Train + DeepSpeed"))
+    train.add_argument("--checkpoint", help="initial weights: a run checkpoint (folder or URI) or an HLIP model file")
+    train.set_defaults(run=_train_command)
+
+    evaluate = with_config(commands.add_parser("eval", help="zero-shot AUC of a trained model on a split"))
+    evaluate.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file")
+    evaluate.add_argument("--split", default="val")
+    evaluate.set_defaults(run=_eval_command)
 
     demo = commands.add_parser("demo", help="run the embedded CPU demo")
     demo.add_argument("rest", nargs=argparse.REMAINDER)

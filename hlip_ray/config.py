@@ -91,6 +91,8 @@ class DataConfig(_Section):
     # 4D NIfTI: every volume a scan ("scans") or only the first ("first").
     nifti_4d: Literal["scans", "first"] = "scans"
     reorient_to_ras: bool = False
+    # Crop each scan to the bounding box of the body before resizing, so anatomy fills the grid.
+    crop_foreground: bool = False
     # Patient-level split: a salted hash of the PatientID (never stored) picks train or val.
     split_salt: str = "hlip-ray"
     val_fraction: float = Field(0.2, ge=0, lt=1)
@@ -119,7 +121,14 @@ class StorageConfig(_Section):
 
 class TrainConfig(_Section):
     run_name: str = "hlip"
+    # Where Ray Train keeps checkpoints: s3://bucket/prefix, a local folder (single node), or a
+    # shared mount as file:///mnt/shared/runs (several nodes).
     storage_path: str = "runs"
+    # Local folder (driver node) for TensorBoard events and metrics.jsonl of each run.
+    log_dir: str = "runs"
+    # Optional experiment trackers, reached through Ray's integrations from the rank-0 worker.
+    mlflow_tracking_uri: str | None = None
+    wandb_project: str | None = None
     num_workers: int | Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)] = 2
     use_gpu: bool = False
     global_batch_size: int = Field(64, gt=0)
@@ -162,6 +171,8 @@ class TuneConfig(_Section):
 class EvalConfig(_Section):
     checkpoint: str | None = None
     batch_size: int = Field(8, gt=0)
+    # Label -> {"positive": [...], "negative": [...]} phrases for zero-shot prompts (JSON, local or s3://).
+    vocabulary: str | None = None
 
 
 class ResourcesConfig(_Section):
@@ -283,6 +294,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = _merge(tree, parse_overrides(overrides))
         source += " + overrides"
     return config_from_dict(tree, source)
+
+
+def apply_overrides(config: Config, overrides: list[str], source: str = "config") -> Config:
+    """``config`` with dotted overrides applied, validated again."""
+    if not overrides:
+        return config
+    return config_from_dict(_merge(config.model_dump(mode="json"), parse_overrides(overrides)), f"{source} + overrides")
 
 
 def dump_config(config: Config) -> str:

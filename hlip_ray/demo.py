@@ -1,11 +1,12 @@
 """The embedded end-to-end job that ``make demo`` runs on a CPU machine.
 
-What exists so far, end to end: start a local S3 endpoint (moto) and a local Ray (or use
-``RAY_ADDRESS``); write the synthetic DICOM/NIfTI corpus to the bucket; build its manifest;
-decode and preprocess it into Parquet shards on Ray Data CPU workers; stream training batches
-from the shards; encode them with the hierarchical CLIP model (text tower: the packaged,
-offline all-MiniLM-L6-v2) and time a training step of the hierarchical layout against a plain
-ViT. The last line printed is one JSON object of the figures.
+1. start a local S3 endpoint (moto) and a local Ray (or use ``RAY_ADDRESS``);
+2. write the synthetic DICOM/NIfTI corpus to the bucket and list it into a manifest;
+3. decode and preprocess it into Parquet shards on Ray Data CPU workers;
+4. train a small hierarchical CLIP with 2 Ray Train workers, DeepSpeed ZeRO-2 and the exact
+   gradient cache (checkpoints on S3);
+5. evaluate zero-shot on the held-out studies beside a mean-intensity baseline;
+6. print a summary; the last line is one JSON object of the figures.
 """
 
 from __future__ import annotations
@@ -19,104 +20,124 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.y
 BUCKET = "hlip-demo"
 
 
-def _train_step_seconds(model, pixels, scan_mask, repeats: int = 2) -> float:
-    model.train()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.encode_study(pixels, scan_mask).sum().backward()
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return min(times)
+def plot_loss(metrics_file: Path, out: Path) -> Path | None:
+    """A PNG of the training loss (and validation AUC at checkpoints) from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not lines:
+        return None
+    figure, loss_axis = plt.subplots(figsize=(7, 4))
+    loss_axis.plot([line["step"] for line in lines], [line["loss"] for line in lines], color="tab:blue", lw=1)
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("contrastive loss", color="tab:blue")
+    validated = [line for line in lines if line.get("checkpoint") and "val/zeroshot_auc" in line]
+    if validated:
+        auc_axis = loss_axis.twinx()
+        auc_axis.plot([line["step"] for line in validated], [line["val/zeroshot_auc"] for line in validated],
+                      "o-", color="tab:red")
+        auc_axis.set_ylabel("val zero-shot macro AUC", color="tab:red")
+        auc_axis.set_ylim(0.4, 1.0)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEMO_CONFIG))
-    parser.add_argument("--studies", type=int, default=24)
+    parser.add_argument("--studies", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.depth=3")
+    parser.add_argument("--out", default="demo_out", help="local folder for metrics, TensorBoard and the plot")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=50")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
     import boto3
     import ray
-    import torch
 
     from hlip_ray import ray_runtime
+    from hlip_ray.checkpoints import load_model
     from hlip_ray.config import load_config
     from hlip_ray.data.manifest import build_manifest, write_manifest
-    from hlip_ray.data.pipeline import collate_study_batch, create_quarantine_log, training_examples
-    from hlip_ray.data.shards import read_shards, write_shards
+    from hlip_ray.data.pipeline import create_quarantine_log
+    from hlip_ray.data.shards import write_shards
     from hlip_ray.data.storage import Storage
     from hlip_ray.data.synth import write_corpus
+    from hlip_ray.eval.run import evaluate_zeroshot
     from hlip_ray.local_s3 import moto_server, use_local_credentials
-    from hlip_ray.model import build_model
+    from hlip_ray.train.run import fit
 
-    torch.manual_seed(args.seed)
+    out = Path(args.out).resolve()
     use_local_credentials()  # dummies for the local endpoint, before Ray starts its workers
     with moto_server() as endpoint:
-        config = load_config(args.config, [*args.overrides, f"storage.endpoint_url={endpoint}"])
+        root = f"s3://{BUCKET}"
+        config = load_config(args.config, [
+            f"storage.endpoint_url={endpoint}", f"data.manifest={root}/manifest.parquet",
+            f"data.shards={root}/shards", f"eval.vocabulary={root}/raw/vocabulary.json",
+            f"train.storage_path={root}/runs", f"train.log_dir={out}", *args.overrides,
+        ])
         storage = Storage.from_config(config.storage)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-        root = f"s3://{BUCKET}"
 
+        step_start = time.perf_counter()
         corpus = write_corpus(lambda relative, data: storage.write_bytes(f"{root}/raw/{relative}", data),
                               studies=args.studies, seed=args.seed)
-        print(f"synthetic corpus: {corpus.studies} studies, {corpus.scans} scans "
-              f"({corpus.dicom_series} DICOM series, {corpus.nifti_scans} NIfTI), {corpus.files} files "
-              f"in {root}/raw")
         rows = build_manifest(f"{root}/raw", storage, config.data.split_salt, config.data.val_fraction)
-        write_manifest(rows, f"{root}/manifest.parquet", storage)
+        write_manifest(rows, config.data.manifest, storage)
         splits = {split: sum(row.split == split for row in rows) for split in ("train", "val")}
-        print(f"manifest: {root}/manifest.parquet, {splits}")
+        print(f"[{time.perf_counter() - started:5.0f}s] corpus: {corpus.studies} studies, {corpus.scans} scans "
+              f"({corpus.dicom_series} DICOM series, {corpus.nifti_scans} NIfTI) -> {root}/raw; "
+              f"manifest {splits} ({time.perf_counter() - step_start:.0f} s)", flush=True)
 
         connected = ray_runtime.connect()
-        shard_start = time.perf_counter()
-        summary = write_shards(rows, config, storage, f"{root}/shards", create_quarantine_log())
-        shard_s = time.perf_counter() - shard_start
-        print(f"shards: {summary['studies_written']} studies decoded and preprocessed on Ray Data in "
-              f"{shard_s:.1f} s -> {root}/shards (skipped: {summary['rejections'] or 'none'})")
+        step_start = time.perf_counter()
+        summary = write_shards(rows, config, storage, config.data.shards, create_quarantine_log())
+        print(f"[{time.perf_counter() - started:5.0f}s] shards: {summary['studies_written']} studies decoded and "
+              f"preprocessed on Ray Data -> {config.data.shards} ({time.perf_counter() - step_start:.0f} s; "
+              f"skipped: {summary['rejections'] or 'none'})", flush=True)
 
-        examples = training_examples(read_shards(f"{root}/shards", config, storage, split="train"), config,
-                                     train=True, batch_size=8)
-        batch = next(iter(examples.iter_torch_batches(batch_size=8, collate_fn=collate_study_batch)))
-        print(f"batch: pixels {tuple(batch['pixels'].shape)} {batch['pixels'].dtype}, scan_mask "
-              f"{tuple(batch['scan_mask'].shape)}, input_ids {tuple(batch['input_ids'].shape)}")
+        step_start = time.perf_counter()
+        trained = fit(config)
+        train_s = time.perf_counter() - step_start
+        metrics = trained["metrics"]
+        steps = int(metrics.get("step", 0))
+        studies_per_s = steps * config.train.global_batch_size / train_s
+        print(f"[{time.perf_counter() - started:5.0f}s] trained {steps} steps x {config.train.global_batch_size} "
+              f"studies ({config.train.num_workers} workers, ZeRO-{config.train.zero_stage}, chunks of "
+              f"{config.train.chunk_size}) in {train_s:.0f} s; checkpoint {trained['checkpoint']}", flush=True)
 
-        model = build_model(config).eval()
-        with torch.no_grad():
-            encode_start = time.perf_counter()
-            study_embeddings = model.encode_study(batch["pixels"], batch["scan_mask"])
-            encode_s = time.perf_counter() - encode_start
-            text_embeddings = model.encode_text(batch["input_ids"], batch["attention_mask"])
-        full = load_config(args.config, [*args.overrides, "model.attention_layout=full"])
-        plain = build_model(full, text_weights=False)
-        plain.visual.load_state_dict(model.visual.state_dict())
-        step_hier = _train_step_seconds(model, batch["pixels"], batch["scan_mask"])
-        step_full = _train_step_seconds(plain, batch["pixels"], batch["scan_mask"])
+        # The bucket lives only as long as this job: keep the final checkpoint in the output folder.
+        checkpoint = out / "checkpoint"
+        for uri in storage.list_files(trained["checkpoint"]):
+            storage.write_bytes(str(checkpoint / uri[len(trained["checkpoint"]) + 1:]), storage.read_bytes(uri))
+        model, _ = load_model(str(checkpoint), Storage())
+        report = evaluate_zeroshot(model, config, split="val")
         if connected:
             ray.shutdown()
 
-    print(f"model: {config.model.attention_layout} layout, depth {config.model.depth}, width "
-          f"{config.model.embed_dim}; study embeddings {tuple(study_embeddings.shape)}, report embeddings "
-          f"{tuple(text_embeddings.shape)}")
-    print(f"encode one batch: {encode_s:.3f} s; training step {config.model.attention_layout}: {step_hier:.3f} s, "
-          f"full attention: {step_full:.3f} s")
-    print("training with DeepSpeed and the gradient cache is not built yet (next issue)")
+    plot = plot_loss(out / config.train.run_name / "metrics.jsonl", out / "loss_curve.png")
+    per_label = ", ".join(f"{label} {auc:.3f}" for label, auc in report["per_label"].items())
+    baseline = report["baseline"]
+    print(f"zero-shot on {report['studies']} held-out studies: macro AUC {report['macro_auc']:.3f} ({per_label})")
+    print(f"mean-intensity baseline: macro AUC {baseline['macro_auc']:.3f} ("
+          + ", ".join(f"{label} {auc:.3f}" for label, auc in baseline["per_label"].items()) + ")")
+    print(f"metrics: {out / config.train.run_name}/metrics.jsonl, TensorBoard: {out / config.train.run_name}/tensorboard, "
+          f"loss curve: {plot}")
     figures = {
-        "studies": corpus.studies,
-        "scans": corpus.scans,
-        "studies_sharded": summary["studies_written"],
-        "rejections": summary["rejections"],
-        "shard_s": round(shard_s, 2),
-        "batch_pixels_shape": list(batch["pixels"].shape),
-        "study_embedding_shape": list(study_embeddings.shape),
-        "text_embedding_shape": list(text_embeddings.shape),
-        "encode_s": round(encode_s, 4),
-        "train_step_s": round(step_hier, 4),
-        "train_step_full_attention_s": round(step_full, 4),
-        "wall_s": round(time.perf_counter() - started, 2),
+        "zeroshot_macro_auc": round(report["macro_auc"], 4),
+        "zeroshot_auc_per_label": {label: round(auc, 4) for label, auc in report["per_label"].items()},
+        "baseline_auc": round(baseline["macro_auc"], 4),
+        "val_studies": report["studies"],
+        "train_steps": steps,
+        "train_studies_per_s": round(studies_per_s, 3),
+        "train_s": round(train_s, 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "checkpoint": str(checkpoint),
     }
     print(json.dumps(figures))
     return figures

@@ -104,3 +104,19 @@ def test_model_library_imports_without_ray_deepspeed_or_config_dependencies():
             "print(sorted(m for m in ('ray', 'deepspeed', 'pydantic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_frozen_text_tower_caches_its_output_per_report(tmp_path):
+    tower = TextTower.from_name_or_path(str(tiny_bert_dir(tmp_path)), projection_dim=8, frozen=True)
+    ids = torch.tensor([[101, 2000, 2001, 102, 0, 0], [101, 3000, 102, 0, 0, 0]])
+    mask = (ids > 0).long()
+    expected = tower.pooled(ids, mask)
+    tower.cache_pooled(max_entries=10)
+    calls = []
+    tower.transformer.register_forward_hook(lambda *args: calls.append(1))
+    torch.testing.assert_close(tower.pooled(ids, mask), expected)
+    longer = torch.nn.functional.pad(ids, (0, 4))  # the same reports, padded further
+    torch.testing.assert_close(tower.pooled(longer, (longer > 0).long()), expected)
+    assert len(calls) == 1  # only the first call ran the transformer
+    with pytest.raises(ValueError):
+        TextTower.from_name_or_path(str(tiny_bert_dir(tmp_path)), projection_dim=8).cache_pooled(10)

@@ -2,19 +2,27 @@
 
 ::
 
-    manifest rows ──flat_map(StudyLoader)──> study records ──map(ScanSampler)──>
-        ──map_batches(ReportTokenizer)──> batches for get_dataset_shard(...).iter_torch_batches
+    positions ──flat_map(StudiesAtPositions: RawStudies | ShardStudies)──> study records
+        ──map(ScanSampler)──> ──map_batches(ReportTokenizer)──> batches for
+        get_dataset_shard(...).iter_torch_batches
 
-``StudyLoader`` reads a study's scans from storage, decodes them (pydicom / nibabel) and
-preprocesses them to uint8 volumes; a bad scan is skipped and recorded in the run's
-``QuarantineLog``, a study with nothing usable is dropped. Its output, a *study record*, is
-also the row format of the shard cache (``shards.py``), so training can start from either.
+A study *source* turns one item into zero or one study record: ``RawStudies`` reads a manifest
+row's scans from storage, decodes them (pydicom / nibabel) and preprocesses them to uint8
+volumes, skipping bad scans into the run's ``QuarantineLog`` (a study with nothing usable is
+dropped); ``ShardStudies`` reads one study back from the shard cache (``shards.py``).
+
+Training reads studies in a fixed order: epoch ``e`` visits the studies in a permutation drawn
+from ``(seed, e)``, and the *position* ``p = e * N + i`` of the ``i``-th study of epoch ``e`` is
+the number of studies consumed before it, over all workers (``DataOrder``). A run resumes at a
+position, whatever its number of workers (``training_stream``).
 
 Study record: ``study_id``, ``report``, ``modality``, ``split``, ``labels`` (JSON text),
-``pixels`` (bytes of uint8 ``[n, C, D, H, W]``), ``shape`` (``[n, C, D, H, W]``).
+``pixels`` (bytes of uint8 ``[n, C, D, H, W]``), ``shape`` (``[n, C, D, H, W]``); in a training
+stream also ``position`` and ``epoch``.
 
 Training example (one study; batches stack them): ``pixels [K, C, D, H, W]`` uint8,
-``scan_mask [K]`` bool, ``input_ids`` / ``attention_mask [L]`` int64, ``study_id``, ``labels``.
+``scan_mask [K]`` bool, ``input_ids`` / ``attention_mask [L]`` int64, ``study_id``, ``labels``,
+``position``.
 """
 
 from __future__ import annotations
@@ -95,22 +103,20 @@ def load_scan(scan: ScanRef, modality: str, storage: Storage, nifti_4d: str) -> 
 
 
 class StudyLoader:
-    """Manifest row -> zero or one study record (a Ray Data ``flat_map`` callable).
+    """Raw study source: manifest row -> zero or one study record (decoded on the calling worker).
 
     ``limit``: scans kept per study. With ``shuffle`` (training from raw files) the scans are
     tried in a random order per (seed, epoch, study) until ``limit`` decode; otherwise in
     manifest order.
     """
 
-    def __init__(self, config: dict, storage: Storage, quarantine, limit: int, shuffle: bool,
-                 seed: int = 0, epoch: int = 0) -> None:
+    def __init__(self, config: dict, storage: Storage, quarantine, limit: int, shuffle: bool, seed: int = 0) -> None:
         self.config = Config.model_validate(config)
         self.storage = storage
         self.quarantine = quarantine
         self.limit = limit
         self.shuffle = shuffle
         self.seed = seed
-        self.epoch = epoch
 
     def _reject(self, rejections: list[Rejection], study_id: str) -> None:
         if not rejections:
@@ -121,7 +127,7 @@ class StudyLoader:
         if self.quarantine is not None:
             ray.get(self.quarantine.record.remote(records))
 
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+    def __call__(self, row: dict[str, Any], epoch: int = 0) -> list[dict[str, Any]]:
         from hlip_ray.data.preprocess import preprocess_volume
 
         study = StudyRow.from_dict(row, f"study {row.get('study_id')}")
@@ -131,7 +137,7 @@ class StudyLoader:
         data = self.config.data
         scans = list(study.scans)
         if self.shuffle:
-            scans = [scans[i] for i in study_rng(self.seed, self.epoch, study.study_id).permutation(len(scans))]
+            scans = [scans[i] for i in study_rng(self.seed, epoch, study.study_id).permutation(len(scans))]
         volumes = []
         for scan in scans:
             decoded = load_scan(scan, study.modality, self.storage, data.nifti_4d)
@@ -140,7 +146,7 @@ class StudyLoader:
                 if len(volumes) < self.limit:
                     volumes.append(preprocess_volume(
                         volume, tuple(data.grid), [tuple(w) for w in data.windows],
-                        tuple(data.mri_percentiles), data.reorient_to_ras,
+                        tuple(data.mri_percentiles), data.reorient_to_ras, data.crop_foreground,
                     ))
             if len(volumes) >= self.limit:
                 break
@@ -156,37 +162,99 @@ class StudyLoader:
             "labels": json.dumps(study.labels, sort_keys=True),
             "pixels": pixels.tobytes(),
             "shape": list(pixels.shape),
+            "epoch": epoch,
         }]
+
+
+class ShardStudies:
+    """Shard-cache source: shard index row (``shards.py``) -> the stored study record.
+
+    Each study is one Parquet row group, read with one ranged request; open files are kept per
+    worker process.
+    """
+
+    def __init__(self, shards_dir: str, storage: Storage) -> None:
+        self.shards_dir = shards_dir
+        self.storage = storage
+
+    def __call__(self, item: dict[str, Any], epoch: int = 0) -> list[dict[str, Any]]:
+        from hlip_ray.data.shards import read_study
+
+        record = read_study(self.shards_dir, item["file"], item["row_group"], self.storage)
+        return [{**record, "epoch": epoch}]
+
+
+class DataOrder:
+    """Which study sits at each global position: epoch ``e`` is a permutation drawn from (seed, e).
+
+    ``position = epoch * num_studies + offset``; the study is ``permutation(seed, epoch)[offset]``.
+    """
+
+    def __init__(self, num_studies: int, seed: int) -> None:
+        if num_studies <= 0:
+            raise ValueError("the training split has no studies")
+        self.num_studies = num_studies
+        self.seed = seed
+        self._epoch, self._permutation = -1, np.empty(0, dtype=np.int64)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._permutation = np.random.default_rng([self.seed, epoch, 0x0D17A]).permutation(self.num_studies)
+        return self._permutation
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """``(epoch, index of the study in the item list)`` at a global position."""
+        epoch, offset = divmod(int(position), self.num_studies)
+        return epoch, int(self.permutation(epoch)[offset])
+
+
+class StudiesAtPositions:
+    """``{"id": k}`` -> the study record at position ``start + k`` of the data order, tagged with it."""
+
+    def __init__(self, items: list[dict[str, Any]], source, seed: int, start: int) -> None:
+        self.items = items
+        self.source = source
+        self.order = DataOrder(len(items), seed)
+        self.start = start
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        position = self.start + int(row["id"])
+        epoch, index = self.order.locate(position)
+        return [{**record, "position": position} for record in self.source(self.items[index], epoch)]
 
 
 # -- stage 2: choose K scans ---------------------------------------------------------------
 class ScanSampler:
     """Study record -> fixed-K example: ``pixels [K, C, D, H, W]`` uint8 padded, ``scan_mask [K]``.
 
-    Training: a random subset of K stored scans (no repeats) per (seed, epoch, study);
-    evaluation: the first K.
+    Training: a random subset of K stored scans (no repeats) per (seed, epoch, study), the
+    epoch read from the record; evaluation: the first K.
     """
 
-    def __init__(self, scans: int, train: bool, seed: int = 0, epoch: int = 0) -> None:
+    def __init__(self, scans: int, train: bool, seed: int = 0) -> None:
         self.scans = scans
         self.train = train
         self.seed = seed
-        self.epoch = epoch
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         shape = [int(s) for s in record["shape"]]
         volumes = np.frombuffer(record["pixels"], dtype=np.uint8).reshape(shape)
         count = min(shape[0], self.scans)
         if self.train:
-            chosen = np.sort(study_rng(self.seed, self.epoch, record["study_id"]).permutation(shape[0])[:count])
+            rng = study_rng(self.seed, int(record.get("epoch", 0)), record["study_id"])
+            chosen = np.sort(rng.permutation(shape[0])[:count])
         else:
             chosen = np.arange(count)
         pixels = np.zeros((self.scans, *shape[1:]), dtype=np.uint8)
         pixels[:count] = volumes[chosen]
         scan_mask = np.zeros(self.scans, dtype=bool)
         scan_mask[:count] = True
-        return {"study_id": record["study_id"], "report": record["report"], "labels": record["labels"],
-                "pixels": pixels, "scan_mask": scan_mask}
+        example = {"study_id": record["study_id"], "report": record["report"], "labels": record["labels"],
+                   "epoch": int(record.get("epoch", 0)), "pixels": pixels, "scan_mask": scan_mask}
+        if "position" in record:
+            example["position"] = int(record["position"])
+        return example
 
 
 # -- stage 3: tokenize reports -------------------------------------------------------------
@@ -207,20 +275,18 @@ class ReportTokenizer:
     Sentences are shuffled per (seed, epoch, study) when ``shuffle_sentences`` (HLIP does).
     """
 
-    def __init__(self, name_or_path: str, context_length: int, shuffle_sentences: bool,
-                 seed: int = 0, epoch: int = 0) -> None:
+    def __init__(self, name_or_path: str, context_length: int, shuffle_sentences: bool, seed: int = 0) -> None:
         self.name_or_path = name_or_path
         self.context_length = context_length
         self.shuffle_sentences = shuffle_sentences
         self.seed = seed
-        self.epoch = epoch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = []
-        for study_id, report in zip(batch["study_id"], batch["report"]):
+        for study_id, report, epoch in zip(batch["study_id"], batch["report"], batch["epoch"]):
             sentences = [s for s in _SENTENCE_END.split(str(report).strip()) if s]
             if self.shuffle_sentences and len(sentences) > 1:
-                order = study_rng(self.seed, self.epoch, str(study_id)).permutation(len(sentences))
+                order = study_rng(self.seed, int(epoch), str(study_id)).permutation(len(sentences))
                 sentences = [sentences[i] for i in order]
             texts.append(" ".join(sentences))
         tokens = _tokenizer(self.name_or_path)(texts, padding="max_length", truncation=True,
@@ -240,29 +306,27 @@ def _placement(config: Config) -> dict[str, Any]:
 
 def study_records(rows: list[StudyRow], config: Config, storage: Storage, quarantine, *,
                   train: bool, epoch: int = 0):
-    """Ray Dataset of study records decoded from raw files (streamed, never materialised).
+    """Ray Dataset of study records decoded from raw files, in manifest order (streamed).
 
     Training keeps ``data.scans_per_study`` scans per study, tried in random order;
     evaluation and the shard cache keep up to ``data.max_eval_scans`` in manifest order.
     """
-    limit = config.data.scans_per_study if train else config.data.max_eval_scans
-    loader = StudyLoader(config.model_dump(mode="json"), storage, quarantine, limit=limit, shuffle=train,
-                         seed=config.train.seed, epoch=epoch)
+    loader = raw_source(config, storage, quarantine, train=train)
     # Small blocks of manifest rows: each decode task takes a few studies, so the work spreads
     # evenly over the workers however uneven the studies are (1 to many scans).
     manifest = ray.data.from_items([row.to_dict() for row in rows], override_num_blocks=min(len(rows), MAX_BLOCKS))
-    return manifest.flat_map(loader, concurrency=config.data.decode_concurrency, **_placement(config))
+    return manifest.flat_map(loader, fn_kwargs={"epoch": epoch}, concurrency=config.data.decode_concurrency,
+                             **_placement(config))
 
 
-def training_examples(records, config: Config, *, train: bool, epoch: int = 0, batch_size: int = 8):
+def training_examples(records, config: Config, *, train: bool, batch_size: int | None = 8):
     """Study records -> tokenized fixed-K examples (the training batch contract)."""
     scans = config.data.scans_per_study if train else config.data.max_eval_scans
     placement = _placement(config)
-    examples = records.map(ScanSampler(scans, train, config.train.seed, epoch), **placement)
+    examples = records.map(ScanSampler(scans, train, config.train.seed), **placement)
     text = config.model.text
     tokenizer = ReportTokenizer(text.name_or_path, text.context_length,
-                                shuffle_sentences=config.data.shuffle_sentences and train,
-                                seed=config.train.seed, epoch=epoch)
+                                shuffle_sentences=config.data.shuffle_sentences and train, seed=config.train.seed)
     return examples.map_batches(tokenizer, batch_size=batch_size, **placement)
 
 
@@ -270,7 +334,62 @@ def study_dataset(rows: list[StudyRow], config: Config, storage: Storage, quaran
                   train: bool, epoch: int = 0):
     """Manifest rows -> Ray Dataset of training examples, decoding raw files on CPU workers."""
     records = study_records(rows, config, storage, quarantine, train=train, epoch=epoch)
-    return training_examples(records, config, train=train, epoch=epoch)
+    return training_examples(records, config, train=train)
+
+
+def raw_source(config: Config, storage: Storage, quarantine, *, train: bool) -> StudyLoader:
+    """The raw-file source of a config: ``data.scans_per_study`` scans (training) or ``data.max_eval_scans``."""
+    limit = config.data.scans_per_study if train else config.data.max_eval_scans
+    return StudyLoader(config.model_dump(mode="json"), storage, quarantine, limit=limit, shuffle=train,
+                       seed=config.train.seed)
+
+
+def study_items(config: Config, storage: Storage, quarantine, split: str, *, train: bool):
+    """``(items, source)`` of one split: shard index rows when ``data.shards`` is set, else manifest rows.
+
+    Either way ``source(item, epoch)`` gives the item's study record.
+    """
+    if config.data.shards:
+        from hlip_ray.data.shards import read_index
+
+        items = [item for item in read_index(config.data.shards, storage) if item["split"] == split]
+        return items, ShardStudies(config.data.shards, storage)
+    if not config.data.manifest:
+        raise ValueError("data.manifest or data.shards must be set to read studies")
+    from hlip_ray.data.manifest import read_manifest
+
+    rows = read_manifest(config.data.manifest, storage)
+    items = [row.to_dict() for row in rows if row.split == split]
+    return items, raw_source(config, storage, quarantine, train=train)
+
+
+def training_stream(items: list[dict], source, config: Config, *, start: int, stop: int):
+    """Training examples at global positions ``[start, stop)`` of the data order, in order.
+
+    Blocks hold exactly ``train.chunk_size`` examples, so Ray Train's equal split hands them to
+    the workers in turn and every global step takes positions ``[s * G, (s + 1) * G)`` (G the
+    global batch), however many workers there are. Needs ``preserve_order`` in the ingest options.
+    """
+    count = stop - start
+    if count <= 0:
+        raise ValueError(f"no positions to stream: start {start}, stop {stop}")
+    chunk = config.train.chunk_size
+    positions = ray.data.range(count, override_num_blocks=max(1, min(-(-count // chunk), MAX_BLOCKS)))
+    records = positions.flat_map(StudiesAtPositions(items, source, config.train.seed, start),
+                                 concurrency=config.data.decode_concurrency, **_placement(config))
+    examples = training_examples(records, config, train=True, batch_size=None)
+    examples = examples.repartition(target_num_rows_per_block=chunk, strict=True)
+    examples.context.execution_options.preserve_order = True
+    return examples
+
+
+def evaluation_stream(items: list[dict], source, config: Config):
+    """Evaluation examples of ``items``, in order: up to ``data.max_eval_scans`` scans, no randomness."""
+    listed = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_BLOCKS)))
+    records = listed.flat_map(source, concurrency=config.data.decode_concurrency, **_placement(config))
+    examples = training_examples(records, config, train=False, batch_size=None)
+    examples.context.execution_options.preserve_order = True
+    return examples
 
 
 class StudyBatchCollate(NumpyBatchCollateFn):

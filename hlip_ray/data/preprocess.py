@@ -19,6 +19,7 @@ def preprocess_volume(
     windows: list[tuple[float, float]],
     mri_percentiles: tuple[float, float] = (0.5, 99.5),
     reorient_to_ras: bool = False,
+    crop_foreground: bool = False,
 ) -> np.ndarray:
     """The model input for one volume: uint8 ``[C, D, H, W]`` with C = len(windows), (D, H, W) = grid.
 
@@ -28,6 +29,9 @@ def preprocess_volume(
     Then trilinear resize of the voxel grid to ``grid`` (no resampling to a physical spacing) and
     rounding of [0, 1] to 0..255. ``reorient_to_ras`` first flips/permutes the axes so that W runs
     to the right, H to anterior and D to superior (the layout of a RAS NIfTI read as (k, j, i)).
+    ``crop_foreground`` first crops the volume to the bounding box of the body (voxels above
+    ``FOREGROUND_HU`` for CT, above ``FOREGROUND_FRACTION`` of the upper percentile for MR), so the
+    anatomy, not the air around it, fills the grid.
     """
     if not windows or any(high <= low for low, high in windows):
         raise ValueError(f"windows must be a non-empty list of (low, high) with low < high, not {windows}")
@@ -35,6 +39,8 @@ def preprocess_volume(
     if reorient_to_ras:
         to_ras = ornt_transform(io_orientation(volume.affine), axcodes2ornt(RAS_AXES))
         pixels = np.ascontiguousarray(apply_orientation(pixels, to_ras))
+    if crop_foreground:
+        pixels = _crop_to_foreground(pixels, volume.modality.upper() == "CT", mri_percentiles[1])
     if volume.modality.upper() == "CT":
         channels = np.stack([_scale(pixels, low, high) for low, high in windows])
     else:
@@ -43,6 +49,23 @@ def preprocess_volume(
     resized = F.interpolate(torch.from_numpy(channels)[None], size=tuple(grid), mode="trilinear", align_corners=False)
     quantised = (resized[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     return quantised if len(quantised) == len(windows) else np.repeat(quantised, len(windows), axis=0)
+
+
+FOREGROUND_HU = -500.0       # CT: air is about -1000 HU, soft tissue about 0
+FOREGROUND_FRACTION = 0.1    # MR: a tenth of the upper percentile separates the body from background noise
+
+
+def _crop_to_foreground(pixels: np.ndarray, ct: bool, upper_percentile: float) -> np.ndarray:
+    """``[D, H, W]`` cropped to the bounding box of the foreground (unchanged if there is none)."""
+    threshold = FOREGROUND_HU if ct else FOREGROUND_FRACTION * float(np.percentile(pixels, upper_percentile))
+    foreground = pixels > threshold
+    if not foreground.any():
+        return pixels
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return pixels[tuple(box)]
 
 
 def _scale(pixels: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -92,14 +92,14 @@ VOCABULARY = {
 # Tissue intensities. CT in HU (study-level ranges); MR relative to white matter on T1 (times a scan gain).
 CT_RANGES = {
     "scalp": (10, 30), "skull": (850, 1000), "wm": (26, 31), "gm_over_wm": (6, 9), "csf": (0, 6),
-    "hemorrhage": (70, 90), "infarct": (2, 8), "mass": (52, 62),
+    "hemorrhage": (70, 90), "infarct": (10, 15), "mass": (52, 62),
 }
 MR_TABLE = {  # scalp fat is the brightest tissue in every contrast, so percentile scaling ignores the lesions
-    "t1": {"scalp": 2.2, "skull": 0.1, "gm": 0.75, "wm": 1.0, "csf": 0.2, "hemorrhage": 1.55, "infarct": 0.25,
+    "t1": {"scalp": 2.2, "skull": 0.1, "gm": 0.75, "wm": 1.0, "csf": 0.2, "hemorrhage": 1.55, "infarct": 0.35,
            "mass": 0.5},
-    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.5, "infarct": 0.25,
+    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.5, "infarct": 1.15,
            "mass": 1.35},
-    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.6, "infarct": 0.2,
+    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.6, "infarct": 1.2,
               "mass": 1.4},
 }
 MR_SEQUENCE = {  # TR, TE, TI (ms), scanning sequence
@@ -107,7 +107,7 @@ MR_SEQUENCE = {  # TR, TE, TI (ms), scanning sequence
 }
 # orientation -> LPS unit vectors (row direction r, column direction c); slice normal n = r x c
 ORIENTATIONS = {"ax": ((1, 0, 0), (0, 1, 0)), "cor": ((1, 0, 0), (0, 0, -1)), "sag": ((0, 1, 0), (0, 0, -1))}
-RADIUS_MM = {"hemorrhage": (14, 19), "infarct": (20, 25), "mass": (20, 25)}
+RADIUS_MM = {"hemorrhage": (20, 26), "infarct": (24, 29), "mass": (24, 29)}
 LESION_MARGIN_MM = 6.0   # a lesion keeps this far from the brain surface and the ventricles
 UID_ROOT = "hlip-ray-synth"
 

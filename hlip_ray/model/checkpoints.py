@@ -76,7 +76,7 @@ def hlip_state_dict_filter(state_dict: dict[str, torch.Tensor]) -> dict[str, dic
         elif key.startswith("text."):
             towers["text"][key] = value
         elif key in ("logit_scale", "logit_bias"):
-            towers["clip"][key] = value
+            towers["clip"][key] = value.reshape(1)  # 0-dim in open_clip, [1] here
     if "visual.cls_token" not in towers["visual"]:
         raise ValueError("not an HLIP checkpoint: no visual.trunk.cls_token")
     return towers

@@ -42,8 +42,9 @@ class StudyCLIP(nn.Module):
         self.text = text
         self.loss_type = loss
         init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
-        self.logit_scale = nn.Parameter(torch.tensor(init_scale))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if loss == "siglip" else None
+        # Shape [1], not a 0-dim scalar: DeepSpeed cannot broadcast or partition 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), init_scale))
+        self.logit_bias = nn.Parameter(torch.full((1,), -10.0)) if loss == "siglip" else None
 
     def encode_study(
         self,
@@ -62,8 +63,12 @@ class StudyCLIP(nn.Module):
         return F.normalize(self.text(input_ids, attention_mask), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale), with logit_scale clamped at ln(100)."""
-        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        """exp(logit_scale), with logit_scale clamped at ln(100); a 0-dim tensor."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().reshape(())
+
+    def bias(self) -> torch.Tensor | None:
+        """The SigLIP logit bias as a 0-dim tensor (None for CLIP)."""
+        return None if self.logit_bias is None else self.logit_bias.reshape(())
 
     def forward(
         self,
@@ -72,12 +77,24 @@ class StudyCLIP(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         study_seeds: torch.Tensor | None = None,
+        text_pooled: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
+        """Both towers on one batch of studies and their reports.
+
+        ``text_pooled [B, hidden]`` is the text transformer's pooled output when already known
+        (a frozen tower's, kept by the gradient cache between its passes); the transformer is
+        then skipped and only the projection runs. The output carries ``text_pooled`` too.
+        """
+        if self.text is None:
+            raise RuntimeError("this model has no text tower")
+        if text_pooled is None:
+            text_pooled = self.text.pooled(input_ids, attention_mask)
         return {
             "study_features": self.encode_study(pixels, scan_mask, study_seeds),
-            "text_features": self.encode_text(input_ids, attention_mask),
+            "text_features": F.normalize(self.text.proj(text_pooled), dim=-1),
+            "text_pooled": text_pooled,
             "logit_scale": self.scale(),
-            "logit_bias": self.logit_bias,
+            "logit_bias": self.bias(),
         }
 
 

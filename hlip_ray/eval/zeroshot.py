@@ -1,0 +1,111 @@
+"""Zero-shot classification of studies from a label vocabulary, scored by ROC AUC.
+
+A vocabulary maps each label to the phrases a report uses for it (``vocabulary.json`` of the
+synthetic corpus; write one for a real label set)::
+
+    {"hemorrhage": {"positive": ["acute intraparenchymal hemorrhage", ...],
+                    "negative": ["no evidence of intracranial hemorrhage", ...]}, ...}
+
+Each phrase becomes a prompt sentence; a label's positive and negative prompt embeddings are
+averaged into two class embeddings, and a study's score for the label is the difference of its
+similarity to them (the logit of the two-way softmax up to the temperature). AUC is computed per
+label over the studies that carry the label; the macro AUC is their mean.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def load_vocabulary(data: bytes | str, where: str = "vocabulary") -> dict[str, dict[str, list[str]]]:
+    """Parse and check a vocabulary (JSON text); errors name ``where`` and the label."""
+    try:
+        vocabulary = json.loads(data)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON: {error}") from None
+    if not isinstance(vocabulary, dict) or not vocabulary:
+        raise ValueError(f"{where}: expected a non-empty mapping of label -> {{positive, negative}}")
+    for label, phrases in vocabulary.items():
+        for side in ("positive", "negative"):
+            values = phrases.get(side) if isinstance(phrases, dict) else None
+            if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+                raise ValueError(f"{where}: label {label!r} needs a non-empty list of {side} phrases")
+    return vocabulary
+
+
+def prompt(phrase: str) -> str:
+    """A phrase as a report sentence: ``no acute infarct`` -> ``No acute infarct.``"""
+    phrase = phrase.strip().rstrip(".")
+    return phrase[:1].upper() + phrase[1:] + "."
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, vocabulary: dict, context_length: int) -> dict[str, torch.Tensor]:
+    """``label -> [2, P]``: the normalised mean embedding of its negative (row 0) and positive (row 1) prompts."""
+    out = {}
+    for label, phrases in vocabulary.items():
+        rows = []
+        for side in ("negative", "positive"):
+            tokens = tokenizer([prompt(p) for p in phrases[side]], padding="max_length", truncation=True,
+                               max_length=context_length, return_tensors="pt")
+            embeddings = model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float()
+            rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+        out[label] = torch.stack(rows)
+    return out
+
+
+def zeroshot_scores(study_embeddings: torch.Tensor, classes: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``study_embeddings [N, P]`` -> label -> ``[N]`` scores (higher: more likely positive)."""
+    studies = study_embeddings.float()
+    scores = {}
+    for label, pair in classes.items():
+        similarity = studies @ pair.to(studies.device).T  # [N, 2]
+        scores[label] = (similarity[:, 1] - similarity[:, 0]).cpu().numpy()
+    return scores
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half); NaN when one class is absent."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):  # average ranks over ties
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def auc_report(scores: dict[str, np.ndarray], labels: Sequence[dict[str, int]]) -> dict:
+    """``{"macro_auc", "per_label": {label: auc}, "studies"}`` over the studies labelled for each label.
+
+    Labels absent from a study's label map are left out for that label; a label whose studies
+    are all of one class gets NaN and stays out of the macro mean.
+    """
+    per_label = {}
+    for label, values in scores.items():
+        keep = [i for i, study in enumerate(labels) if label in study]
+        per_label[label] = roc_auc(values[keep], [labels[i][label] for i in keep])
+    finite = [auc for auc in per_label.values() if np.isfinite(auc)]
+    return {"macro_auc": float(np.mean(finite)) if finite else float("nan"), "per_label": per_label,
+            "studies": len(labels)}
+
+
+def mean_intensity_scores(pixels: torch.Tensor, scan_mask: torch.Tensor) -> np.ndarray:
+    """The baseline score: each study's mean voxel value over its real scans. ``[B, K, C, D, H, W]`` -> ``[B]``."""
+    per_scan = pixels.float().flatten(2).mean(dim=2)  # [B, K]
+    mask = scan_mask.float()
+    return ((per_scan * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu().numpy()

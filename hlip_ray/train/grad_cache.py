@@ -1,0 +1,132 @@
+"""One contrastive training step over a global batch larger than memory: the exact gradient cache.
+
+A worker holds its share of the global batch (``B`` studies, cut into chunks of ``chunk_size``):
+
+1. every chunk runs forward **without** grad; the RNG state (CPU and accelerator) before each
+   chunk is saved, so any randomness not keyed on the study (text dropout) can be replayed. The
+   study encoder's own draws (scan slots, patch dropout, drop-path) are keyed on ``study_seeds``
+   and repeat by construction;
+2. the embeddings of all workers are all-gathered and the loss is computed on the global batch;
+   its gradient with respect to this worker's embeddings (and the logit scale / bias) is kept;
+3. every chunk runs forward again **with** grad, after restoring its RNG state, and the dot
+   product of its embeddings with their cached gradient is backpropagated.
+
+The parameter gradient equals that of one full-batch step on one process, whatever the chunk
+count and the number of workers. A frozen text transformer (eval mode, no grad) is not run twice:
+its pooled output from pass 1 is reused in pass 3.
+
+``forward`` is the model (or the DeepSpeed engine wrapping it) called as ``StudyCLIP.forward``;
+``backward`` backpropagates a scalar (``Tensor.backward``, or the engine's ``backward``). Under
+data parallelism the gradients of the workers are averaged (DDP, DeepSpeed), so the embedding
+terms are multiplied by the world size; the logit scale and bias, whose gradient every worker
+computes in full, are not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hlip_ray.train.losses import contrastive_loss, gather_global, with_local_leaf, world
+
+BATCH_TENSORS = ("pixels", "scan_mask", "input_ids", "attention_mask", "study_seeds")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    logit_scale: float
+
+
+def _rng_state(device: torch.device) -> tuple:
+    accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), accelerator
+
+
+def _restore_rng(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _chunks(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
+    size = len(batch["pixels"])
+    return [{key: batch[key][start : start + chunk_size] for key in BATCH_TENSORS}
+            for start in range(0, size, chunk_size)]
+
+
+def contrastive_step(
+    forward: Callable[..., dict],
+    backward: Callable[[torch.Tensor], object],
+    batch: dict[str, torch.Tensor],
+    *,
+    loss: str,
+    chunk_size: int | None,
+    text_frozen: bool = False,
+) -> StepResult:
+    """Accumulate the gradient of the global-batch contrastive loss into the parameters.
+
+    Args:
+        batch: this worker's studies: ``pixels [B, K, C, D, H, W]``, ``scan_mask [B, K]``,
+            ``input_ids``/``attention_mask [B, L]``, ``study_seeds [B]`` (int64), on the device.
+        loss: ``clip`` or ``siglip``.
+        chunk_size: studies per forward with grad; None (or ``>= B``): a plain step, one forward
+            with grad and no recomputation.
+        text_frozen: the text transformer is frozen (its pass-1 output is reused).
+
+    The optimizer step is the caller's. Returns the loss (the same on every worker) and the
+    logit scale.
+    """
+    size = len(batch["pixels"])
+    cached = chunk_size is not None and chunk_size < size
+    chunks = _chunks(batch, chunk_size if cached else size)
+    device = batch["pixels"].device
+    _, world_size = world()
+
+    # Pass 1: embeddings of every chunk (without grad for the gradient cache).
+    states, outputs = [], []
+    for chunk in chunks:
+        if cached:
+            states.append(_rng_state(device))
+            with torch.no_grad():
+                outputs.append(forward(**chunk))
+        else:
+            outputs.append(forward(**chunk))
+
+    # Pass 2: the loss on the global batch and its gradient with respect to this worker's embeddings.
+    study = torch.cat([out["study_features"] for out in outputs]).detach().float().requires_grad_()
+    text = torch.cat([out["text_features"] for out in outputs]).detach().float().requires_grad_()
+    scale = outputs[0]["logit_scale"].detach().float().requires_grad_()
+    bias = outputs[0]["logit_bias"]
+    bias = bias.detach().float().requires_grad_() if bias is not None else None
+    global_study = with_local_leaf(gather_global(study), study)
+    global_text = with_local_leaf(gather_global(text), text)
+    value = contrastive_loss(loss, global_study, global_text, scale, bias)
+    leaves = [study, text, scale] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(value, leaves)
+    study_grad, text_grad, scale_grad = grads[:3]
+    bias_grad = grads[3] if bias is not None else None
+
+    # Pass 3: each chunk again with grad (RNG replayed), backpropagating its cached gradient.
+    start = 0
+    for index, chunk in enumerate(chunks):
+        if cached:
+            _restore_rng(states[index], device)
+            pooled = outputs[index]["text_pooled"] if text_frozen else None
+            out = forward(**chunk, text_pooled=pooled)
+        else:
+            out = outputs[index]
+        stop = start + len(chunk["pixels"])
+        surrogate = world_size * (
+            (out["study_features"].float() * study_grad[start:stop]).sum()
+            + (out["text_features"].float() * text_grad[start:stop]).sum()
+        )
+        if index == 0:
+            surrogate = surrogate + out["logit_scale"].float() * scale_grad
+            if bias_grad is not None:
+                surrogate = surrogate + out["logit_bias"].float() * bias_grad
+        backward(surrogate)
+        start = stop
+    return StepResult(loss=float(value.detach()), logit_scale=float(scale.detach()))

@@ -1,0 +1,171 @@
+"""The driver side of training: one ``TorchTrainer`` built from a config (``hlip-ray train``).
+
+The trainer's datasets are the data plane's streams: ``train`` is the data order from the run's
+latest checkpoint on (rebuilt each time Ray Train starts the worker group, so a restart after a
+failure resumes the data where the model resumes), ``val`` the held-out split for zero-shot
+validation. The worker loop is ``hlip_ray.train.loop.train_loop``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from hlip_ray.config import Config, ConfigError
+from hlip_ray.data.storage import Storage, is_s3, join
+
+logger = logging.getLogger(__name__)
+
+PACKAGES = ("hlip-ray", "torch", "ray", "deepspeed", "transformers", "timm")
+
+
+def run_dir(config: Config) -> str:
+    """Where this run's checkpoints are: ``storage_path/run_name`` as a local path or s3:// URI."""
+    path = config.train.storage_path
+    if is_s3(path):
+        return join(path, config.train.run_name)
+    return os.path.join(os.path.abspath(path.removeprefix("file://")), config.train.run_name)
+
+
+def check_storage_path(config: Config, nodes: int) -> None:
+    """A cluster of several nodes needs shared storage: s3:// or a shared mount given as file://."""
+    path = config.train.storage_path
+    if nodes > 1 and not (is_s3(path) or path.startswith("file://")):
+        raise ConfigError(
+            f"train.storage_path {path!r} is local to this node, but the cluster has {nodes} nodes: "
+            "use s3://bucket/prefix or a shared mount given as file:///mnt/shared/runs"
+        )
+
+
+def _storage_for_ray(config: Config, storage: Storage) -> tuple[str, object]:
+    """``(storage_path, storage_filesystem)`` for Ray's RunConfig (credentials stay in the environment)."""
+    path = config.train.storage_path
+    if is_s3(path):
+        return path[len("s3://"):].rstrip("/"), storage.s3_filesystem()
+    return os.path.abspath(path.removeprefix("file://")), None
+
+
+def provenance(config: Config, storage: Storage) -> dict:
+    """Package versions, git revision and the hash of the study list the run reads."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    if config.data.shards:
+        from hlip_ray.data.shards import INDEX_FILE
+
+        source = join(config.data.shards, INDEX_FILE)
+    else:
+        source = config.data.manifest
+    digest = hashlib.sha256(storage.read_bytes(source)).hexdigest() if source else None
+    return {"versions": versions, "git_revision": revision, "data": source, "data_sha256": digest}
+
+
+def build_trainer(config: Config, *, init_checkpoint: str | None = None):
+    """The ``TorchTrainer`` of a config; Ray must be initialised. Fails before any work on a bad setup."""
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hlip_ray.checkpoints import latest_checkpoint
+    from hlip_ray.data.pipeline import create_quarantine_log, evaluation_stream, study_items, training_stream
+    from hlip_ray.train.loop import train_loop
+    from hlip_ray.train.tracking import MetricsLogger
+
+    train = config.train
+    check_storage_path(config, nodes=sum(node["Alive"] for node in ray.nodes()))
+    storage = Storage.from_config(config.storage)
+    quarantine = create_quarantine_log()
+    train_items, train_source = study_items(config, storage, quarantine, "train", train=True)
+    val_items, val_source = study_items(config, storage, quarantine, "val", train=False)
+    if not train_items:
+        raise ConfigError("the training split is empty: no study has split 'train'")
+    if config.eval.vocabulary and not val_items:
+        raise ConfigError("eval.vocabulary is set but the data has no 'val' split to validate on")
+    directory = run_dir(config)
+
+    def train_dataset():
+        """Called by Ray Train at every worker-group start: the data order from the latest checkpoint on."""
+        found = latest_checkpoint(directory, storage)
+        start = found[1].position if found else 0
+        step = found[1].step if found else 0
+        remaining = max(1, train.max_steps - step) * train.global_batch_size
+        return training_stream(train_items, train_source, config, start=start, stop=start + remaining + remaining // 20)
+
+    datasets = {"train": train_dataset}
+    if val_items:
+        datasets["val"] = lambda: evaluation_stream(val_items, val_source, config)
+    ingest = DataConfig.default_ingest_options()
+    ordered = ExecutionOptions(resource_limits=ingest.resource_limits, exclude_resources=ingest.exclude_resources,
+                               preserve_order=True)
+    resources = {"CPU": 1}
+    if config.resources.trainer:
+        resources[config.resources.trainer] = 1
+    if train.use_gpu:
+        resources["GPU"] = 1
+    storage_path, filesystem = _storage_for_ray(config, storage)
+    env_vars = {} if train.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    workers = tuple(train.num_workers) if isinstance(train.num_workers, list) else train.num_workers
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "run_dir": directory,
+            "train_studies": len(train_items),
+            "init_checkpoint": init_checkpoint,
+            "provenance": provenance(config, storage),
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=train.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=[MetricsLogger(Path(train.log_dir) / train.run_name, config)],
+            worker_runtime_env={"env_vars": env_vars},
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ordered, "val": ordered}),
+    ), quarantine
+
+
+def fit(config: Config, *, init_checkpoint: str | None = None) -> dict:
+    """Train (or resume) the run a config names; returns a summary of the result."""
+    from hlip_ray.data.pipeline import write_quarantine
+
+    started = time.perf_counter()
+    trainer, quarantine = build_trainer(config, init_checkpoint=init_checkpoint)
+    result = trainer.fit()
+    storage = Storage.from_config(config.storage)
+    rejected = write_quarantine(quarantine, run_dir(config), storage)
+    checkpoint = result.checkpoint
+    summary = {
+        "run_dir": run_dir(config),
+        "checkpoint": _checkpoint_uri(config, checkpoint.path) if checkpoint else None,
+        "metrics": {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")},
+        "rejections": rejected,
+        "seconds": round(time.perf_counter() - started, 1),
+        "log_dir": str(Path(config.train.log_dir) / config.train.run_name),
+    }
+    logger.info("training finished: %s", json.dumps(summary, default=str))
+    return summary
+
+
+def _checkpoint_uri(config: Config, path: str) -> str:
+    return f"s3://{path}" if is_s3(config.train.storage_path) else path

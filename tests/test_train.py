@@ -1,0 +1,177 @@
+"""Training end to end: 2 Ray Train workers, DeepSpeed ZeRO-2, data and checkpoints on moto S3.
+
+One tiny run is trained once (``trained_run``) and shared: the run's checkpoint and metrics, its
+resumption, evaluation from the CLI and the checks that no credential leaks all use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from hlip_ray import cli
+from hlip_ray.checkpoints import STATE_FILE, TrainState, latest_checkpoint, load_model, rank_marker
+from hlip_ray.config import ConfigError, load_config
+from hlip_ray.data.shards import read_index
+from hlip_ray.data.storage import Storage
+from hlip_ray.local_s3 import LOCAL_CREDENTIALS
+from hlip_ray.train.engine import lr_factor
+from hlip_ray.train.run import check_storage_path
+from tests.helpers import tiny_bert_dir
+
+GLOBAL_BATCH = 8
+BUCKET = "train-e2e"
+
+
+def run_overrides(endpoint: str, text_dir: Path, log_dir: Path, *extra: str) -> list[str]:
+    return [
+        "data.grid=[16,32,32]", "data.scans_per_study=2", "data.max_eval_scans=3", "data.windows=[[-20,140]]",
+        "model.embed_dim=24", "model.num_heads=2", "model.depth=3", "model.projection_dim=16",
+        "model.max_scan_slots=8", "model.patch_dropout=0.25", "model.drop_path=0.1",
+        f"model.text.name_or_path={text_dir}", "model.text.context_length=32",
+        f"data.manifest=s3://{BUCKET}/manifest.parquet", f"data.shards=s3://{BUCKET}/shards",
+        f"eval.vocabulary=s3://{BUCKET}/raw/vocabulary.json", "eval.batch_size=4",
+        "train.num_workers=2", f"train.global_batch_size={GLOBAL_BATCH}", "train.chunk_size=2",
+        "train.zero_stage=2", "train.precision=fp32", "train.lr=1e-3", "train.warmup_steps=2",
+        "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.max_failures=0",
+        f"train.storage_path=s3://{BUCKET}/runs", f"train.log_dir={log_dir}", "train.run_name=e2e",
+        "resources.data=data_pool", "resources.trainer=trainer", f"storage.endpoint_url={endpoint}", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained_run(s3_endpoint, ray_session, tmp_path_factory):
+    """A 4-step run on 16 synthetic studies read from moto S3, checkpoints on S3."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("trained-run")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    endpoint = f"storage.endpoint_url={s3_endpoint}"
+    assert cli.main(["synth", "--out", f"s3://{BUCKET}/raw", "--studies", "16", "--seed", "5", endpoint]) == 0
+    assert cli.main(["manifest", "--root", f"s3://{BUCKET}/raw", "--out", f"s3://{BUCKET}/manifest.parquet",
+                     "data.val_fraction=0.3", endpoint]) == 0
+    overrides = run_overrides(s3_endpoint, tiny_bert_dir(root), root / "logs")
+    assert cli.main(["preprocess", "--manifest", f"s3://{BUCKET}/manifest.parquet", "--out", f"s3://{BUCKET}/shards",
+                     *overrides]) == 0
+    assert cli.main(["train", *overrides]) == 0
+    storage = Storage(endpoint_url=s3_endpoint)
+    splits = [item["split"] for item in read_index(f"s3://{BUCKET}/shards", storage)]
+    return {"overrides": overrides, "storage": storage, "log_dir": root / "logs" / "e2e",
+            "config": load_config(None, overrides), "train_studies": splits.count("train"),
+            "val_studies": splits.count("val")}
+
+
+def metrics_lines(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_worker_zero2_run_from_s3_writes_checkpoints_and_metrics(trained_run):
+    storage, config = trained_run["storage"], trained_run["config"]
+    uri, state = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", storage)
+    assert uri.startswith(f"s3://{BUCKET}/runs/e2e/checkpoint_") and state.step == 4
+    assert (state.position, state.world_size, state.seed) == (4 * GLOBAL_BATCH, 2, 0)
+    assert state.provenance["versions"]["deepspeed"] and state.provenance["data_sha256"]
+    assert state.provenance["data"] == f"s3://{BUCKET}/shards/index.parquet"
+    files = {name[len(uri) + 1:] for name in storage.list_files(uri)}
+    assert {"model.safetensors", "config.yaml", STATE_FILE, rank_marker(0), rank_marker(1)} <= files
+    shards = [name for name in files if name.startswith("deepspeed/") and "optim_states" in name]
+    assert len(shards) == 2  # ZeRO-2: every rank's optimizer partition is in the checkpoint
+
+    lines = metrics_lines(trained_run["log_dir"])
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    for line in lines:
+        assert {"loss", "logit_scale", "lr", "studies_per_s", "data_wait_fraction", "val/zeroshot_auc"} <= set(line)
+        assert line["positions_in_order"] == 1 and line["position"] == line["step"] * GLOBAL_BATCH
+        assert line["lr"] == pytest.approx(1e-3 * lr_factor(int(line["step"]) - 1, 2, 4))
+    assert lines[1]["checkpoint"] and lines[3]["checkpoint"] and not lines[2]["checkpoint"]
+    assert (trained_run["log_dir"] / "tensorboard").is_dir()
+
+    model, loaded = load_model(uri, storage)
+    assert loaded.model.depth == 3 and model.visual.embed_dim == 24
+    assert storage.exists(f"s3://{BUCKET}/runs/e2e/quarantine.jsonl")
+    assert config.train.zero_stage == 2
+
+
+def test_a_run_started_again_resumes_step_schedule_and_data_position(trained_run):
+    log_dir = trained_run["log_dir"]
+    before = len(metrics_lines(log_dir))
+    assert cli.main(["train", *trained_run["overrides"], "train.max_steps=6"]) == 0
+    resumed = metrics_lines(log_dir)[before:]
+    assert [line["step"] for line in resumed] == [5, 6]
+    for line in resumed:
+        step = int(line["step"])
+        assert line["lr"] == pytest.approx(1e-3 * lr_factor(step - 1, 2, 6))
+        assert line["position"] == step * GLOBAL_BATCH and line["positions_in_order"] == 1
+    storage = trained_run["storage"]
+    _, state = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", storage)
+    assert state.step == 6 and state.epoch == state.position // trained_run["train_studies"]
+    checkpoints = {uri.split("/")[5] for uri in storage.list_files(f"s3://{BUCKET}/runs/e2e")
+                   if "/checkpoint_" in uri}
+    assert checkpoints == {"checkpoint_00000004", "checkpoint_00000006"}  # keep the last 2
+
+
+def test_eval_command_scores_the_trained_checkpoint(trained_run, capsys):
+    uri, _ = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", trained_run["storage"])
+    endpoint = trained_run["config"].storage.endpoint_url
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", uri, f"storage.endpoint_url={endpoint}"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["split"] == "val" and report["studies"] == trained_run["val_studies"] > 0
+    assert set(report["per_label"]) == {"hemorrhage", "infarct", "mass"}
+    assert set(report["baseline"]["per_label"]) == {"hemorrhage", "infarct", "mass"}
+
+
+def test_no_credential_reaches_checkpoints_metrics_or_logs(trained_run):
+    import ray
+
+    storage = trained_run["storage"]
+    secrets = [LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]]
+    texts = {}
+    for uri in storage.list_files(f"s3://{BUCKET}/runs"):
+        texts[uri] = storage.read_bytes(uri)
+    for path in trained_run["log_dir"].rglob("*"):
+        if path.is_file():
+            texts[str(path)] = path.read_bytes()
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for path in logs.rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".out", ".err"):
+            texts[str(path)] = path.read_bytes()
+    leaks = [where for where, data in texts.items() for secret in secrets if secret.encode() in data]
+    assert not leaks
+    assert any(uri.endswith("model.safetensors") for uri in texts)  # the scan did cover the checkpoint
+
+
+def test_local_storage_path_is_refused_on_a_cluster_of_several_nodes():
+    config = load_config(None, ["train.storage_path=runs"])
+    check_storage_path(config, nodes=1)
+    with pytest.raises(ConfigError, match="train.storage_path"):
+        check_storage_path(config, nodes=3)
+    for shared in ("s3://bucket/runs", "file:///mnt/shared/runs"):
+        check_storage_path(load_config(None, [f"train.storage_path={shared}"]), nodes=3)
+
+
+def test_train_state_round_trips_through_json():
+    state = TrainState(step=3, epoch=1, position=24, seed=7, world_size=2, global_batch_size=8,
+                       deepspeed_tag="step3", val_zeroshot_auc=0.5, provenance={"git_revision": "abc"})
+    assert TrainState.from_json(state.to_json()) == state
+    assert math.isnan(TrainState.from_json(TrainState().to_json()).val_zeroshot_auc)
+
+
+def test_resuming_with_another_number_of_workers_continues_the_same_data_order(trained_run):
+    """A checkpoint of 2 workers resumes on 1 (DeepSpeed universal checkpoint); the global position
+    carries on, so the studies of each step are the same as with 2 workers."""
+    log_dir = trained_run["log_dir"]
+    storage = trained_run["storage"]
+    _, before = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", storage)
+    count = len(metrics_lines(log_dir))
+    assert cli.main(["train", *trained_run["overrides"], f"train.max_steps={before.step + 2}",
+                     "train.num_workers=1"]) == 0
+    resumed = metrics_lines(log_dir)[count:]
+    assert [line["step"] for line in resumed] == [before.step + 1, before.step + 2]
+    assert all(line["positions_in_order"] == 1 for line in resumed)
+    assert resumed[-1]["position"] == (before.step + 2) * GLOBAL_BATCH
+    _, after = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", storage)
+    assert (after.step, after.world_size) == (before.step + 2, 1)
