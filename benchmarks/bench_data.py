@@ -82,8 +82,8 @@ def main() -> None:
     with moto_server() as endpoint, tempfile.TemporaryDirectory() as scratch:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
         storage = Storage(endpoint_url=endpoint)
-        summary = write_corpus(lambda rel, data: storage.write_bytes(f"s3://bench/raw/{rel}", data),
-                               studies=args.studies, seed=0, size=args.size)
+        with storage.parallel_writer("s3://bench/raw") as write:
+            summary = write_corpus(write, studies=args.studies, seed=0, size=args.size)
         rows = build_manifest("s3://bench/raw", storage, salt="bench", val_fraction=0.0)
         config = load_config(None, [f"data.grid={args.grid}", "data.windows=[[0,80]]", "data.max_eval_scans=8",
                                     f"data.decode_concurrency={args.processes}", f"storage.endpoint_url={endpoint}"])

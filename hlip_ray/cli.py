@@ -25,8 +25,8 @@ def _synth_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     storage = _storage(config)
     out = args.out.rstrip("/")
-    summary = write_corpus(lambda relative, data: storage.write_bytes(f"{out}/{relative}", data),
-                           studies=args.studies, seed=args.seed, size=args.size)
+    with storage.parallel_writer(out) as write:
+        summary = write_corpus(write, studies=args.studies, seed=args.seed, size=args.size)
     print(f"wrote {summary.studies} studies, {summary.scans} scans, {summary.files} files to {out}")
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=50")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")   # Ray workers inherit it: a readable log
 
     import boto3
     import ray
@@ -85,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
 
         step_start = time.perf_counter()
-        corpus = write_corpus(lambda relative, data: storage.write_bytes(f"{root}/raw/{relative}", data),
-                              studies=args.studies, seed=args.seed)
+        with storage.parallel_writer(f"{root}/raw") as write:
+            corpus = write_corpus(write, studies=args.studies, seed=args.seed)
         rows = build_manifest(f"{root}/raw", storage, config.data.split_salt, config.data.val_fraction)
         write_manifest(rows, config.data.manifest, storage)
         splits = {split: sum(row.split == split for row in rows) for split in ("train", "val")}
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"({corpus.dicom_series} DICOM series, {corpus.nifti_scans} NIfTI) -> {root}/raw; "
               f"manifest {splits} ({time.perf_counter() - step_start:.0f} s)", flush=True)
 
-        connected = ray_runtime.connect()
+        # Logical CPUs beyond the cores: each trainer holds one for the whole run, and Ray Data's tasks
+        # need slots of their own beside them (the cores are shared either way).
+        connected = ray_runtime.connect(num_cpus=(os.cpu_count() or 2) + 2)
         step_start = time.perf_counter()
         summary = write_shards(rows, config, storage, config.data.shards, create_quarantine_log())
         print(f"[{time.perf_counter() - started:5.0f}s] shards: {summary['studies_written']} studies decoded and "
@@ -126,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"zero-shot on {report['studies']} held-out studies: macro AUC {report['macro_auc']:.3f} ({per_label})")
     print(f"mean-intensity baseline: macro AUC {baseline['macro_auc']:.3f} ("
           + ", ".join(f"{label} {auc:.3f}" for label, auc in baseline["per_label"].items()) + ")")
-    print(f"metrics: {out / config.train.run_name}/metrics.jsonl, TensorBoard: {out / config.train.run_name}/tensorboard, "
-          f"loss curve: {plot}")
+    logs = out / config.train.run_name
+    print(f"metrics: {logs}/metrics.jsonl, TensorBoard: {logs}/tensorboard, loss curve: {plot}")
     figures = {
         "zeroshot_macro_auc": round(report["macro_auc"], 4),
         "zeroshot_auc_per_label": {label: round(auc, 4) for label, auc in report["per_label"].items()},

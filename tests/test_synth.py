@@ -23,7 +23,7 @@ from hlip_ray.data.synth import (
 )
 
 STUDIES, SEED = 60, 0
-EXPECTED_APPEARANCE = {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"}   # mass: hypo on T1
+EXPECTED_APPEARANCE = {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"}   # in every contrast
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -159,8 +159,7 @@ def test_masks_match_labels_geometry_and_contrast(corpus, studies):
             mask, shell = lesion_and_surroundings(root, study_id, lesion, study["scans"][lesion["scan"]])
             assert 0 < mask.sum() <= MAX_LESION_FRACTION * mask.size
             assert mask[tuple(np.round(lesion["center_voxel"]).astype(int))] and min(lesion["radius_voxels"]) > 1
-            t1 = "_t1_" in lesion["scan"]   # scan names: <number>_<contrast>_<orientation>
-            expected = "hypo" if (lesion["label"] == "mass" and t1) else EXPECTED_APPEARANCE[lesion["label"]]
+            expected = EXPECTED_APPEARANCE[lesion["label"]]
             assert lesion["appearance"] == expected
             inside, around = np.median(pixels[mask]), np.median(pixels[shell])
             contrast = inside - around if ct else (inside - around) / around

@@ -97,7 +97,7 @@ def load_scan(scan: ScanRef, modality: str, storage: Storage, nifti_4d: str) -> 
         uris = storage.list_files(scan.uri)
         if not uris:
             raise FileNotFoundError(scan.uri)
-        return decode_dicom_files([(uri, storage.read_bytes(uri)) for uri in uris], scan.uri)
+        return decode_dicom_files(list(zip(uris, storage.read_many(uris))), scan.uri)
     except FileNotFoundError:
         return Decoded(rejections=[Rejection(scan.uri, "missing_object", "no such file or prefix")])
 

@@ -103,6 +103,15 @@ class Storage:
         except (FileNotFoundError, IsADirectoryError):
             raise FileNotFoundError(f"no such object: {uri}") from None
 
+    def read_many(self, uris: list[str], threads: int = 8) -> list[bytes]:
+        """``read_bytes`` of each URI, in order; S3 objects several at a time (a DICOM series is a file per slice)."""
+        if len(uris) < 2 or not is_s3(uris[0]):
+            return [self.read_bytes(uri) for uri in uris]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(uris)), thread_name_prefix="storage-read") as pool:
+            return list(pool.map(self.read_bytes, uris))
+
     def write_bytes(self, uri: str, data: bytes) -> None:
         if is_s3(uri):
             bucket, key = _split_s3(uri)
@@ -113,6 +122,30 @@ class Storage:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as handle:
             handle.write(data)
+
+    @contextmanager
+    def parallel_writer(self, base: str, threads: int = 8):
+        """``write(relative_path, data)`` under ``base`` on a thread pool: one PUT is mostly latency, so many
+        small objects (a DICOM series is a file per slice) go out several at a time. Waits for every write,
+        and raises the first failure, on leaving the block."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        pending: set = set()
+
+        def settle(block_until: int) -> None:
+            nonlocal pending
+            while len(pending) > block_until:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="storage-write") as pool:
+            def write(relative_path: str, data: bytes) -> None:
+                settle(4 * threads)   # bounded: memory stays flat however many files come
+                pending.add(pool.submit(self.write_bytes, join(base, relative_path), data))
+
+            yield write
+            settle(0)
 
     def exists(self, uri: str) -> bool:
         if is_s3(uri):

@@ -19,23 +19,25 @@ or brain MRI with 1-8 scans (P(n) ~ 1/n): axial, coronal or sagittal, varied gri
 (``SIZES``), about a quarter NIfTI, the rest DICOM series (some RLE Lossless, some stored top-down).
 CT decodes to HU through RescaleSlope/Intercept; MR (T1, T2, FLAIR contrasts) is in arbitrary units.
 
-Anatomy (millimetres, DICOM patient LPS axes): a head-like ellipsoid of scalp, skull (850-1000 HU),
-grey-matter rim and white matter (26-40 HU), CSF ventricles (0-6 HU), air (-1000 HU) and Gaussian noise.
-Each label is present per study with probability ``PREVALENCE``, independently, as one ellipsoid blob
-well inside the brain, clear of the ventricles and of the other lesions, at the same anatomical place
-in every scan of the study (every scan covers the whole brain):
+Anatomy (millimetres, DICOM patient LPS axes): a head-like ellipsoid of scalp fat (-90 to -60 HU), skull
+(850-1000 HU), grey-matter rim and white matter (26-40 HU), CSF ventricles (0-6 HU), air (-1000 HU) and
+Gaussian noise. Each label is present per study with probability ``PREVALENCE``, independently, as one
+ellipsoid blob well inside the brain, clear of the ventricles and of the other lesions, at the same
+anatomical place in every scan of the study (every scan covers the whole brain). Every lesion has its own
+level in every contrast, apart from the normal tissues and from the other lesions (a simplification:
+any one scan tells the three apart):
 
-- hemorrhage: CT 70-90 HU; MR bright in every contrast;
-- infarct: CT 2-8 HU (CSF-like), MR dark in every contrast (a simplification: any one scan shows it);
-  a dark blob is easily taken for air or a ventricle, so it is larger and as dark as CSF;
-- mass: CT 52-62 HU, MR dark on T1 and bright on T2/FLAIR; it shifts the ventricles 5-9 mm to the
+- hemorrhage: CT 70-90 HU; MR brightest of the brain tissues in every contrast;
+- infarct: CT 11-15 HU (between CSF and white matter), MR dark in every contrast, between CSF and grey
+  matter on T1 and FLAIR, below white matter on T2;
+- mass: CT 52-62 HU, MR moderately bright in every contrast; it shifts the ventricles 5-9 mm to the
   other side and compresses the ventricle on its own side (midline shift).
 
-Radii are 14-19 mm (infarct and mass 20-25 mm; smaller where a brain is crowded): at least ~3
-voxels on a 32x64x64 grid, at most 2% of a scan's voxels (checked). Lesions are placed per patient;
-field of view, tissue levels, calibration offset and MR gain vary by study and scan far more than a
-lesion moves a scan's mean, and MR scalp fat outshines every lesion (so 99.5th-percentile scaling
-does not depend on them): mean intensity does not give the labels away.
+Radii (``RADIUS_MM``) are 20-26 mm for a hemorrhage, 28-33 mm for an infarct and 24-29 mm for a mass
+(smaller where a brain is crowded): at most 2% of a scan's voxels (checked). Lesions are placed per
+patient; field of view, tissue levels, calibration offset and MR gain vary by study and scan far more
+than a lesion moves a scan's mean, and MR scalp fat outshines every lesion (so 99.5th-percentile
+scaling does not depend on them): mean intensity does not give the labels away.
 
 Voxel order. A DICOM series decodes to ``[D, H, W]`` = (slice, row, column) with D along increasing
 position on the slice normal (row cosines x column cosines): sort by position, not by file name or
@@ -91,23 +93,23 @@ VOCABULARY = {
 
 # Tissue intensities. CT in HU (study-level ranges); MR relative to white matter on T1 (times a scan gain).
 CT_RANGES = {
-    "scalp": (10, 30), "skull": (850, 1000), "wm": (26, 31), "gm_over_wm": (6, 9), "csf": (0, 6),
-    "hemorrhage": (70, 90), "infarct": (10, 15), "mass": (52, 62),
+    "scalp": (-90, -60), "skull": (850, 1000), "wm": (26, 31), "gm_over_wm": (6, 9), "csf": (0, 6),
+    "hemorrhage": (70, 90), "infarct": (11, 15), "mass": (52, 62),
 }
 MR_TABLE = {  # scalp fat is the brightest tissue in every contrast, so percentile scaling ignores the lesions
-    "t1": {"scalp": 2.2, "skull": 0.1, "gm": 0.75, "wm": 1.0, "csf": 0.2, "hemorrhage": 1.55, "infarct": 0.35,
-           "mass": 0.5},
-    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.5, "infarct": 1.15,
-           "mass": 1.35},
-    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.6, "infarct": 1.2,
-              "mass": 1.4},
+    "t1": {"scalp": 2.2, "skull": 0.1, "gm": 0.75, "wm": 1.0, "csf": 0.2, "hemorrhage": 1.7, "infarct": 0.5,
+           "mass": 1.3},
+    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.65, "infarct": 0.4,
+           "mass": 1.3},
+    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.75, "infarct": 0.45,
+              "mass": 1.35},
 }
 MR_SEQUENCE = {  # TR, TE, TI (ms), scanning sequence
     "t1": (500.0, 10.0, None, "SE"), "t2": (4000.0, 100.0, None, "SE"), "flair": (9000.0, 120.0, 2500.0, "IR")
 }
 # orientation -> LPS unit vectors (row direction r, column direction c); slice normal n = r x c
 ORIENTATIONS = {"ax": ((1, 0, 0), (0, 1, 0)), "cor": ((1, 0, 0), (0, 0, -1)), "sag": ((0, 1, 0), (0, 0, -1))}
-RADIUS_MM = {"hemorrhage": (20, 26), "infarct": (24, 29), "mass": (24, 29)}
+RADIUS_MM = {"hemorrhage": (20, 26), "infarct": (28, 33), "mass": (24, 29)}
 LESION_MARGIN_MM = 6.0   # a lesion keeps this far from the brain surface and the ventricles
 UID_ROOT = "hlip-ray-synth"
 
@@ -537,7 +539,7 @@ def _dicom_series(study: Study, scan: Scan, number: int, volume: np.ndarray) -> 
 
 LOOKS = {  # per modality: how each lesion looks, for "<look> in the <where>, consistent with <phrase>."
     "CT": {"hemorrhage": "Hyperdense focus", "infarct": "Hypodense region", "mass": "Large mildly hyperdense lesion"},
-    "MR": {"hemorrhage": "Hyperintense focus", "infarct": "Hypointense region", "mass": "Large T2-hyperintense lesion"},
+    "MR": {"hemorrhage": "Hyperintense focus", "infarct": "Hypointense region", "mass": "Large hyperintense lesion"},
 }
 FILLERS = [
     "The basal cisterns are patent.", "No extra-axial collection.", "The calvarium is intact.",
