@@ -23,5 +23,5 @@ def connect(num_cpus: int | None = None, resources: dict[str, float] | None = No
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=False, log_to_driver=True)
     return True

@@ -17,9 +17,9 @@ def test_every_job_config_is_a_valid_instance_of_the_tree(path):
 
 
 def test_config_command_prints_the_merged_config(capsys):
-    assert cli.main(["config", "--config", str(REPO / "jobs/configs/demo.yaml"), "model.depth=3"]) == 0
+    assert cli.main(["config", "--config", str(REPO / "jobs/configs/demo.yaml"), "model.depth=2"]) == 0
     out = capsys.readouterr().out
-    assert "depth: 3" in out and "embed_dim: 96" in out
+    assert "depth: 2" in out and "embed_dim: 48" in out
 
 
 def test_config_command_rejects_a_bad_key_with_its_path(capsys):
@@ -27,11 +27,23 @@ def test_config_command_rejects_a_bad_key_with_its_path(capsys):
     assert "train.zero_stag: unknown key" in capsys.readouterr().err
 
 
-def test_demo_runs_synthetic_studies_from_s3_through_shards_to_the_model(ray_session, capsys):
+def test_demo_runs_end_to_end_and_ends_with_its_figures(ray_session, tmp_path, capsys):
+    """The demo job at toy size: corpus on moto S3, shards, 2-worker ZeRO-2 training, zero-shot eval."""
     from hlip_ray import demo
+    from tests.helpers import tiny_bert_dir
 
-    figures = demo.main(["--studies", "4", "model.depth=3", "data.val_fraction=0", "data.grid=[16,32,32]"])
-    assert figures["studies_sharded"] == 4 and figures["rejections"] == {}
-    assert figures["batch_pixels_shape"] == [4, 4, 1, 16, 32, 32]
-    assert figures["study_embedding_shape"] == figures["text_embedding_shape"] == [4, 64]
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == figures
+    out = tmp_path / "out"
+    figures = demo.main([
+        "--studies", "12", "--out", str(out), f"model.text.name_or_path={tiny_bert_dir(tmp_path)}",
+        "model.text.context_length=32", "model.depth=3", "model.embed_dim=24", "model.num_heads=2",
+        "model.projection_dim=16", "data.grid=[16,32,32]", "data.scans_per_study=1", "data.max_eval_scans=2",
+        "data.val_fraction=0.4", "train.global_batch_size=4", "train.chunk_size=1", "train.max_steps=2",
+        "train.warmup_steps=1", "train.checkpoint_every=2",
+    ])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == set(figures) >= {"zeroshot_macro_auc", "baseline_auc", "train_studies_per_s", "wall_s",
+                                         "checkpoint"}
+    assert figures["train_steps"] == 2 and figures["val_studies"] > 0 and figures["train_studies_per_s"] > 0
+    assert Path(figures["checkpoint"]).joinpath("model.safetensors").is_file()
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert len((out / "demo" / "metrics.jsonl").read_text().splitlines()) == 2
