@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
         # The bucket lives only as long as this job: keep the final checkpoint in the output folder.
         checkpoint = out / "checkpoint"
         for uri in storage.list_files(trained["checkpoint"]):
-            storage.write_bytes(str(checkpoint / uri[len(trained["checkpoint"]) + 1:]), storage.read_bytes(uri))
+            relative = uri[len(trained["checkpoint"]) + 1:]
+            if relative and not relative.endswith("/"):   # not the folder marker object
+                storage.write_bytes(str(checkpoint / relative), storage.read_bytes(uri))
         model, _ = load_model(str(checkpoint), Storage())
         report = evaluate_zeroshot(model, config, split="val")
         if connected:

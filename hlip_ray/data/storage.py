@@ -163,7 +163,8 @@ class Storage:
             key = key.rstrip("/") + "/" if key else ""
             with _s3_errors(prefix):
                 pages = self._s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-                return sorted(f"s3://{bucket}/{item['Key']}" for page in pages for item in page.get("Contents", []))
+                return sorted(f"s3://{bucket}/{item['Key']}" for page in pages for item in page.get("Contents", [])
+                              if not item["Key"].endswith("/"))   # not folder marker objects
         root = self._local(prefix)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"no such folder or prefix: {prefix}")
