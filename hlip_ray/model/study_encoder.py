@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 
@@ -37,20 +38,28 @@ def flash_varlen_kernel(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
 
 
 def _attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout, backend: str) -> torch.Tensor:
-    """Self-attention of timm ``Attention`` within each packed sequence: ``[T, E] -> [T, E]``."""
-    if backend == "sdpa":
-        width = x.shape[-1]
-        outputs = [
-            attn(x[first : first + count * length].view(count, length, width)).reshape(-1, width)
-            for first, count, length in layout.buckets
-        ]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    """Self-attention of timm ``Attention`` within each packed sequence: ``[T, E] -> [T, E]``.
+
+    The projections run once over all tokens, whatever the number of sequence lengths: every
+    submodule is called once per block, as ZeRO-3 needs (it gathers a module's parameters on
+    each call, and the workers' calls must match one for one).
+    """
     tokens, width = x.shape
     heads = attn.num_heads
     qkv = attn.qkv(x).view(tokens, 3, heads, width // heads)
     q, k, v = qkv.unbind(1)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = flash_varlen_kernel(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn.scale)
+    if backend == "sdpa":
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        outputs = []
+        for first, count, length in layout.buckets:
+            span = slice(first, first + count * length)
+            q_b, k_b, v_b = (t[span].view(count, length, heads, -1).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q_b, k_b, v_b, dropout_p=dropout, scale=attn.scale)
+            outputs.append(out.transpose(1, 2).reshape(count * length, heads, -1))
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    else:
+        out = flash_varlen_kernel(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn.scale)
     return attn.proj_drop(attn.proj(attn.norm(out.reshape(tokens, width))))
 
 

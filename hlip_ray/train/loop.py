@@ -102,6 +102,7 @@ def train_loop(loop_config: dict) -> None:
             engine, lambda surrogate: engine.backward(surrogate, scale_wrt_gas=False), inputs,
             loss=config.model.loss, chunk_size=train.chunk_size, text_frozen=config.model.text.frozen,
         )
+        lr = scheduler.get_last_lr()[0]  # the lr this step's update uses; step() advances the schedule
         engine.step()
         all_positions = _gather(positions)
         state.step += 1
@@ -114,7 +115,7 @@ def train_loop(loop_config: dict) -> None:
             "position": state.position,
             "loss": result.loss,
             "logit_scale": result.logit_scale,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "studies_per_s": train.global_batch_size / seconds,
             "data_wait_fraction": waited / seconds,
             # every step takes the next G positions of the data order, whatever the world size
