@@ -76,6 +76,9 @@ def train_loop(loop_config: dict) -> None:
                        provenance=loop_config.get("provenance", {}))
     if resume is not None:
         state = _restore(engine, resume, storage, world_size)
+        # The lr is a function of the step under this run's schedule (max_steps may have grown).
+        scheduler.last_epoch = state.step - 1
+        scheduler.step()
         state.world_size = world_size
         logger.info("resumed from %s at step %d, position %d", resume[0], state.step, state.position)
     validator = Validator(config, storage, rank, world_size)
