@@ -50,14 +50,16 @@ SCRIPT = textwrap.dedent('''
 
     def where(loop_config):
         import ray.train
-        ray.train.report({"node": ray.get_runtime_context().get_node_id()})
+        rank = ray.train.get_context().get_world_rank()
+        with open(f"{loop_config['root']}/worker-{rank}.node", "w") as file:
+            file.write(ray.get_runtime_context().get_node_id())
 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     scaling = ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1, "trainer": 1})
-    result = TorchTrainer(where, scaling_config=scaling,
-                          run_config=RunConfig(storage_path=root + "/runs", name="where")).fit()
-    out["trainer_node_seen"] = result.metrics["node"]
+    TorchTrainer(where, train_loop_config={"root": root}, scaling_config=scaling,
+                 run_config=RunConfig(storage_path=root + "/runs", name="where")).fit()
+    out["trainer_nodes_seen"] = sorted({open(f"{root}/worker-{rank}.node").read() for rank in (0, 1)})
 
     from hlip_ray.data.manifest import write_manifest
     write_manifest(rows, root + "/manifest.parquet", Storage())
@@ -81,5 +83,5 @@ def test_decoding_and_trainers_land_on_their_node_pools_and_local_storage_is_ref
     out = json.loads(lines[-1][len("RESULT "):])
     assert out["studies"] == 4
     assert out["data_task_nodes"] == [out["data_node"]]
-    assert out["trainer_node_seen"] == out["trainer_node"]
+    assert out["trainer_nodes_seen"] == [out["trainer_node"]]
     assert "train.storage_path" in out["local_storage"] and "3 nodes" in out["local_storage"]
