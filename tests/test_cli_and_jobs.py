@@ -17,9 +17,9 @@ def test_every_job_config_is_a_valid_instance_of_the_tree(path):
 
 
 def test_config_command_prints_the_merged_config(capsys):
-    assert cli.main(["config", "--config", str(REPO / "jobs/configs/demo.yaml"), "model.depth=2"]) == 0
+    assert cli.main(["config", "--config", str(REPO / "jobs/configs/demo.yaml"), "model.depth=6"]) == 0
     out = capsys.readouterr().out
-    assert "depth: 2" in out and "embed_dim: 48" in out
+    assert "depth: 6" in out and "embed_dim: 48" in out
 
 
 def test_config_command_rejects_a_bad_key_with_its_path(capsys):
