@@ -40,23 +40,36 @@ def read_scan(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         image = nib.load(next(folder.glob("*.nii.gz")))
         normal_axis = int(np.abs(image.affine[:3, 2]).argmax())
         return np.asarray(image.dataobj, np.float32), image.affine, {"format": "nifti", "normal_axis": normal_axis}
-    slices = [pydicom.dcmread(path) for path in paths]
-    row, col = np.array(slices[0].ImageOrientationPatient[:3]), np.array(slices[0].ImageOrientationPatient[3:])
+    files = [pydicom.dcmread(path) for path in paths]
+    first_file = files[0]
+    if "NumberOfFrames" in first_file:  # one enhanced object: geometry in its functional groups
+        assert len(files) == 1
+        shared = first_file.SharedFunctionalGroupsSequence[0]
+        orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+        measures = shared.PixelMeasuresSequence[0]
+        rescale = shared.get("PixelValueTransformationSequence", [{}])[0]
+        frames = first_file.pixel_array.reshape(int(first_file.NumberOfFrames), first_file.Rows, first_file.Columns)
+        slices = [(np.array(group.PlanePositionSequence[0].ImagePositionPatient, dtype=float), frame)
+                  for group, frame in zip(first_file.PerFrameFunctionalGroupsSequence, frames)]
+    else:
+        assert len({(ds.Rows, ds.Columns, ds.SeriesInstanceUID, ds.PatientID) for ds in files}) == 1
+        orientation, measures, rescale = first_file.ImageOrientationPatient, first_file, first_file
+        slices = [(np.array(ds.ImagePositionPatient, dtype=float), ds.pixel_array) for ds in files]
+    row, col = np.array(orientation[:3]), np.array(orientation[3:])
     normal = np.cross(row, col)
-    positions = [float(normal @ np.array(ds.ImagePositionPatient)) for ds in slices]
-    order = np.argsort(positions)
+    order = np.argsort([float(normal @ position) for position, _ in slices])
     slices = [slices[i] for i in order]
-    assert len({(ds.Rows, ds.Columns, ds.SeriesInstanceUID, ds.PatientID) for ds in slices}) == 1
-    pixels = np.stack([ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
-                       for ds in slices]).astype(np.float32)
-    first, (dy, dx) = np.array(slices[0].ImagePositionPatient), map(float, slices[0].PixelSpacing)
-    step = np.array(slices[1].ImagePositionPatient) - first if len(slices) > 1 else normal * slices[0].SliceThickness
+    slope, intercept = float(rescale.get("RescaleSlope", 1)), float(rescale.get("RescaleIntercept", 0))
+    pixels = np.stack([frame * slope + intercept for _, frame in slices]).astype(np.float32)
+    first, (dy, dx) = slices[0][0], map(float, measures.PixelSpacing)
+    step = slices[1][0] - first if len(slices) > 1 else normal * float(measures.SliceThickness)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = step, col * dy, row * dx, first
     facts = {
         "format": "dicom", "normal_axis": int(np.abs(normal).argmax()),
-        "rle": slices[0].file_meta.TransferSyntaxUID == RLELossless, "top_down": bool(order[0] > order[-1]),
-        "modality": slices[0].Modality, "patient": (str(slices[0].PatientID), str(slices[0].PatientName)),
+        "rle": first_file.file_meta.TransferSyntaxUID == RLELossless, "top_down": bool(order[0] > order[-1]),
+        "multiframe": "NumberOfFrames" in first_file,
+        "modality": first_file.Modality, "patient": (str(first_file.PatientID), str(first_file.PatientName)),
     }
     return pixels, np.diag([-1.0, -1, 1, 1]) @ lps, facts
 
@@ -114,6 +127,7 @@ def test_files_decode_to_plausible_values_with_varied_formats(corpus, studies):
             counts[facts["format"]] += 1
             counts["rle"] += facts.get("rle", False)
             counts["top_down"] += facts.get("top_down", False)
+            counts["multiframe"] += facts.get("multiframe", False)
             orientations[facts["normal_axis"]] += 1
             depth, rows, cols = pixels.shape if facts["format"] == "dicom" else pixels.shape[::-1]
             (low, high), (small, large) = SIZES["small"]
@@ -129,6 +143,7 @@ def test_files_decode_to_plausible_values_with_varied_formats(corpus, studies):
                 assert facts["patient"][0] == study["labels"]["patient_id"]
     assert counts["dicom"] == summary.dicom_series and counts["nifti"] == summary.nifti_scans > 0
     assert counts["rle"] == summary.rle_series > 0 and counts["top_down"] > 0
+    assert 0 < counts["multiframe"] == summary.multiframe_series < summary.dicom_series   # both layouts
     assert set(orientations) == {0, 1, 2}   # sagittal (normal along x), coronal (y), axial (z)
     assert summary.scans == sum(len(study["scans"]) for study in studies.values()) > STUDIES
     corpus_json = json.loads((root / "corpus.json").read_text())

@@ -5,6 +5,7 @@ same ``(studies, seed, size, canary)`` always gives byte-identical files (numpy 
 seed, UIDs hashed from it, fixed dates, no clock). Layout, relative to the corpus root::
 
     <study_id>/<scan_name>/0001.dcm ...            a DICOM series, one file per slice
+    <study_id>/<scan_name>/0001.dcm                or one enhanced multi-frame DICOM object
     <study_id>/<scan_name>/<scan_name>.nii.gz      or one NIfTI scan
     <study_id>/report.txt                          the report
     <study_id>/labels.json                         {"study_id", "patient_id", "modality", "labels", "lesions"}
@@ -16,7 +17,8 @@ seed, UIDs hashed from it, fixed dates, no clock). Layout, relative to the corpu
 Studies: patients ``SYNTH-P0000``... have 1-3 studies each (later studies keep each finding of the
 previous one with probability ``FOLLOW_UP_KEEPS``, so patient-level splits matter). A study is head CT
 or brain MRI with 1-8 scans (P(n) ~ 1/n): axial, coronal or sagittal, varied grids and spacing
-(``SIZES``), about a quarter NIfTI, the rest DICOM series (some RLE Lossless, some stored top-down).
+(``SIZES``), about a quarter NIfTI, the rest DICOM (some RLE Lossless, some stored top-down): most as one
+enhanced multi-frame object (per-frame positions, as current scanners write), the rest one file per slice.
 CT decodes to HU through RescaleSlope/Intercept; MR (T1, T2, FLAIR contrasts) is in arbitrary units.
 
 Anatomy (millimetres, DICOM patient LPS axes): a head-like ellipsoid of scalp fat (-90 to -60 HU), skull
@@ -62,13 +64,22 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    RLELossless,
+    generate_uid,
+)
 
 LABELS = ("hemorrhage", "infarct", "mass")
 PREVALENCE = 0.4
 FOLLOW_UP_KEEPS = 0.7
 MAX_LESION_FRACTION = 0.02
-NIFTI_FRACTION, RLE_FRACTION, TOP_DOWN_FRACTION = 0.25, 0.2, 0.3
+NIFTI_FRACTION, RLE_FRACTION, TOP_DOWN_FRACTION, MULTIFRAME_FRACTION = 0.25, 0.2, 0.3, 0.75
 # size -> (slices per scan, in-plane pixels per side), inclusive ranges
 SIZES = {"small": ((16, 40), (48, 96)), "medium": ((32, 80), (96, 192))}
 
@@ -124,6 +135,7 @@ class CorpusSummary:
     dicom_series: int
     nifti_scans: int
     rle_series: int
+    multiframe_series: int = 0
     files: int = 0
     bytes: int = 0
     prevalence: dict[str, float] = field(default_factory=dict)
@@ -174,7 +186,8 @@ def write_corpus(
     dicom = [scan for scan in scans if scan.format == "dicom"]
     summary = CorpusSummary(
         studies=studies, patients=len(patients), scans=len(scans), dicom_series=len(dicom),
-        nifti_scans=len(scans) - len(dicom), rle_series=sum(scan.rle for scan in dicom), **written,
+        nifti_scans=len(scans) - len(dicom), rle_series=sum(scan.rle for scan in dicom),
+        multiframe_series=sum(scan.multiframe for scan in dicom), **written,
         prevalence={label: round(sum(row["labels"][label] for row in rows) / max(studies, 1), 4) for label in LABELS},
     )
     write("corpus.json", json.dumps({"seed": seed, "size": size, **asdict(summary)}, indent=2).encode())
@@ -221,6 +234,7 @@ class Scan:
     storage: tuple[int, float] = (0, 0.0)   # DICOM PixelRepresentation and RescaleIntercept (CT)
     rle: bool = False
     top_down: bool = False
+    multiframe: bool = False  # one enhanced multi-frame object rather than one file per slice
 
     def affine(self) -> np.ndarray:
         """4x4: voxel ``(d, h, w, 1)`` -> RAS+ mm."""
@@ -325,6 +339,9 @@ def _draw_study(
                    contrasts[k], head, patient.brain, head_center, levels, size)
         for k in range(count)
     ]
+    multiframe = np.random.default_rng([seed, 6, index]).random(count) < MULTIFRAME_FRACTION
+    for scan, one_object in zip(scans, multiframe):
+        scan.multiframe = bool(one_object) and scan.format == "dicom"
     report = _report(np.random.default_rng([seed, 4, index]), modality, contrasts, patient, present)
     if canary is not None:
         report += f" The findings were discussed with {canary}."
@@ -518,8 +535,10 @@ def _dicom_series(study: Study, scan: Scan, number: int, volume: np.ndarray) -> 
     meta.TransferSyntaxUID = RLELossless if scan.rle else ExplicitVRLittleEndian
     meta.ImplementationClassUID = _uid("implementation")
     meta.ImplementationVersionName = "HLIP_RAY_SYNTH"
-    files = []
     order = range(scan.shape[0] - 1, -1, -1) if scan.top_down else range(scan.shape[0])
+    if scan.multiframe:
+        return [_enhanced_object(study, scan, ds, meta, stored, order)]
+    files = []
     for instance, d in enumerate(order, start=1):
         position = scan.origin + d * scan.steps[0]
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = _uid(study.seed, study.id, scan.name, d)
@@ -533,6 +552,50 @@ def _dicom_series(study: Study, scan: Scan, number: int, volume: np.ndarray) -> 
         elements = constant | _element_bytes(ds[keyword] for keyword in SLICE_ELEMENTS)
         files.append(_file_meta(meta) + b"".join(elements[tag] for tag in sorted(elements)))
     return files
+
+
+def _item(**attributes) -> Dataset:
+    item = Dataset()
+    for key, value in attributes.items():
+        setattr(item, key, value)
+    return item
+
+
+def _enhanced_object(study: Study, scan: Scan, ds: Dataset, meta: FileMetaDataset, stored: np.ndarray,
+                     order: range) -> bytes:
+    """The series as one enhanced CT/MR object: geometry and rescale in the shared functional groups,
+    each frame's ImagePositionPatient in its own, frames in ``order``."""
+    geometry = {key: ds.data_element(key).value for key in
+                ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "ImageOrientationPatient")}
+    rescale = {key: ds.data_element(key).value for key in ("RescaleIntercept", "RescaleSlope", "RescaleType")
+               if key in ds}
+    for key in (*geometry, *rescale):
+        delattr(ds, key)
+    shared = _item(
+        PixelMeasuresSequence=Sequence([_item(**{key: geometry[key] for key in
+                                                ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices")})]),
+        PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=geometry["ImageOrientationPatient"])]),
+    )
+    if rescale:
+        shared.PixelValueTransformationSequence = Sequence([_item(**rescale)])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([
+        _item(PlanePositionSequence=Sequence([_item(
+            ImagePositionPatient=[round(float(v), 3) + 0.0 for v in scan.origin + d * scan.steps[0]])]))
+        for d in order
+    ])
+    ct = scan.contrast == "ct"
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID = EnhancedCTImageStorage if ct else EnhancedMRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = _uid(study.seed, study.id, scan.name, "enhanced")
+    ds.ImageType = [*ds.ImageType, "NONE"]
+    ds.InstanceNumber, ds.NumberOfFrames = 1, len(order)
+    frames = np.ascontiguousarray(stored[list(order)])
+    if scan.rle:
+        ds.compress(RLELossless, frames, generate_instance_uid=False)
+    else:
+        ds.add_new("PixelData", "OW", frames.astype(frames.dtype.newbyteorder("<")).tobytes())
+    elements = _element_bytes(ds)
+    return _file_meta(meta) + b"".join(elements[tag] for tag in sorted(elements))
 
 
 # ---------------------------------------------------------------- reports
