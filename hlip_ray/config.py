@@ -143,6 +143,11 @@ class TrainConfig(_Section):
     seed: int = 0
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
+    # Steps per ray.train.report (every checkpoint step reports too). Every step's metrics still reach
+    # metrics.jsonl and TensorBoard: a report carries the steps since the last one. Ray Train's
+    # controller takes one report per worker per health check (2 s), so reporting every step would
+    # cap training at one step per 2 s.
+    report_every: int = Field(10, gt=0)
     max_failures: int = Field(3, ge=0)
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")   # Ray workers inherit it: a readable log
+    sys.stdout.reconfigure(line_buffering=True)   # progress lines show as they come, also through a pipe
 
     import boto3
     import ray

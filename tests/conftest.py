@@ -19,6 +19,8 @@ use_local_credentials()
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# MLflow's local file store (what the training test logs to) is opt-in since MLflow 3.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HLIP_REFERENCE = Path(

@@ -53,13 +53,14 @@ def trained_run(s3_endpoint, ray_session, tmp_path_factory):
     assert cli.main(["synth", "--out", f"s3://{BUCKET}/raw", "--studies", "16", "--seed", "5", endpoint]) == 0
     assert cli.main(["manifest", "--root", f"s3://{BUCKET}/raw", "--out", f"s3://{BUCKET}/manifest.parquet",
                      "data.val_fraction=0.3", endpoint]) == 0
-    overrides = run_overrides(s3_endpoint, tiny_bert_dir(root), root / "logs")
+    overrides = run_overrides(s3_endpoint, tiny_bert_dir(root), root / "logs",
+                              f"train.mlflow_tracking_uri=file://{root}/mlruns")
     assert cli.main(["preprocess", "--manifest", f"s3://{BUCKET}/manifest.parquet", "--out", f"s3://{BUCKET}/shards",
                      *overrides]) == 0
     assert cli.main(["train", *overrides]) == 0
     storage = Storage(endpoint_url=s3_endpoint)
     splits = [item["split"] for item in read_index(f"s3://{BUCKET}/shards", storage)]
-    return {"overrides": overrides, "storage": storage, "log_dir": root / "logs" / "e2e",
+    return {"overrides": overrides, "storage": storage, "log_dir": root / "logs" / "e2e", "mlruns": root / "mlruns",
             "config": load_config(None, overrides), "train_studies": splits.count("train"),
             "val_studies": splits.count("val")}
 
@@ -93,6 +94,18 @@ def test_two_worker_zero2_run_from_s3_writes_checkpoints_and_metrics(trained_run
     assert loaded.model.depth == 3 and model.visual.embed_dim == 24
     assert storage.exists(f"s3://{BUCKET}/runs/e2e/quarantine.jsonl")
     assert config.train.zero_stage == 2
+
+
+def test_metrics_reach_mlflow_through_rays_integration(trained_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"file://{trained_run['mlruns']}")
+    experiment = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([experiment.experiment_id])
+    losses = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, "loss")}
+    logged = {int(line["step"]): line["loss"] for line in metrics_lines(trained_run["log_dir"])}
+    assert losses == pytest.approx({step: logged[step] for step in (1, 2, 3, 4)})
+    assert "val_zeroshot_auc" in run.data.metrics and run.data.params["train/zero_stage"] == "2"
 
 
 def test_a_run_started_again_resumes_step_schedule_and_data_position(trained_run):

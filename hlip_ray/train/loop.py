@@ -36,7 +36,7 @@ from hlip_ray.model import build_model, load_tokenizer
 from hlip_ray.model.randomness import study_seed
 from hlip_ray.train.engine import build_engine
 from hlip_ray.train.grad_cache import contrastive_step
-from hlip_ray.train.tracking import ExperimentTrackers
+from hlip_ray.train.tracking import STEPS_KEY, ExperimentTrackers
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def train_loop(loop_config: dict) -> None:
     batches = iter(shard.iter_torch_batches(batch_size=local_batch, collate_fn=collate_study_batch,
                                             drop_last=True, prefetch_batches=2))
     engine.train()
+    unreported: list[dict] = []   # metrics of the steps since the last ray.train.report
     while state.step < train.max_steps:
         started = time.perf_counter()
         batch = next(batches, None)
@@ -134,13 +135,20 @@ def train_loop(loop_config: dict) -> None:
             metrics.update(validator.run(engine))
             state.val_zeroshot_auc = metrics[VAL_METRIC]
         trackers.log(metrics, state.step)
+        unreported.append(dict(metrics))
+        last_step = state.step == train.max_steps
         if checkpoint_step:
             with tempfile.TemporaryDirectory() as folder:
                 _save(engine, state, config, Path(folder), rank)
-                ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder),
+                ray.train.report({**metrics, STEPS_KEY: unreported},
+                                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=f"checkpoint_{state.step:08d}")
-        else:
-            ray.train.report(dict(metrics))
+            unreported = []
+        elif state.step % train.report_every == 0 or last_step:
+            ray.train.report({**metrics, STEPS_KEY: unreported})
+            unreported = []
+    if unreported:  # the stream ended early: the last steps still reach the logs
+        ray.train.report({**metrics, STEPS_KEY: unreported})
 
 
 def _device(config: Config) -> torch.device:

@@ -148,6 +148,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None):
 def fit(config: Config, *, init_checkpoint: str | None = None) -> dict:
     """Train (or resume) the run a config names; returns a summary of the result."""
     from hlip_ray.data.pipeline import write_quarantine
+    from hlip_ray.train.tracking import STEPS_KEY
 
     started = time.perf_counter()
     trainer, quarantine = build_trainer(config, init_checkpoint=init_checkpoint)
@@ -158,7 +159,8 @@ def fit(config: Config, *, init_checkpoint: str | None = None) -> dict:
     summary = {
         "run_dir": run_dir(config),
         "checkpoint": _checkpoint_uri(config, checkpoint.path) if checkpoint else None,
-        "metrics": {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")},
+        "metrics": {key: value for key, value in (result.metrics or {}).items()
+                    if not key.startswith("_") and key != STEPS_KEY},
         "rejections": rejected,
         "seconds": round(time.perf_counter() - started, 1),
         "log_dir": str(Path(config.train.log_dir) / config.train.run_name),

@@ -29,8 +29,12 @@ def numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
+# A report's list of the metrics of every step since the previous report (``train.report_every``).
+STEPS_KEY = "steps"
+
+
 class MetricsLogger(UserCallback):
-    """Rank 0's reports -> ``metrics.jsonl`` and TensorBoard, keyed by the training step."""
+    """Rank 0's reports -> ``metrics.jsonl`` and TensorBoard: one line and one point per training step."""
 
     def __init__(self, log_dir: Path, config: Config) -> None:
         self.log_dir = Path(log_dir)
@@ -40,17 +44,19 @@ class MetricsLogger(UserCallback):
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if not metrics or "step" not in metrics[0]:
             return
-        values = numeric(metrics[0])
-        step = int(values["step"])
+        steps = metrics[0].get(STEPS_KEY) or [metrics[0]]
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({**values, "checkpoint": checkpoint.path if checkpoint else None}) + "\n")
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(self.log_dir / "tensorboard"))
-        for key, value in values.items():
-            self._writer.add_scalar(key, value, step)
+        with open(self.log_dir / "metrics.jsonl", "a") as handle:
+            for index, step_metrics in enumerate(steps):
+                values = numeric(step_metrics)
+                at_checkpoint = checkpoint is not None and index == len(steps) - 1
+                handle.write(json.dumps({**values, "checkpoint": checkpoint.path if at_checkpoint else None}) + "\n")
+                for key, value in values.items():
+                    self._writer.add_scalar(key, value, int(values["step"]))
         self._writer.flush()
 
 
