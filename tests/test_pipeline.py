@@ -122,10 +122,11 @@ def _bad_corpus(root: Path) -> list[StudyRow]:
 
     write_corpus(folder_writer(root), studies=3, seed=5)
     good = build_manifest(str(root), Storage(), salt="s", val_fraction=0.0)[:1]
-    first_dicom = next(p for p in sorted((root / "study-0001").rglob("*.dcm")))
+    # a series stored one file per slice (most synthetic DICOM scans are one multi-frame object)
+    series = next(folder for folder in sorted(root.glob("study-*/*")) if len(list(folder.glob("*.dcm"))) > 1)
     truncated = root / "bad/truncated"
     truncated.mkdir(parents=True)
-    for index, path in enumerate(sorted(first_dicom.parent.glob("*.dcm"))):
+    for index, path in enumerate(sorted(series.glob("*.dcm"))):
         data = path.read_bytes()
         (truncated / f"{index:04d}.dcm").write_bytes(data[: len(data) // 2] if index == 1 else data)
     rtplan = root / "bad/rtplan"
