@@ -13,6 +13,8 @@ from hlip_ray.data.pipeline import DataOrder, collate_study_batch, training_stre
 class TinyStudies:
     """A study source without files: item -> one study record of 1-2 scans of constant pixels."""
 
+    drops_studies = False  # so the stream keeps its blocks of positions as they are (as with shards)
+
     def __call__(self, item: dict, epoch: int = 0) -> list[dict]:
         scans = 1 + item["index"] % 2
         pixels = np.full((scans, 1, 8, 16, 16), item["index"], dtype=np.uint8)

