@@ -302,10 +302,11 @@ def _placement(config: Config) -> dict[str, Any]:
     return {"num_cpus": 1, "num_gpus": 0, **({"resources": resources} if resources else {})}
 
 
-def _decode_tasks(config: Config):
-    """Per-study steps run as up to ``data.decode_concurrency`` tasks at a time. Every step of a
-    stream gets the same strategy, so Ray Data fuses them (and into the tokenizer's actors)."""
-    return ray.data.TaskPoolStrategy(size=config.data.decode_concurrency)
+def _per_study(config: Config) -> dict[str, Any]:
+    """Ray Data arguments of a per-study step: up to ``data.decode_concurrency`` tasks at a time on
+    CPU nodes. Every step of a stream gets the same ones, so Ray Data fuses them (and into the
+    tokenizer's actors)."""
+    return {"compute": ray.data.TaskPoolStrategy(size=config.data.decode_concurrency), **_placement(config)}
 
 
 def study_records(rows: list[StudyRow], config: Config, storage: Storage, quarantine, *,
@@ -319,7 +320,7 @@ def study_records(rows: list[StudyRow], config: Config, storage: Storage, quaran
     # Small blocks of manifest rows: each decode task takes a few studies, so the work spreads
     # evenly over the workers however uneven the studies are (1 to many scans).
     manifest = ray.data.from_items([row.to_dict() for row in rows], override_num_blocks=min(len(rows), MAX_BLOCKS))
-    return manifest.flat_map(loader, fn_kwargs={"epoch": epoch}, compute=_decode_tasks(config), **_placement(config))
+    return manifest.flat_map(loader, fn_kwargs={"epoch": epoch}, **_per_study(config))
 
 
 def training_examples(records, config: Config, *, train: bool, batch_size: int | None = 8):
@@ -331,14 +332,13 @@ def training_examples(records, config: Config, *, train: bool, batch_size: int |
     import transformers and load the tokenizer again (about ten seconds of CPU apiece).
     """
     scans = config.data.scans_per_study if train else config.data.max_eval_scans
-    placement = _placement(config)
-    examples = records.map(ScanSampler(scans, train, config.train.seed), compute=_decode_tasks(config), **placement)
+    examples = records.map(ScanSampler(scans, train, config.train.seed), **_per_study(config))
     text = config.model.text
     tokenizer_args = {"name_or_path": text.name_or_path, "context_length": text.context_length,
                       "shuffle_sentences": config.data.shuffle_sentences and train, "seed": config.train.seed}
     return examples.map_batches(
         ReportTokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.data.decode_concurrency), **placement,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.data.decode_concurrency), **_placement(config),
     )
 
 
@@ -390,13 +390,13 @@ def training_stream(items: list[dict], source, config: Config, *, start: int, st
     if count <= 0:
         raise ValueError(f"no positions to stream: start {start}, stop {stop}")
     chunk = config.train.chunk_size
-    count = -(-count // chunk) * chunk
-    positions = ray.data.from_items([{"id": k} for k in range(count)],
-                                    override_num_blocks=max(1, min(count // chunk, MAX_BLOCKS)))
+    chunks = -(-count // chunk)
+    positions = ray.data.from_items([{"id": k} for k in range(chunks * chunk)],
+                                    override_num_blocks=min(chunks, MAX_BLOCKS))
     records = positions.flat_map(StudiesAtPositions(items, source, config.train.seed, start),
-                                 compute=_decode_tasks(config), **_placement(config))
+                                 **_per_study(config))
     examples = training_examples(records, config, train=True, batch_size=None)
-    if getattr(source, "drops_studies", True) or count // chunk > MAX_BLOCKS:
+    if getattr(source, "drops_studies", True) or chunks > MAX_BLOCKS:   # blocks not exactly one chunk
         examples = examples.repartition(target_num_rows_per_block=chunk, strict=True)
     # A block is never split for size: 4 examples of a full-size study are over Ray's 128 MiB default.
     examples.context.target_max_block_size = None
@@ -407,7 +407,7 @@ def training_stream(items: list[dict], source, config: Config, *, start: int, st
 def evaluation_stream(items: list[dict], source, config: Config):
     """Evaluation examples of ``items``, in order: up to ``data.max_eval_scans`` scans, no randomness."""
     listed = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_BLOCKS)))
-    records = listed.flat_map(source, compute=_decode_tasks(config), **_placement(config))
+    records = listed.flat_map(source, **_per_study(config))
     examples = training_examples(records, config, train=False, batch_size=None)
     examples.context.execution_options.preserve_order = True
     return examples

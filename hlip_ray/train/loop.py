@@ -136,7 +136,6 @@ def train_loop(loop_config: dict) -> None:
             state.val_zeroshot_auc = metrics[VAL_METRIC]
         trackers.log(metrics, state.step)
         unreported.append(dict(metrics))
-        last_step = state.step == train.max_steps
         if checkpoint_step:
             with tempfile.TemporaryDirectory() as folder:
                 _save(engine, state, config, Path(folder), rank)
@@ -144,7 +143,7 @@ def train_loop(loop_config: dict) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=f"checkpoint_{state.step:08d}")
             unreported = []
-        elif state.step % train.report_every == 0 or last_step:
+        elif state.step % train.report_every == 0:  # the last step is a checkpoint step
             ray.train.report({**metrics, STEPS_KEY: unreported})
             unreported = []
     if unreported:  # the stream ended early: the last steps still reach the logs
