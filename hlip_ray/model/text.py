@@ -1,4 +1,4 @@
-"""Text tower: a Hugging Face BERT-family encoder, CLS pooling, linear projection.
+"""Text tower: a Hugging Face BERT-family encoder, CLS or mean pooling, linear projection.
 
 ``name_or_path`` as in ``tokenizer.py``: a hub name, a local folder or ``pkg:PACKAGE/SUBDIR``.
 """
@@ -25,17 +25,27 @@ def _auto_model(source: str, with_weights: bool):
     return AutoModel.from_config(config, **extra)
 
 
+POOLINGS = ("cls", "mean")
+
+
 class TextTower(nn.Module):
     """``input_ids, attention_mask [B, L]`` -> ``[B, projection_dim]`` (not normalised).
 
-    The CLS token of the last hidden state, through a bias-free linear projection (open_clip's
-    ``HFTextEncoder`` with ``cls_last_hidden_state_pooler`` and a linear projection, as in HLIP).
+    ``pooling="cls"``: the CLS token of the last hidden state, through a bias-free linear
+    projection (open_clip's ``HFTextEncoder`` with ``cls_last_hidden_state_pooler`` and a linear
+    projection, as in HLIP). ``pooling="mean"``: the mean of the last hidden state over real
+    tokens, the pooling sentence-transformers models (all-MiniLM-L6-v2) are trained with.
     A frozen tower keeps its transformer fixed, and in eval mode; the projection still trains.
     """
 
-    def __init__(self, transformer: nn.Module, projection_dim: int, frozen: bool = False) -> None:
+    def __init__(
+        self, transformer: nn.Module, projection_dim: int, frozen: bool = False, pooling: str = "cls"
+    ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"text pooling must be one of {POOLINGS}, not {pooling!r}")
         self.transformer = transformer
+        self.pooling = pooling
         self.proj = nn.Linear(transformer.config.hidden_size, projection_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=transformer.config.hidden_size**-0.5)
         self.frozen = frozen
@@ -47,12 +57,13 @@ class TextTower(nn.Module):
 
     @classmethod
     def from_name_or_path(
-        cls, name_or_path: str, projection_dim: int, frozen: bool = False, with_weights: bool = True
+        cls, name_or_path: str, projection_dim: int, frozen: bool = False, with_weights: bool = True,
+        pooling: str = "cls",
     ) -> TextTower:
         """Build from a hub name, local folder or ``pkg:`` source; ``with_weights=False`` builds
         the architecture only (weights come from a checkpoint afterwards)."""
         source = resolve_text_source(name_or_path)
-        return cls(_auto_model(source, with_weights), projection_dim, frozen)
+        return cls(_auto_model(source, with_weights), projection_dim, frozen, pooling)
 
     def train(self, mode: bool = True) -> TextTower:
         super().train(mode)
@@ -77,21 +88,28 @@ class TextTower(nn.Module):
         self._cache, self._cache_size = OrderedDict(), max_entries
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, hidden]``: the CLS token of the last hidden state, before the projection."""
+        """``[B, hidden]``: the pooled last hidden state, before the projection."""
         if self._cache is None:
-            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+            return self._pool(input_ids, attention_mask)
         keys = [ids[mask.bool()].cpu().numpy().tobytes() for ids, mask in zip(input_ids, attention_mask)]
         missing = [row for row, key in enumerate(keys) if key not in self._cache]
         if missing:
             with torch.no_grad():
-                fresh = self.transformer(input_ids=input_ids[missing], attention_mask=attention_mask[missing])
-            for row, value in zip(missing, fresh.last_hidden_state[:, 0]):
+                fresh = self._pool(input_ids[missing], attention_mask[missing])
+            for row, value in zip(missing, fresh):
                 self._cache[keys[row]] = value
         for key in keys:
             self._cache.move_to_end(key)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return torch.stack([self._cache[key] for key in keys])
+
+    def _pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.proj(self.pooled(input_ids, attention_mask))
