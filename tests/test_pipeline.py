@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from hlip_ray import cli
@@ -99,6 +101,11 @@ def test_shards_round_trip_and_feed_the_same_batches(s3_corpus, tmp_path):
                      f"storage.endpoint_url={s3_corpus['endpoint']}", "resources.data=data_pool"]) == 0
     summary = json.loads(storage.read_bytes("s3://corpus/shards/shards.json"))
     assert summary["studies_written"] == 10 and summary["settings"]["grid"] == GRID
+    filesystem, root = storage.resolve("s3://corpus/shards/shards")
+    shard = next(info.path for info in filesystem.get_file_info(pafs.FileSelector(root)) if info.path.endswith(".parquet"))
+    with filesystem.open_input_file(shard) as handle:
+        metadata = pq.ParquetFile(handle).metadata
+    assert {metadata.row_group(0).column(i).compression for i in range(metadata.num_columns)} == {"ZSTD"}
 
     records = {record["study_id"]: record for record in read_shards("s3://corpus/shards", config, storage).iter_rows()}
     assert sorted(records) == [row.study_id for row in s3_corpus["rows"]]
