@@ -102,7 +102,8 @@ def test_shards_round_trip_and_feed_the_same_batches(s3_corpus, tmp_path):
     summary = json.loads(storage.read_bytes("s3://corpus/shards/shards.json"))
     assert summary["studies_written"] == 10 and summary["settings"]["grid"] == GRID
     filesystem, root = storage.resolve("s3://corpus/shards/shards")
-    shard = next(info.path for info in filesystem.get_file_info(pafs.FileSelector(root)) if info.path.endswith(".parquet"))
+    files = filesystem.get_file_info(pafs.FileSelector(root))
+    shard = next(info.path for info in files if info.path.endswith(".parquet"))
     with filesystem.open_input_file(shard) as handle:
         metadata = pq.ParquetFile(handle).metadata
     assert {metadata.row_group(0).column(i).compression for i in range(metadata.num_columns)} == {"ZSTD"}
@@ -115,6 +116,9 @@ def test_shards_round_trip_and_feed_the_same_batches(s3_corpus, tmp_path):
     assert list(stored["shape"]) == direct["shape"]
     assert stored["pixels"] == direct["pixels"] and stored["report"] == row.report
 
+    for split in ("train", "val"):
+        kept = [record["study_id"] for record in read_shards("s3://corpus/shards", config, storage, split).iter_rows()]
+        assert sorted(kept) == [row.study_id for row in s3_corpus["rows"] if row.split == split] != []
     examples = training_examples(read_shards("s3://corpus/shards", config, storage, split="train"), config, train=True)
     batch = next(iter(examples.iter_torch_batches(batch_size=2, collate_fn=collate_study_batch)))
     assert batch["pixels"].shape == (2, 3, 1, *GRID) and batch["input_ids"].shape == (2, 32)

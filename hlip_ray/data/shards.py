@@ -78,7 +78,9 @@ def read_shards(out: str, config: Config, storage: Storage, split: str | None = 
     finally:
         context.use_datasource_v2 = use_v2
     if split is not None:
-        records = records.filter(lambda record: record["split"] == split)
+        from ray.data.expressions import col
+
+        records = records.filter(expr=col("split") == split)   # an expression Ray Data can push into the read
     return records
 
 
