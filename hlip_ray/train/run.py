@@ -78,7 +78,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None):
     """The ``TorchTrainer`` of a config; Ray must be initialised. Fails before any work on a bad setup."""
     import ray
     import ray.train
-    from ray.data import ExecutionOptions
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -112,8 +112,9 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None):
         # Decoded once, before training: every validation then reads the same blocks from the object
         # store (spilled to disk if need be) instead of running the pipeline again on each worker.
         datasets["val"] = evaluation_stream(val_items, val_source, config).materialize()
-    ingest = DataConfig.default_ingest_options()
-    ordered = ExecutionOptions(resource_limits=ingest.resource_limits, exclude_resources=ingest.exclude_resources,
+    # Ray Train's default ingest options with the order preserved (built field by field: copying the
+    # defaults would pass on `exclude_resources`, which Ray 2.60 deprecates).
+    ordered = ExecutionOptions(resource_limits=DataContext.get_current().execution_options.resource_limits,
                                preserve_order=True)
     resources = {"CPU": 1}
     if config.resources.trainer:
