@@ -66,6 +66,7 @@ def write_shards(rows: list[StudyRow], config: Config, storage: Storage, out: st
 def read_shards(out: str, config: Config, storage: Storage, split: str | None = None):
     """Ray Dataset of the study records under ``out/shards`` (optionally one split)."""
     import ray
+    from ray.data.expressions import col
 
     path, filesystem = _dataset_path(join(out, SHARDS_DIR), storage)
     placement = {"resources": {config.resources.data: 1}} if config.resources.data else {}
@@ -78,9 +79,7 @@ def read_shards(out: str, config: Config, storage: Storage, split: str | None = 
     finally:
         context.use_datasource_v2 = use_v2
     if split is not None:
-        from ray.data.expressions import col
-
-        records = records.filter(expr=col("split") == split)   # an expression Ray Data can push into the read
+        records = records.filter(expr=col("split") == split)  # an expression Ray Data can push into the read
     return records
 
 
