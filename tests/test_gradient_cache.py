@@ -120,6 +120,7 @@ def test_text_dropout_is_replayed_from_each_chunks_rng_state(tmp_path):
     batch = study_batch(3)
     torch.manual_seed(123)
     contrastive_step(cached, lambda t: t.backward(), batch, loss="clip", chunk_size=4)
+    rng_after_step = torch.get_rng_state()
     torch.manual_seed(123)  # the same RNG stream, chunk by chunk, with grad
     outs = [reference(**{k: v[i : i + 4] for k, v in batch.items()}) for i in range(0, BATCH, 4)]
     loss = contrastive_loss("clip", torch.cat([o["study_features"] for o in outs]),
@@ -128,6 +129,8 @@ def test_text_dropout_is_replayed_from_each_chunks_rng_state(tmp_path):
     grads = {n: p.grad for n, p in reference.named_parameters()}
     for name, p in cached.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    # the RNG ends where the chunks forwarded once leave it, so the next step draws the same
+    assert torch.equal(rng_after_step, torch.get_rng_state())
     # and the replay matters: without it the text tower's gradient differs
     torch.manual_seed(0)
     unreplayed = build_model(config).train()
@@ -148,6 +151,17 @@ def test_frozen_text_tower_runs_once_per_chunk(tmp_path):
     assert len(calls) == BATCH // 4  # pass 1 only; pass 3 reuses its pooled output
     assert model.text.proj.weight.grad is not None
     assert model.text.transformer.embeddings.word_embeddings.weight.grad is None
+
+
+@pytest.mark.parametrize(("chunk_size", "forwards"), [(4, 7), (16, 1)])
+def test_every_chunk_but_the_last_runs_forward_twice(tmp_path, chunk_size, forwards):
+    """The last chunk keeps its graph from pass 1; a plain step (one chunk) runs forward once."""
+    model = build_model(tiny_clip_config(tiny_bert_dir(tmp_path))).train()
+    calls = []
+    model.visual.register_forward_hook(lambda module, args, out: calls.append(torch.is_grad_enabled()))
+    contrastive_step(model, lambda t: t.backward(), study_batch(), loss="clip", chunk_size=chunk_size)
+    assert len(calls) == forwards
+    assert calls.count(True) == BATCH // chunk_size  # each chunk once with grad
 
 
 # -- DeepSpeed ZeRO 0-3 with 2 workers x 4 chunks ------------------------------------------

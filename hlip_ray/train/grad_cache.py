@@ -2,14 +2,18 @@
 
 A worker holds its share of the global batch (``B`` studies, cut into chunks of ``chunk_size``):
 
-1. every chunk runs forward **without** grad; the RNG state (CPU and accelerator) before each
-   chunk is saved, so any randomness not keyed on the study (text dropout) can be replayed. The
-   study encoder's own draws (scan slots, patch dropout, drop-path) are keyed on ``study_seeds``
-   and repeat by construction;
+1. every chunk but the last runs forward **without** grad; the RNG state (CPU and accelerator)
+   before each is saved, so any randomness not keyed on the study (text dropout) can be replayed.
+   The study encoder's own draws (scan slots, patch dropout, drop-path) are keyed on
+   ``study_seeds`` and repeat by construction. The last chunk runs **with** grad and keeps its
+   graph: one chunk's activations, which pass 3 holds anyway, so memory stays flat;
 2. the embeddings of all workers are all-gathered and the loss is computed on the global batch;
    its gradient with respect to this worker's embeddings (and the logit scale / bias) is kept;
-3. every chunk runs forward again **with** grad, after restoring its RNG state, and the dot
-   product of its embeddings with their cached gradient is backpropagated.
+3. the dot product of each chunk's embeddings with their cached gradient is backpropagated: the
+   last chunk's through the graph it kept, every other chunk's after running it forward again
+   with grad, its RNG state restored. The RNG ends where pass 1 left it, as after a plain step.
+
+So a step over ``n`` chunks costs ``n - 1`` extra forwards (none for a plain step, ``n = 1``).
 
 The parameter gradient equals that of one full-batch step on one process, whatever the chunk
 count and the number of workers. A frozen text transformer (eval mode, no grad) is not run twice:
@@ -80,20 +84,19 @@ def contrastive_step(
     logit scale.
     """
     size = len(batch["pixels"])
-    cached = chunk_size is not None and chunk_size < size
-    chunks = _chunks(batch, chunk_size if cached else size)
+    chunks = _chunks(batch, min(chunk_size or size, size))
+    last = len(chunks) - 1
     device = batch["pixels"].device
     _, world_size = world()
 
-    # Pass 1: embeddings of every chunk (without grad for the gradient cache).
+    # Pass 1: embeddings of every chunk; the last keeps its graph, the others are run without grad.
     states, outputs = [], []
-    for chunk in chunks:
-        if cached:
-            states.append(_rng_state(device))
-            with torch.no_grad():
-                outputs.append(forward(**chunk))
-        else:
+    for chunk in chunks[:last]:
+        states.append(_rng_state(device))
+        with torch.no_grad():
             outputs.append(forward(**chunk))
+    outputs.append(forward(**chunks[last]))
+    end_state = _rng_state(device)
 
     # Pass 2: the loss on the global batch and its gradient with respect to this worker's embeddings.
     study = torch.cat([out["study_features"] for out in outputs]).detach().float().requires_grad_()
@@ -108,25 +111,28 @@ def contrastive_step(
     grads = torch.autograd.grad(value, leaves)
     study_grad, text_grad, scale_grad = grads[:3]
     bias_grad = grads[3] if bias is not None else None
+    offsets = [0]
+    for chunk in chunks:
+        offsets.append(offsets[-1] + len(chunk["pixels"]))
 
-    # Pass 3: each chunk again with grad (RNG replayed), backpropagating its cached gradient.
-    start = 0
-    for index, chunk in enumerate(chunks):
-        if cached:
-            _restore_rng(states[index], device)
-            pooled = outputs[index]["text_pooled"] if text_frozen else None
-            out = forward(**chunk, text_pooled=pooled)
-        else:
-            out = outputs[index]
-        stop = start + len(chunk["pixels"])
+    def backpropagate(index: int, out: dict) -> None:
+        rows = slice(offsets[index], offsets[index + 1])
         surrogate = world_size * (
-            (out["study_features"].float() * study_grad[start:stop]).sum()
-            + (out["text_features"].float() * text_grad[start:stop]).sum()
+            (out["study_features"].float() * study_grad[rows]).sum()
+            + (out["text_features"].float() * text_grad[rows]).sum()
         )
-        if index == 0:
+        if index == last:  # the logit scale and bias once per step, through the kept graph
             surrogate = surrogate + out["logit_scale"].float() * scale_grad
             if bias_grad is not None:
                 surrogate = surrogate + out["logit_bias"].float() * bias_grad
         backward(surrogate)
-        start = stop
+
+    # Pass 3: the kept graph first (freeing it), then every other chunk again with grad, RNG replayed.
+    backpropagate(last, outputs[last])
+    for index, chunk in enumerate(chunks[:last]):
+        _restore_rng(states[index], device)
+        pooled = outputs[index]["text_pooled"] if text_frozen else None
+        backpropagate(index, forward(**chunk, text_pooled=pooled))
+    if last:
+        _restore_rng(end_state, device)
     return StepResult(loss=float(value.detach()), logit_scale=float(scale.detach()))
