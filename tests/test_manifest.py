@@ -30,6 +30,14 @@ def test_rows_round_trip_locally_and_on_s3(tmp_path, s3_endpoint, bucket, suffix
         assert read_manifest(uri, storage) == ROWS
 
 
+def test_ray_items_carry_labels_as_json_text_and_read_back():
+    items = [row.to_item() for row in ROWS]
+    assert items[0]["labels"] == '{"mass": 0}'
+    assert [StudyRow.from_dict(item, "item") for item in items] == ROWS
+    with pytest.raises(ManifestError, match="labels must map"):
+        StudyRow.from_dict({**items[0], "labels": "{not json"}, "item")
+
+
 def test_report_as_sentences_and_format_from_suffix(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"study_id": "a", "report": ["One.", "Two."], "modality": "mr",

@@ -56,6 +56,11 @@ class StudyRow:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_item(self) -> dict[str, Any]:
+        """The row as a Ray Data item: ``labels`` as JSON text, since Arrow would merge the label
+        names of all rows in a block into one struct and fill the names a study lacks with nulls."""
+        return {**self.to_dict(), "labels": json.dumps(self.labels, sort_keys=True)}
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> StudyRow:
         """Validate one raw row; ``where`` (file and row) prefixes every error."""
@@ -79,11 +84,13 @@ class StudyRow:
         if not scans:
             raise ManifestError(f"{where}: a study needs at least one scan")
         labels = raw.get("labels") or {}
-        if isinstance(labels, list):  # Parquet maps read back as lists of (key, value) pairs
-            labels = dict(labels)
         try:
+            if isinstance(labels, str):  # JSON text, as in a Ray Data item (``to_item``)
+                labels = json.loads(labels)
+            if isinstance(labels, list):  # Parquet maps read back as lists of (key, value) pairs
+                labels = dict(labels)
             labels = {str(key): int(value) for key, value in labels.items()}
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError, AttributeError):  # JSONDecodeError is a ValueError
             raise ManifestError(f"{where}: labels must map label names to 0 or 1") from None
         return cls(str(raw["study_id"]), report, modality, scans, str(raw.get("split") or "train"), labels)
 
