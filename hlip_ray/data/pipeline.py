@@ -326,7 +326,7 @@ def study_records(rows: list[StudyRow], config: Config, storage: Storage, quaran
     evaluation and the shard cache keep up to ``data.max_eval_scans`` in manifest order.
     """
     loader = raw_source(config, storage, quarantine, train=train)
-    # Small blocks of manifest rows: each decode task takes two studies, so the work spreads
+    # Small blocks of manifest rows: each decode task takes ``STUDIES_PER_TASK``, so the work spreads
     # evenly over the workers however uneven the studies are (1 to many scans).
     manifest = ray.data.from_items([row.to_item() for row in rows], override_num_blocks=_decode_blocks(len(rows)))
     return manifest.flat_map(loader, fn_kwargs={"epoch": epoch}, **_per_study(config))

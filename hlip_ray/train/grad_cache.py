@@ -28,6 +28,7 @@ computes in full, are not.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -111,9 +112,7 @@ def contrastive_step(
     grads = torch.autograd.grad(value, leaves)
     study_grad, text_grad, scale_grad = grads[:3]
     bias_grad = grads[3] if bias is not None else None
-    offsets = [0]
-    for chunk in chunks:
-        offsets.append(offsets[-1] + len(chunk["pixels"]))
+    offsets = [0, *itertools.accumulate(len(chunk["pixels"]) for chunk in chunks)]
 
     def backpropagate(index: int, out: dict) -> None:
         rows = slice(offsets[index], offsets[index + 1])
@@ -133,6 +132,5 @@ def contrastive_step(
         _restore_rng(states[index], device)
         pooled = outputs[index]["text_pooled"] if text_frozen else None
         backpropagate(index, forward(**chunk, text_pooled=pooled))
-    if last:
-        _restore_rng(end_state, device)
+    _restore_rng(end_state, device)
     return StepResult(loss=float(value.detach()), logit_scale=float(scale.detach()))
