@@ -41,6 +41,10 @@ class TextConfig(_Section):
     # How the last hidden state becomes one vector: the CLS token (HLIP, BERT-style towers) or the
     # mean over real tokens (sentence-transformers towers such as all-MiniLM-L6-v2 are trained so).
     pooling: Literal["cls", "mean"] = "cls"
+    # ``linear``: a trained projection to ``model.projection_dim`` (HLIP, CLIP). ``none``: the pooled
+    # state is the text embedding (``model.projection_dim`` = the tower's hidden size); a frozen tower
+    # then keeps the embedding space it was pretrained for, prompts included (LiT's locked tower).
+    projection: Literal["linear", "none"] = "linear"
 
 
 class ModelConfig(_Section):

@@ -28,7 +28,9 @@ def test_config_command_rejects_a_bad_key_with_its_path(capsys):
 
 
 def test_demo_runs_end_to_end_and_ends_with_its_figures(ray_session, tmp_path, capsys):
-    """The demo job at toy size: corpus on moto S3, shards, 2-worker ZeRO-2 training, zero-shot eval."""
+    """The demo job at toy size: corpus on moto S3, shards, 2-worker ZeRO-2 training, zero-shot eval.
+
+    Its locked text tower (no projection) makes the embedding the tiny BERT's hidden size, 32."""
     from hlip_ray import demo
     from tests.helpers import tiny_bert_dir
 
@@ -36,7 +38,7 @@ def test_demo_runs_end_to_end_and_ends_with_its_figures(ray_session, tmp_path, c
     figures = demo.main([
         "--studies", "12", "--out", str(out), f"model.text.name_or_path={tiny_bert_dir(tmp_path)}",
         "model.text.context_length=32", "model.depth=3", "model.embed_dim=24", "model.num_heads=2",
-        "model.projection_dim=16", "data.grid=[16,32,32]", "data.scans_per_study=1", "data.max_eval_scans=2",
+        "model.projection_dim=32", "data.grid=[16,32,32]", "data.scans_per_study=1", "data.max_eval_scans=2",
         "data.val_fraction=0.4", "train.global_batch_size=4", "train.chunk_size=1", "train.max_steps=2",
         "train.warmup_steps=1", "train.checkpoint_every=2",
     ])

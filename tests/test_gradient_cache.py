@@ -153,6 +153,26 @@ def test_frozen_text_tower_runs_once_per_chunk(tmp_path):
     assert model.text.transformer.embeddings.word_embeddings.weight.grad is None
 
 
+def test_gradient_cache_with_a_locked_text_tower_matches_a_full_batch_step(tmp_path):
+    """A frozen tower without projection (its pooled state is the embedding): nothing of it trains."""
+    config = tiny_clip_config(tiny_bert_dir(tmp_path, dropout=0.0), "clip", "model.text.frozen=true",
+                              "model.text.projection=none", "model.projection_dim=32")
+    torch.manual_seed(0)
+    cached = build_model(config).train()
+    full = copy.deepcopy(cached)
+    assert not any(p.requires_grad for p in cached.text.parameters())
+    batch = study_batch(2)
+    result = contrastive_step(cached, lambda t: t.backward(), batch, loss="clip", chunk_size=3, text_frozen=True)
+    loss = full_batch_loss(full, batch, "clip")
+    loss.backward()
+    assert result.loss == pytest.approx(loss.item(), rel=1e-5)
+    for (name, p), q in zip(cached.named_parameters(), full.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert cached.visual.patch_embed.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(("chunk_size", "forwards"), [(4, 7), (16, 1)])
 def test_every_chunk_but_the_last_runs_forward_twice(tmp_path, chunk_size, forwards):
     """The last chunk keeps its graph from pass 1; a plain step (one chunk) runs forward once."""

@@ -56,6 +56,25 @@ def test_mean_pooling_is_sentence_transformers_pooling_and_ignores_padding(minil
         load_config(None, ["model.text.pooling=max"])
 
 
+def test_without_projection_the_pooled_state_is_the_embedding(minilm):
+    """``projection="none"``: a frozen tower keeps the pretrained space, in which prompts and reports agree."""
+    tower, tokenizer = minilm
+    locked = TextTower(tower.transformer, projection_dim=384, frozen=True, pooling="mean", projection="none")
+    assert not any(p.requires_grad for p in locked.parameters())
+    batch = tokenizer(["No acute infarct.", "An acute ischemic infarct.", "No intracranial mass."],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        embedded = locked(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(embedded, locked.pooled(batch["input_ids"], batch["attention_mask"]))
+    assert embedded.shape == (3, 384)
+    with pytest.raises(ValueError, match=r"model.projection_dim is 64.*hidden size, 384"):
+        TextTower(tower.transformer, projection_dim=64, projection="none")
+    with pytest.raises(ValueError, match="projection"):
+        TextTower(tower.transformer, projection_dim=384, projection="mlp")
+    with pytest.raises(ValueError, match="projection"):
+        load_config(None, ["model.text.projection=mlp"])
+
+
 def test_package_source_errors_name_the_package():
     with pytest.raises(FileNotFoundError, match="not_a_package"):
         resolve_text_source("pkg:not_a_package/model")

@@ -19,7 +19,7 @@ from hlip_ray.data.shards import read_index
 from hlip_ray.data.storage import Storage
 from hlip_ray.local_s3 import LOCAL_CREDENTIALS
 from hlip_ray.train.engine import lr_factor
-from hlip_ray.train.run import check_storage_path
+from hlip_ray.train.run import build_trainer, check_storage_path
 from tests.helpers import tiny_bert_dir
 
 GLOBAL_BATCH = 8
@@ -164,6 +164,14 @@ def test_local_storage_path_is_refused_on_a_cluster_of_several_nodes():
         check_storage_path(config, nodes=3)
     for shared in ("s3://bucket/runs", "file:///mnt/shared/runs"):
         check_storage_path(load_config(None, [f"train.storage_path={shared}"]), nodes=3)
+
+
+def test_a_text_embedding_size_that_cannot_be_fails_before_any_work(ray_session):
+    """Without a text projection the embedding is MiniLM's pooled state (384): 64 is refused in the driver."""
+    config = load_config(None, ["model.text.projection=none", "model.projection_dim=64",
+                                "data.manifest=/nonexistent/manifest.parquet"])
+    with pytest.raises(ConfigError, match="model.projection_dim is 64.*hidden size, 384"):
+        build_trainer(config)
 
 
 def test_train_state_round_trips_through_json():

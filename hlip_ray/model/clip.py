@@ -133,7 +133,7 @@ def build_model(config: Config, text_weights: bool = True) -> StudyCLIP:
     text_cfg = config.model.text
     text = TextTower.from_name_or_path(
         text_cfg.name_or_path, config.model.projection_dim, frozen=text_cfg.frozen, with_weights=text_weights,
-        pooling=text_cfg.pooling,
+        pooling=text_cfg.pooling, projection=text_cfg.projection,
     )
     if config.model.grad_checkpointing:
         text.set_grad_checkpointing(True)

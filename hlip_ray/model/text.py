@@ -1,4 +1,4 @@
-"""Text tower: a Hugging Face BERT-family encoder, CLS or mean pooling, linear projection.
+"""Text tower: a Hugging Face BERT-family encoder, CLS or mean pooling, linear projection (or none).
 
 ``name_or_path`` as in ``tokenizer.py``: a hub name, a local folder or ``pkg:PACKAGE/SUBDIR``.
 """
@@ -26,6 +26,24 @@ def _auto_model(source: str, with_weights: bool):
 
 
 POOLINGS = ("cls", "mean")
+PROJECTIONS = ("linear", "none")
+
+
+def check_projection(projection: str, projection_dim: int, hidden_size: int) -> None:
+    """Without a projection the text embedding is the pooled state, so its size is the tower's."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"text projection must be one of {PROJECTIONS}, not {projection!r}")
+    if projection == "none" and projection_dim != hidden_size:
+        raise ValueError(f"model.projection_dim is {projection_dim}, but with model.text.projection=none it must "
+                         f"be the text tower's hidden size, {hidden_size}")
+
+
+def hidden_size(name_or_path: str) -> int:
+    """The hidden size of a text tower, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    return AutoConfig.from_pretrained(resolve_text_source(name_or_path)).hidden_size
 
 
 class TextTower(nn.Module):
@@ -36,18 +54,26 @@ class TextTower(nn.Module):
     projection, as in HLIP). ``pooling="mean"``: the mean of the last hidden state over real
     tokens, the pooling sentence-transformers models (all-MiniLM-L6-v2) are trained with.
     A frozen tower keeps its transformer fixed, and in eval mode; the projection still trains.
+    ``projection="none"``: the pooled state is the embedding (``projection_dim`` must be the
+    transformer's hidden size), so a frozen tower keeps the embedding space it was trained for.
     """
 
     def __init__(
-        self, transformer: nn.Module, projection_dim: int, frozen: bool = False, pooling: str = "cls"
+        self, transformer: nn.Module, projection_dim: int, frozen: bool = False, pooling: str = "cls",
+        projection: str = "linear",
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"text pooling must be one of {POOLINGS}, not {pooling!r}")
+        hidden = transformer.config.hidden_size
+        check_projection(projection, projection_dim, hidden)
         self.transformer = transformer
         self.pooling = pooling
-        self.proj = nn.Linear(transformer.config.hidden_size, projection_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=transformer.config.hidden_size**-0.5)
+        if projection == "linear":
+            self.proj = nn.Linear(hidden, projection_dim, bias=False)
+            nn.init.normal_(self.proj.weight, std=hidden**-0.5)
+        else:
+            self.proj = nn.Identity()
         self.frozen = frozen
         self._cache: OrderedDict[bytes, torch.Tensor] | None = None
         self._cache_size = 0
@@ -58,12 +84,12 @@ class TextTower(nn.Module):
     @classmethod
     def from_name_or_path(
         cls, name_or_path: str, projection_dim: int, frozen: bool = False, with_weights: bool = True,
-        pooling: str = "cls",
+        pooling: str = "cls", projection: str = "linear",
     ) -> TextTower:
         """Build from a hub name, local folder or ``pkg:`` source; ``with_weights=False`` builds
         the architecture only (weights come from a checkpoint afterwards)."""
         source = resolve_text_source(name_or_path)
-        return cls(_auto_model(source, with_weights), projection_dim, frozen, pooling)
+        return cls(_auto_model(source, with_weights), projection_dim, frozen, pooling, projection)
 
     def train(self, mode: bool = True) -> TextTower:
         super().train(mode)

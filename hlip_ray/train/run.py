@@ -84,11 +84,17 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None):
 
     from hlip_ray.checkpoints import latest_checkpoint
     from hlip_ray.data.pipeline import create_quarantine_log, evaluation_stream, study_items, training_stream
+    from hlip_ray.model.text import check_projection, hidden_size
     from hlip_ray.train.loop import train_loop
     from hlip_ray.train.tracking import MetricsLogger
 
     train = config.train
     check_storage_path(config, nodes=sum(node["Alive"] for node in ray.nodes()))
+    if config.model.text.projection == "none":
+        try:
+            check_projection("none", config.model.projection_dim, hidden_size(config.model.text.name_or_path))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     storage = Storage.from_config(config.storage)
     quarantine = create_quarantine_log()
     train_items, train_source = study_items(config, storage, quarantine, "train", train=True)
