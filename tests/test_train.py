@@ -166,7 +166,7 @@ def test_local_storage_path_is_refused_on_a_cluster_of_several_nodes():
         check_storage_path(load_config(None, [f"train.storage_path={shared}"]), nodes=3)
 
 
-def test_a_text_embedding_size_that_cannot_be_fails_before_any_work(ray_session):
+def test_a_projection_dim_other_than_the_text_towers_size_fails_before_any_work(ray_session):
     """Without a text projection the embedding is MiniLM's pooled state (384): 64 is refused in the driver."""
     config = load_config(None, ["model.text.projection=none", "model.projection_dim=64",
                                 "data.manifest=/nonexistent/manifest.parquet"])
