@@ -8,6 +8,8 @@ Prints ONE JSON line on stdout (progress to stderr):
 - ``shard_vs_raw_ratio``: studies/s streaming the shard cache over decoding the raw files,
   both through Ray Data. Goal >= 10.
 - ``studies_per_s_per_core``: decode + preprocess rate of one process.
+- ``studies_per_s.stream``: the evaluation stream on the raw files, as training and evaluation
+  read them (decode, scan sampling and tokenizing fused in Ray Data), for the same passes.
 
 Each rate is the median of ``--repeats`` passes over the corpus, Ray and DataLoader passes
 interleaved, after one untimed pass of each Ray pipeline (worker start-up, first imports); every
@@ -74,7 +76,7 @@ def main() -> None:
 
     from hlip_ray.config import load_config
     from hlip_ray.data.manifest import build_manifest
-    from hlip_ray.data.pipeline import StudyLoader, create_quarantine_log, study_records
+    from hlip_ray.data.pipeline import StudyLoader, create_quarantine_log, evaluation_stream, raw_source, study_records
     from hlip_ray.data.shards import read_shards, write_shards
     from hlip_ray.data.storage import Storage
     from hlip_ray.data.synth import write_corpus
@@ -107,15 +109,22 @@ def main() -> None:
             records = study_records(rows, config, storage, None, train=False)
             return sum(len(batch["study_id"]) for batch in records.iter_batches(batch_size=1))
 
+        def stream_pass() -> int:
+            source = raw_source(config, storage, None, train=False)
+            examples = evaluation_stream([row.to_item() for row in rows], source, config)
+            return sum(len(batch["study_id"]) for batch in examples.iter_batches(batch_size=1))
+
         def dataloader_pass() -> int:
             data = torch.utils.data.DataLoader(_StudyDataset(rows, loader), batch_size=None,
                                                num_workers=args.processes, collate_fn=lambda item: item)
             return sum(len(item) for item in data)
 
         ray_pass()  # start Ray's worker processes once, as a running cluster has them
-        rates: dict[str, list[float]] = {"ray": [], "dataloader": [], "shards": []}
+        stream_pass()
+        rates: dict[str, list[float]] = {"ray": [], "dataloader": [], "stream": [], "shards": []}
+        passes = (("ray", ray_pass), ("dataloader", dataloader_pass), ("stream", stream_pass))
         for repeat in range(args.repeats):
-            for name, run in (("ray", ray_pass), ("dataloader", dataloader_pass))[:: 1 if repeat % 2 == 0 else -1]:
+            for name, run in passes[:: 1 if repeat % 2 == 0 else -1]:
                 rates[name].append(timed_rate(run))
                 log(f"{name}: {rates[name][-1]:.2f} studies/s")
 
