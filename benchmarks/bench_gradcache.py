@@ -12,8 +12,12 @@ chunks' worth of studies, and over 8 where ``--plain-8`` asks for it:
   (memory flat in the global batch).
 
 Timings: one warm-up step per case, then ``--repeats`` rounds over all cases in rotating order,
-medians. Memory: on cuda the growth of ``max_memory_allocated`` during one step; on cpu the
-growth of peak RSS over one step in a fresh subprocess per case.
+medians. Memory, at every chunk count: what a step adds to the model and its optimizer state
+(its activations and gradients), measured on the second step of a fresh model (the first makes
+AdamW's state, the same at every chunk count): on cuda the growth of ``max_memory_allocated``;
+on cpu the growth of peak RSS, in a subprocess per case run with glibc's mmap threshold fixed
+(``MALLOC_MMAP_THRESHOLD_``) so that a freed tensor goes back to the system (with the adaptive
+default, freed chunk activations stay in the heap and count again).
 
 On a GPU (``--device cuda``) the default model is the ViT-B recipe of
 ``jobs/configs/brain_mri_h2_vit_base.yaml`` in bf16 autocast (text tower: the packaged MiniLM,
@@ -27,6 +31,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from measure import MIB, device_name, log, maxrss_bytes, ratio, sync
+from measure import MIB, current_rss_bytes, device_name, log, peak_rss_bytes, ratio, reset_peak_rss, sync
 
 from hlip_ray.config import load_config
 from hlip_ray.model import build_model
@@ -47,6 +52,7 @@ from hlip_ray.train.grad_cache import contrastive_step
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"time_4_chunks_vs_plain": 1.4, "mem_8_vs_1": 1.15}
 CHUNK_COUNTS = (1, 2, 4, 8)
+MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's default before it adapts
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 CPU_OVERRIDES = ["model.attention_layout=h2", "model.depth=6", "model.embed_dim=96", "model.num_heads=3",
                  "model.projection_dim=64", "data.grid=[32,64,64]", "data.scans_per_study=4",
@@ -95,21 +101,24 @@ def timed(model, optimizer, batch, case, device) -> float:
 
 
 def measure_memory(case: dict, device: torch.device) -> dict:
-    """Peak memory growth of one step in this process (model and batch built first)."""
+    """Peak memory growth of a step in this process, after a first step has made the optimizer state."""
     model, optimizer, batch = build(case, device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        try:
+    try:
+        step(model, optimizer, batch, case)
+        gc.collect()
+        if device.type == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
             step(model, optimizer, batch, case)
-        except torch.OutOfMemoryError:
-            return {"peak_bytes": None, "oom": True}
-        sync(device)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - before}
-    before = maxrss_bytes()
+            sync(device)
+            return {"peak_bytes": torch.cuda.max_memory_allocated(device) - before}
+    except torch.OutOfMemoryError:
+        return {"peak_bytes": None, "oom": True}
+    reset_peak_rss()
+    before = current_rss_bytes()
     step(model, optimizer, batch, case)
-    return {"peak_bytes": maxrss_bytes() - before}
+    return {"peak_bytes": peak_rss_bytes() - before}
 
 
 def peak_memory(case: dict, device: torch.device) -> dict:
@@ -119,7 +128,8 @@ def peak_memory(case: dict, device: torch.device) -> dict:
         torch.cuda.empty_cache()
         return result
     command = [sys.executable, str(Path(__file__).resolve()), "--_measure-memory", json.dumps(case)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -166,7 +176,7 @@ def main(argv=None) -> None:
 
     # Memory first, in children started while this process is small (cpu: ru_maxrss carries over exec).
     peak_mib = {}
-    for name in ("1_chunks", "8_chunks", "plain_4"):
+    for name in [f"{n}_chunks" for n in CHUNK_COUNTS] + ["plain_4"]:
         result = peak_memory(cases[name], device)
         peak_mib[name] = None if result["peak_bytes"] is None else round(result["peak_bytes"] / MIB, 1)
         log(f"memory {name}: {peak_mib[name]} MiB")

@@ -33,6 +33,19 @@ def current_rss_bytes() -> int | None:
         return None
 
 
+def reset_peak_rss() -> None:
+    """Start the peak resident set size (``VmHWM``) again from the current one (Linux)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size (``VmHWM``) since the process started or ``reset_peak_rss`` (Linux)."""
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return kib * 1024
+
+
 def ratio(numerator, denominator):
     if numerator is None or denominator is None or denominator == 0:
         return None
