@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     if args.plain_8:
         cases["plain_8"] = {**base, "studies": 8 * args.chunk, "chunk": None}
 
-    # Memory first, in children started while this process is small (cpu: ru_maxrss carries over exec).
+    # Memory first: on cpu a child process per case, on cuda this process before the timed models exist.
     peak_mib = {}
     for name in [f"{n}_chunks" for n in CHUNK_COUNTS] + ["plain_4"]:
         result = peak_memory(cases[name], device)

@@ -344,7 +344,7 @@ def training_examples(records, config: Config, *, train: bool, batch_size: int |
     Ray Data fuses decoding, scan sampling and tokenizing into one task per block, up to
     ``data.decode_concurrency`` at a time; each task worker loads the tokenizer once
     (``worker_tokenizer``). Tasks, not an actor pool: run in Ray Data's actors the same fused
-    steps on raw DICOM from S3 gave 2.3-2.5 studies/s against 3.8-4.1 as tasks (64 studies,
+    steps on raw DICOM from S3 gave 2.3-2.5 studies/s against 4.0-4.3 as tasks (64 studies,
     2 CPUs, moto; ``benchmarks/bench_data.py``'s corpus).
     """
     scans = config.data.scans_per_study if train else config.data.max_eval_scans
