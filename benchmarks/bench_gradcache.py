@@ -103,22 +103,23 @@ def timed(model, optimizer, batch, case, device) -> float:
 def measure_memory(case: dict, device: torch.device) -> dict:
     """Peak memory growth of a step in this process, after a first step has made the optimizer state."""
     model, optimizer, batch = build(case, device)
+    cuda = device.type == "cuda"
     try:
-        step(model, optimizer, batch, case)
+        step(model, optimizer, batch, case)  # makes AdamW's state
         gc.collect()
-        if device.type == "cuda":
-            sync(device)
+        sync(device)
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            step(model, optimizer, batch, case)
-            sync(device)
-            return {"peak_bytes": torch.cuda.max_memory_allocated(device) - before}
+        else:
+            reset_peak_rss()
+            before = current_rss_bytes()
+        step(model, optimizer, batch, case)
+        sync(device)
     except torch.OutOfMemoryError:
         return {"peak_bytes": None, "oom": True}
-    reset_peak_rss()
-    before = current_rss_bytes()
-    step(model, optimizer, batch, case)
-    return {"peak_bytes": peak_rss_bytes() - before}
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
+    return {"peak_bytes": peak - before}
 
 
 def peak_memory(case: dict, device: torch.device) -> dict:
