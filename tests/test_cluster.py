@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent('''
     out["studies"] = sum(len(batch["study_id"]) for batch in batches)
     tasks = list_tasks(filters=[("type", "=", "NORMAL_TASK")], limit=10000, raise_on_missing_output=False)
     out["data_task_nodes"] = sorted({task.node_id for task in tasks
-                                     if "StudyLoader" in task.name or "ScanSampler" in task.name})
+                                     if "ReadAhead" in task.name or "ScanSampler" in task.name})
 
     def where(loop_config):
         import ray.train

@@ -1,13 +1,16 @@
-"""The training data order: a permutation per (seed, epoch), global positions, resumable streams."""
+"""The training data order: a permutation per (seed, epoch), global positions, resumable streams;
+and a decode task reading its next study ahead."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
+import pyarrow as pa
 
 from hlip_ray.config import load_config
-from hlip_ray.data.pipeline import DataOrder, collate_study_batch, training_stream
+from hlip_ray.data.pipeline import DataOrder, ReadAhead, collate_study_batch, training_stream
 
 
 class TinyStudies:
@@ -15,7 +18,10 @@ class TinyStudies:
 
     drops_studies = False  # so the stream keeps its blocks of positions as they are (as with shards)
 
-    def __call__(self, item: dict, epoch: int = 0) -> list[dict]:
+    def read(self, item: dict, epoch: int = 0) -> None:
+        return None
+
+    def build(self, item: dict, epoch: int, read: None) -> list[dict]:
         scans = 1 + item["index"] % 2
         pixels = np.full((scans, 1, 8, 16, 16), item["index"], dtype=np.uint8)
         return [{"study_id": item["study_id"], "report": f"Study {item['index']}. No acute infarct.",
@@ -53,3 +59,30 @@ def test_a_training_stream_starts_at_any_position_and_keeps_the_order(ray_sessio
         assert int(mask.sum()) == 1 + index % 2 and int(pixels[0].float().mean()) == index
     # blocks of exactly train.chunk_size examples, so Ray Train's split deals them out in turn
     assert [len(block["position"]) for block in stream.iter_batches(batch_size=None)] == [2, 2, 2, 2, 2]
+
+
+class SlowReads:
+    """A source whose build of item ``i`` notes whether item ``i + 1`` was being read meanwhile."""
+
+    def __init__(self) -> None:
+        self.started = {}
+        self.reads = []
+
+    def read(self, item: dict, epoch: int = 0) -> int:
+        self.reads.append(item["index"])
+        self.started.setdefault(item["index"], threading.Event()).set()
+        return item["index"] * 10
+
+    def build(self, item: dict, epoch: int, read: int) -> list[dict]:
+        following = self.started.setdefault(item["index"] + 1, threading.Event())
+        return [{"index": item["index"], "read": read, "next_read_meanwhile": following.wait(timeout=2)}]
+
+
+def test_a_decode_task_reads_the_next_study_while_it_builds_the_current_one():
+    source = SlowReads()
+    block = pa.Table.from_pylist([{"index": i} for i in range(4)])
+    records = [row for table in ReadAhead(source)(block) for row in table.to_pylist()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert [r["read"] for r in records] == [0, 10, 20, 30]
+    assert [r["next_read_meanwhile"] for r in records] == [True, True, True, False]   # nothing follows 3
+    assert source.reads == [0, 1, 2, 3]   # each item read once

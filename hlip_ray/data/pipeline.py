@@ -2,14 +2,16 @@
 
 ::
 
-    positions ──flat_map(StudiesAtPositions: RawStudies | ShardStudies)──> study records
+    positions ──map_batches(ReadAhead(StudiesAtPositions: StudyLoader | ShardStudies))──> study records
         ──map(ScanSampler)──> ──map_batches(ReportTokenizer)──> batches for
         get_dataset_shard(...).iter_torch_batches
 
-A study *source* turns one item into zero or one study record: ``RawStudies`` reads a manifest
-row's scans from storage, decodes them (pydicom / nibabel) and preprocesses them to uint8
-volumes, skipping bad scans into the run's ``QuarantineLog`` (a study with nothing usable is
-dropped); ``ShardStudies`` reads one study back from the shard cache (``shards.py``).
+A study *source* turns one item into zero or one study record, in two halves: ``read`` (storage
+I/O) and ``build``; ``ReadAhead`` runs them over a block of items, reading the next item while
+the current one builds. ``StudyLoader`` reads a manifest row's scans from storage, decodes them
+(pydicom / nibabel) and preprocesses them to uint8 volumes, skipping bad scans into the run's
+``QuarantineLog`` (a study with nothing usable is dropped); ``ShardStudies`` reads one study back
+from the shard cache (``shards.py``).
 
 Training reads studies in a fixed order: epoch ``e`` visits the studies in a permutation drawn
 from ``(seed, e)``, and the *position* ``p = e * N + i`` of the ``i``-th study of epoch ``e`` is
@@ -32,9 +34,13 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -47,10 +53,11 @@ logger = logging.getLogger(__name__)
 
 QUARANTINE_FILE = "quarantine.jsonl"
 MAX_BLOCKS = 4096  # manifest blocks fed to the decode tasks
-# Studies per decode task. Ray Data's executor notices a finished task up to 0.1 s late (it polls),
-# so a worker idles 0.1-0.3 s between tasks: a study of 48 slices decodes in about that time. Two
-# per task measured 1.09x the studies/s of one (64 studies, 2 processes; three: 1.10x).
-STUDIES_PER_TASK = 2
+# Studies per decode task. A task reads the next study's files while it decodes the current one
+# (``ReadAhead``), so only its first read is waited for; and Ray Data's executor notices a finished
+# task up to 0.1 s late (it polls), so a worker idles between tasks. Four per task measured 1.16x
+# the studies/s of two without reading ahead (64 studies, 2 processes; ``benchmarks/bench_data.py``).
+STUDIES_PER_TASK = 4
 
 
 def _decode_blocks(studies: int) -> int:
@@ -96,19 +103,37 @@ def write_quarantine(quarantine, out_dir: str, storage: Storage) -> dict[str, in
 
 
 # -- stage 1: decode and preprocess --------------------------------------------------------
-def load_scan(scan: ScanRef, modality: str, storage: Storage, nifti_4d: str) -> Decoded:
-    """Read and decode one manifest scan; a missing object comes back as a rejection."""
-    from hlip_ray.data.decode import decode_dicom_files, decode_nifti
+@dataclass
+class ScanFiles:
+    """The stored bytes of one manifest scan: ``files`` ``(uri, bytes)``; None for a missing object."""
 
+    scan: ScanRef
+    files: list[tuple[str, bytes]] | None
+
+
+def read_scan(scan: ScanRef, storage: Storage) -> ScanFiles:
+    """Read one manifest scan's files (a NIfTI object, or every object under a DICOM prefix)."""
     try:
         if scan.format == "nifti":
-            return decode_nifti(scan.uri, storage.read_bytes(scan.uri), four_d=nifti_4d, modality=modality)
+            return ScanFiles(scan, [(scan.uri, storage.read_bytes(scan.uri))])
         uris = storage.list_files(scan.uri)
         if not uris:
             raise FileNotFoundError(scan.uri)
-        return decode_dicom_files(list(zip(uris, storage.read_many(uris))), scan.uri)
+        return ScanFiles(scan, list(zip(uris, storage.read_many(uris))))
     except FileNotFoundError:
+        return ScanFiles(scan, None)
+
+
+def decode_scan(read: ScanFiles, modality: str, nifti_4d: str) -> Decoded:
+    """Decode one read scan; a missing object comes back as a rejection."""
+    from hlip_ray.data.decode import decode_dicom_files, decode_nifti
+
+    scan = read.scan
+    if read.files is None:
         return Decoded(rejections=[Rejection(scan.uri, "missing_object", "no such file or prefix")])
+    if scan.format == "nifti":
+        return decode_nifti(scan.uri, read.files[0][1], four_d=nifti_4d, modality=modality)
+    return decode_dicom_files(read.files, scan.uri)
 
 
 class StudyLoader:
@@ -138,7 +163,23 @@ class StudyLoader:
         if self.quarantine is not None:
             ray.get(self.quarantine.record.remote(records))
 
-    def __call__(self, row: dict[str, Any], epoch: int = 0) -> list[dict[str, Any]]:
+    def _scans(self, study: StudyRow, epoch: int) -> list[ScanRef]:
+        """The study's scans in the order they are tried."""
+        scans = list(study.scans)
+        if self.shuffle:
+            scans = [scans[i] for i in study_rng(self.seed, epoch, study.study_id).permutation(len(scans))]
+        return scans
+
+    def read(self, row: dict[str, Any], epoch: int = 0) -> list[ScanFiles]:
+        """Storage reads only: the files of the first ``limit`` scans tried (more are read by
+        ``build`` only where some of these are rejected)."""
+        study = StudyRow.from_dict(row, f"study {row.get('study_id')}")
+        if not study.report.strip():
+            return []
+        return [read_scan(scan, self.storage) for scan in self._scans(study, epoch)[:self.limit]]
+
+    def build(self, row: dict[str, Any], epoch: int, read: list[ScanFiles]) -> list[dict[str, Any]]:
+        """Decode and preprocess what ``read`` gave: zero or one study record."""
         from hlip_ray.data.preprocess import preprocess_volume
 
         study = StudyRow.from_dict(row, f"study {row.get('study_id')}")
@@ -146,12 +187,10 @@ class StudyLoader:
             self._reject([Rejection(study.study_id, "empty_report", "the study has no report text")], study.study_id)
             return []
         data = self.config.data
-        scans = list(study.scans)
-        if self.shuffle:
-            scans = [scans[i] for i in study_rng(self.seed, epoch, study.study_id).permutation(len(scans))]
         volumes = []
-        for scan in scans:
-            decoded = load_scan(scan, study.modality, self.storage, data.nifti_4d)
+        for index, scan in enumerate(self._scans(study, epoch)):
+            files = read[index] if index < len(read) else read_scan(scan, self.storage)
+            decoded = decode_scan(files, study.modality, data.nifti_4d)
             self._reject(decoded.rejections, study.study_id)
             for volume in decoded.volumes:
                 if len(volumes) < self.limit:
@@ -176,6 +215,37 @@ class StudyLoader:
             "epoch": epoch,
         }]
 
+    def __call__(self, row: dict[str, Any], epoch: int = 0) -> list[dict[str, Any]]:
+        return self.build(row, epoch, self.read(row, epoch))
+
+
+class ReadAhead:
+    """Ray Data block function: a block of items -> their study records, by a *source*.
+
+    A source reads an item's stored files (``read(item, epoch)``, storage I/O only) and builds its
+    records from them (``build(item, epoch, read)``: decode, preprocess); ``source(item, epoch)``
+    does both in turn. Here the next item is read in a thread while the current one builds, so of
+    a task's reads only the first is waited for.
+    """
+
+    def __init__(self, source, epoch: int = 0) -> None:
+        self.source = source
+        self.epoch = epoch
+
+    def __call__(self, block: pa.Table) -> Iterator[pa.Table]:
+        items = block.to_pylist()
+        if not items:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+            pending = reader.submit(self.source.read, items[0], self.epoch)
+            for index, item in enumerate(items):
+                read = pending.result()
+                if index + 1 < len(items):
+                    pending = reader.submit(self.source.read, items[index + 1], self.epoch)
+                records = self.source.build(item, self.epoch, read)
+                if records:
+                    yield pa.Table.from_pylist(records)
+
 
 class ShardStudies:
     """Shard-cache source: shard index row (``shards.py``) -> the stored study record.
@@ -190,11 +260,16 @@ class ShardStudies:
         self.shards_dir = shards_dir
         self.storage = storage
 
-    def __call__(self, item: dict[str, Any], epoch: int = 0) -> list[dict[str, Any]]:
+    def read(self, item: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
         from hlip_ray.data.shards import read_study
 
-        record = read_study(self.shards_dir, item["file"], item["row_group"], self.storage)
-        return [{**record, "epoch": epoch}]
+        return read_study(self.shards_dir, item["file"], item["row_group"], self.storage)
+
+    def build(self, item: dict[str, Any], epoch: int, read: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**read, "epoch": epoch}]
+
+    def __call__(self, item: dict[str, Any], epoch: int = 0) -> list[dict[str, Any]]:
+        return self.build(item, epoch, self.read(item, epoch))
 
 
 class DataOrder:
@@ -231,10 +306,17 @@ class StudiesAtPositions:
         self.order = DataOrder(len(items), seed)
         self.start = start
 
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+    def read(self, row: dict[str, Any], epoch: int = 0) -> Any:
+        epoch, index = self.order.locate(self.start + int(row["id"]))
+        return self.source.read(self.items[index], epoch)
+
+    def build(self, row: dict[str, Any], epoch: int, read: Any) -> list[dict[str, Any]]:
         position = self.start + int(row["id"])
         epoch, index = self.order.locate(position)
-        return [{**record, "position": position} for record in self.source(self.items[index], epoch)]
+        return [{**record, "position": position} for record in self.source.build(self.items[index], epoch, read)]
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.build(row, 0, self.read(row))
 
 
 # -- stage 2: choose K scans ---------------------------------------------------------------
@@ -324,6 +406,12 @@ def _per_study(config: Config) -> dict[str, Any]:
     return {"compute": ray.data.TaskPoolStrategy(size=config.data.decode_concurrency), **_placement(config)}
 
 
+def _read_studies(items, source, config: Config, epoch: int = 0):
+    """A dataset of items -> the study records a source gives them, reading ahead in each task."""
+    return items.map_batches(ReadAhead(source, epoch), batch_size=None, batch_format="pyarrow",
+                             **_per_study(config))
+
+
 def study_records(rows: list[StudyRow], config: Config, storage: Storage, quarantine, *,
                   train: bool, epoch: int = 0):
     """Ray Dataset of study records decoded from raw files, in manifest order (streamed).
@@ -335,7 +423,7 @@ def study_records(rows: list[StudyRow], config: Config, storage: Storage, quaran
     # Small blocks of manifest rows: each decode task takes ``STUDIES_PER_TASK``, so the work spreads
     # evenly over the workers however uneven the studies are (1 to many scans).
     manifest = ray.data.from_items([row.to_item() for row in rows], override_num_blocks=_decode_blocks(len(rows)))
-    return manifest.flat_map(loader, fn_kwargs={"epoch": epoch}, **_per_study(config))
+    return _read_studies(manifest, loader, config, epoch)
 
 
 def training_examples(records, config: Config, *, train: bool, batch_size: int | None = 8):
@@ -406,8 +494,7 @@ def training_stream(items: list[dict], source, config: Config, *, start: int, st
     chunks = -(-count // chunk)
     positions = ray.data.from_items([{"id": k} for k in range(chunks * chunk)],
                                     override_num_blocks=min(chunks, MAX_BLOCKS))
-    records = positions.flat_map(StudiesAtPositions(items, source, config.train.seed, start),
-                                 **_per_study(config))
+    records = _read_studies(positions, StudiesAtPositions(items, source, config.train.seed, start), config)
     examples = training_examples(records, config, train=True, batch_size=None)
     if getattr(source, "drops_studies", True) or chunks > MAX_BLOCKS:   # blocks not exactly one chunk
         examples = examples.repartition(target_num_rows_per_block=chunk, strict=True)
@@ -420,7 +507,7 @@ def training_stream(items: list[dict], source, config: Config, *, start: int, st
 def evaluation_stream(items: list[dict], source, config: Config):
     """Evaluation examples of ``items``, in order: up to ``data.max_eval_scans`` scans, no randomness."""
     listed = ray.data.from_items(items, override_num_blocks=_decode_blocks(len(items)))
-    records = listed.flat_map(source, **_per_study(config))
+    records = _read_studies(listed, source, config)
     examples = training_examples(records, config, train=False, batch_size=None)
     examples.context.execution_options.preserve_order = True
     return examples
