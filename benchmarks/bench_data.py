@@ -17,7 +17,7 @@ interleaved, after one untimed pass of each Ray pipeline (worker start-up, first
 pass delivers each study to this process. S3 is a moto server on 127.0.0.1, so storage latency
 is a loopback's. A pass over the shard cache of 64 studies takes about 1.2 s, a quarter of it
 Ray Data's start-up (measured with a pass that reads the shards and moves nothing), so the corpus
-must be large enough for a rate: 128 studies by default, where the start-up is an eighth (a
+must be large enough for a rate: 128 studies by default, where the start-up is about a seventh (a
 training epoch reads thousands). At 64 the shard rate measured 48-54 studies/s, at 128 59-62.
 """
 
