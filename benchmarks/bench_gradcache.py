@@ -101,16 +101,16 @@ def build(case: dict, device: torch.device):
     return (*build_model(case, device), batch)
 
 
-def step(model, optimizer, batch, case: dict, peak_before_update: Callable[[], None] | None = None) -> None:
-    """One optimizer step: the gradient cache over chunks, or a plain step; ``peak_before_update``
+def step(model, optimizer, batch, case: dict, before_update: Callable[[], None] | None = None) -> None:
+    """One optimizer step: the gradient cache over chunks, or a plain step; ``before_update``
     is called between the gradient and the parameter update."""
     optimizer.zero_grad(set_to_none=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if case["bf16"] else contextlib.nullcontext()
     with autocast:
         contrastive_step(model, lambda t: t.backward(), batch, loss="clip",
                          chunk_size=case["chunk"] if case["cached"] else None)
-    if peak_before_update is not None:
-        peak_before_update()
+    if before_update is not None:
+        before_update()
     optimizer.step()
 
 

@@ -307,6 +307,7 @@ class StudiesAtPositions:
         self.start = start
 
     def read(self, row: dict[str, Any], epoch: int = 0) -> Any:
+        """The source's read of the study at the row's position (whose epoch is the position's)."""
         epoch, index = self.order.locate(self.start + int(row["id"]))
         return self.source.read(self.items[index], epoch)
 
