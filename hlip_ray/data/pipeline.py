@@ -306,18 +306,16 @@ class StudiesAtPositions:
         self.order = DataOrder(len(items), seed)
         self.start = start
 
-    def read(self, row: dict[str, Any], epoch: int = 0) -> Any:
-        """The source's read of the study at the row's position (whose epoch is the position's)."""
-        epoch, index = self.order.locate(self.start + int(row["id"]))
-        return self.source.read(self.items[index], epoch)
-
-    def build(self, row: dict[str, Any], epoch: int, read: Any) -> list[dict[str, Any]]:
+    def read(self, row: dict[str, Any], epoch: int = 0) -> tuple[int, int, int, Any]:
+        """The row's position, the epoch and item it falls on, and the source's read of that study
+        (the epoch is the position's, not the argument)."""
         position = self.start + int(row["id"])
         epoch, index = self.order.locate(position)
-        return [{**record, "position": position} for record in self.source.build(self.items[index], epoch, read)]
+        return position, epoch, index, self.source.read(self.items[index], epoch)
 
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.build(row, 0, self.read(row))
+    def build(self, row: dict[str, Any], epoch: int, read: tuple[int, int, int, Any]) -> list[dict[str, Any]]:
+        position, epoch, index, files = read
+        return [{**record, "position": position} for record in self.source.build(self.items[index], epoch, files)]
 
 
 # -- stage 2: choose K scans ---------------------------------------------------------------
