@@ -68,7 +68,7 @@ def _train_command(args: argparse.Namespace) -> int:
     from hlip_ray.train.run import fit
 
     config = load_config(args.config, args.overrides)
-    ray_runtime.connect()
+    ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers))
     summary = fit(config, init_checkpoint=args.checkpoint)
     print(json.dumps(summary, default=str))
     return 0

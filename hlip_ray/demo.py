@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({corpus.dicom_series} DICOM series, {corpus.nifti_scans} NIfTI) -> {root}/raw; "
               f"manifest {splits} ({time.perf_counter() - step_start:.0f} s)", flush=True)
 
-        # Logical CPUs beyond the cores: each trainer holds one for the whole run, and Ray Data's tasks
-        # need slots of their own beside them (the cores are shared either way).
-        connected = ray_runtime.connect(num_cpus=(os.cpu_count() or 2) + 2)
+        connected = ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers))
         step_start = time.perf_counter()
         summary = write_shards(rows, config, storage, config.data.shards, create_quarantine_log())
         print(f"[{time.perf_counter() - started:5.0f}s] shards: {summary['studies_written']} studies decoded and "

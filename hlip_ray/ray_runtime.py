@@ -25,3 +25,13 @@ def connect(num_cpus: int | None = None, resources: dict[str, float] | None = No
     else:
         ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=False, log_to_driver=True)
     return True
+
+
+def local_cpus(num_workers: int | list[int]) -> int:
+    """Logical CPUs for a local cluster that trains: the cores, plus one for each trainer
+    (``train.num_workers``, or its maximum when elastic).
+
+    Each trainer holds a CPU slot for the whole run; without slots of their own beside them, Ray
+    Data's decode tasks would get none and the training stream would wait forever.
+    """
+    return (os.cpu_count() or 1) + (max(num_workers) if isinstance(num_workers, list) else num_workers)

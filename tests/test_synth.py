@@ -23,7 +23,13 @@ from hlip_ray.data.synth import (
 )
 
 STUDIES, SEED = 60, 0
-EXPECTED_APPEARANCE = {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"}   # in every contrast
+EXPECTED_APPEARANCE = {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"}   # CT, and MR T1
+BRIGHT_ON_T2_AND_FLAIR = {"infarct"}   # an acute infarct: dark on CT and T1, bright on T2 and FLAIR
+
+
+def expected_appearance(label: str, scan_name: str) -> str:
+    contrast = scan_name.split("_")[1]   # <index>_<contrast or ct>_<orientation>
+    return "hyper" if label in BRIGHT_ON_T2_AND_FLAIR and contrast in ("t2", "flair") else EXPECTED_APPEARANCE[label]
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -174,7 +180,7 @@ def test_masks_match_labels_geometry_and_contrast(corpus, studies):
             mask, shell = lesion_and_surroundings(root, study_id, lesion, study["scans"][lesion["scan"]])
             assert 0 < mask.sum() <= MAX_LESION_FRACTION * mask.size
             assert mask[tuple(np.round(lesion["center_voxel"]).astype(int))] and min(lesion["radius_voxels"]) > 1
-            expected = EXPECTED_APPEARANCE[lesion["label"]]
+            expected = expected_appearance(lesion["label"], lesion["scan"])
             assert lesion["appearance"] == expected
             inside, around = np.median(pixels[mask]), np.median(pixels[shell])
             contrast = inside - around if ct else (inside - around) / around

@@ -29,9 +29,9 @@ anatomical place in every scan of the study (every scan covers the whole brain).
 level in every contrast, apart from the normal tissues and from the other lesions (a simplification:
 any one scan tells the three apart):
 
-- hemorrhage: CT 70-90 HU; MR brightest of the brain tissues in every contrast;
-- infarct: CT 11-15 HU (between CSF and white matter), MR dark in every contrast, between CSF and grey
-  matter on T1 and FLAIR, below white matter on T2;
+- hemorrhage: CT 70-90 HU; MR the brightest lesion in every contrast;
+- infarct: CT 11-15 HU (between CSF and white matter); MR dark on T1 (between CSF and grey matter) and
+  bright on T2 and FLAIR (between the mass and the hemorrhage), as an acute infarct is;
 - mass: CT 52-62 HU, MR moderately bright in every contrast; it shifts the ventricles 5-9 mm to the
   other side and compresses the ventricle on its own side (midline shift).
 
@@ -110,10 +110,10 @@ CT_RANGES = {
 MR_TABLE = {  # scalp fat is the brightest tissue in every contrast, so percentile scaling ignores the lesions
     "t1": {"scalp": 2.2, "skull": 0.1, "gm": 0.75, "wm": 1.0, "csf": 0.2, "hemorrhage": 1.7, "infarct": 0.5,
            "mass": 1.3},
-    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.65, "infarct": 0.4,
-           "mass": 1.3},
-    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.75, "infarct": 0.45,
-              "mass": 1.35},
+    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.7, "infarct": 1.45,
+           "mass": 1.2},
+    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.8, "infarct": 1.5,
+              "mass": 1.22},
 }
 MR_SEQUENCE = {  # TR, TE, TI (ms), scanning sequence
     "t1": (500.0, 10.0, None, "SE"), "t2": (4000.0, 100.0, None, "SE"), "flair": (9000.0, 120.0, 2500.0, "IR")
@@ -602,8 +602,10 @@ def _enhanced_object(study: Study, scan: Scan, ds: Dataset, meta: FileMetaDatase
 
 LOOKS = {  # per modality: how each lesion looks, for "<look> in the <where>, consistent with <phrase>."
     "CT": {"hemorrhage": "Hyperdense focus", "infarct": "Hypodense region", "mass": "Large mildly hyperdense lesion"},
-    "MR": {"hemorrhage": "Hyperintense focus", "infarct": "Hypointense region", "mass": "Large hyperintense lesion"},
+    "MR": {"hemorrhage": "Hyperintense focus", "infarct": "T2/FLAIR hyperintense region",
+           "mass": "Large hyperintense lesion"},
 }
+T1_ONLY_LOOKS = {"infarct": "T1 hypointense region"}   # an MR study without T2 or FLAIR
 FILLERS = [
     "The basal cisterns are patent.", "No extra-axial collection.", "The calvarium is intact.",
     "The visualized paranasal sinuses are clear.", "The orbits are unremarkable.",
@@ -616,6 +618,13 @@ def _location(lesion: Blob, patient: Patient) -> tuple[str, str]:
     ap = lesion.center[1] / patient.brain[1]
     lobe = "frontal" if ap < -0.3 else "occipital" if ap > 0.35 else "parietal"
     return f"{side} {lobe} lobe", side
+
+
+def _look(modality: str, contrasts: list[str], label: str) -> str:
+    """How a lesion looks in the study's scans (an MR infarct is bright on T2 and FLAIR, dark on T1)."""
+    if modality == "MR" and not {"t2", "flair"} & set(contrasts):
+        return T1_ONLY_LOOKS.get(label, LOOKS[modality][label])
+    return LOOKS[modality][label]
 
 
 def _report(rng, modality: str, contrasts: list[str], patient: Patient, present: dict[str, int]) -> str:
@@ -631,7 +640,7 @@ def _report(rng, modality: str, contrasts: list[str], patient: Patient, present:
         sentences.append(str(rng.choice([
             f"{phrase[0].upper() + phrase[1:]} in the {where}.",
             f"There is {phrase} in the {where}.",
-            f"{LOOKS[modality][label]} in the {where}, consistent with {phrase}.",
+            f"{_look(modality, contrasts, label)} in the {where}, consistent with {phrase}.",
         ])))
         if label == "mass":
             other = "right" if side == "left" else "left"

@@ -6,10 +6,15 @@ synthetic corpus; write one for a real label set)::
     {"hemorrhage": {"positive": ["acute intraparenchymal hemorrhage", ...],
                     "negative": ["no evidence of intracranial hemorrhage", ...]}, ...}
 
-Each phrase becomes a prompt sentence; a label's positive and negative prompt embeddings are
-averaged into two class embeddings, and a study's score for the label is the difference of its
-similarity to them (the logit of the two-way softmax up to the temperature). AUC is computed per
-label over the studies that carry the label; the macro AUC is their mean.
+A label's prompts are short reports, as the text tower saw in training: a sentence of one of the
+label's phrases, then one sentence for every other label, all of them negative in one prompt and all
+positive in its twin. The other labels are so balanced between the label's positive and negative
+prompts, and the difference of the two sides is the label's own direction: a lone phrase
+("An acute ischemic stroke.") also lies along the findings it shares words and meaning with (a
+hemorrhage), and scores them as the label. The prompts of each side are averaged into a class
+embedding, and a study's score for the label is the difference of its similarity to the two (the
+logit of the two-way softmax up to the temperature). AUC is computed per label over the studies
+that carry the label; the macro AUC is their mean.
 """
 
 from __future__ import annotations
@@ -44,14 +49,27 @@ def prompt(phrase: str) -> str:
     return phrase[:1].upper() + phrase[1:] + "."
 
 
+def label_prompts(vocabulary: dict, label: str, side: str) -> list[str]:
+    """The report-like prompts of one side (``positive`` or ``negative``) of ``label`` (module docstring)."""
+    others = [other for other in vocabulary if other != label]
+    prompts = []
+    for index, phrase in enumerate(vocabulary[label][side]):
+        for others_side in ("negative", "positive"):
+            sentences = [prompt(phrase)] + [
+                prompt(vocabulary[other][others_side][index % len(vocabulary[other][others_side])]) for other in others
+            ]
+            prompts.append(" ".join(sentences))
+    return prompts
+
+
 @torch.no_grad()
 def class_embeddings(model, tokenizer, vocabulary: dict, context_length: int) -> dict[str, torch.Tensor]:
     """``label -> [2, P]``: the normalised mean embedding of its negative (row 0) and positive (row 1) prompts."""
     out = {}
-    for label, phrases in vocabulary.items():
+    for label in vocabulary:
         rows = []
         for side in ("negative", "positive"):
-            tokens = tokenizer([prompt(p) for p in phrases[side]], padding="max_length", truncation=True,
+            tokens = tokenizer(label_prompts(vocabulary, label, side), padding="max_length", truncation=True,
                                max_length=context_length, return_tensors="pt")
             embeddings = model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float()
             rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
