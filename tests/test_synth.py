@@ -23,13 +23,17 @@ from hlip_ray.data.synth import (
 )
 
 STUDIES, SEED = 60, 0
-EXPECTED_APPEARANCE = {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"}   # CT, and MR T1
-BRIGHT_ON_T2_AND_FLAIR = {"infarct"}   # an acute infarct: dark on CT and T1, bright on T2 and FLAIR
+# Against white matter, by contrast: an early subacute hematoma is dark on T2 and FLAIR, an acute infarct bright.
+EXPECTED_APPEARANCE = {
+    "ct": {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"},
+    "t1": {"hemorrhage": "hyper", "infarct": "hypo", "mass": "hyper"},
+    "t2": {"hemorrhage": "hypo", "infarct": "hyper", "mass": "hyper"},
+    "flair": {"hemorrhage": "hypo", "infarct": "hyper", "mass": "hyper"},
+}
 
 
 def expected_appearance(label: str, scan_name: str) -> str:
-    contrast = scan_name.split("_")[1]   # <index>_<contrast or ct>_<orientation>
-    return "hyper" if label in BRIGHT_ON_T2_AND_FLAIR and contrast in ("t2", "flair") else EXPECTED_APPEARANCE[label]
+    return EXPECTED_APPEARANCE[scan_name.split("_")[1]][label]   # <index>_<contrast or ct>_<orientation>
 
 
 def files_of(root: Path) -> dict[str, bytes]:

@@ -29,9 +29,10 @@ anatomical place in every scan of the study (every scan covers the whole brain).
 level in every contrast, apart from the normal tissues and from the other lesions (a simplification:
 any one scan tells the three apart):
 
-- hemorrhage: CT 70-90 HU; MR the brightest lesion in every contrast;
+- hemorrhage: CT 70-90 HU; MR the brightest tissue on T1 and dark on T2 and FLAIR (between the skull
+  and white matter), as an early subacute hematoma is;
 - infarct: CT 11-15 HU (between CSF and white matter); MR dark on T1 (between CSF and grey matter) and
-  bright on T2 and FLAIR (between the mass and the hemorrhage), as an acute infarct is;
+  the brightest lesion on T2 and FLAIR, as an acute infarct is;
 - mass: CT 52-62 HU, MR moderately bright in every contrast; it shifts the ventricles 5-9 mm to the
   other side and compresses the ventricle on its own side (midline shift).
 
@@ -110,9 +111,9 @@ CT_RANGES = {
 MR_TABLE = {  # scalp fat is the brightest tissue in every contrast, so percentile scaling ignores the lesions
     "t1": {"scalp": 2.2, "skull": 0.1, "gm": 0.75, "wm": 1.0, "csf": 0.2, "hemorrhage": 1.7, "infarct": 0.5,
            "mass": 1.3},
-    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 1.7, "infarct": 1.45,
+    "t2": {"scalp": 2.2, "skull": 0.1, "gm": 0.95, "wm": 0.75, "csf": 1.8, "hemorrhage": 0.35, "infarct": 1.45,
            "mass": 1.2},
-    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 1.8, "infarct": 1.5,
+    "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 0.4, "infarct": 1.5,
               "mass": 1.22},
 }
 MR_SEQUENCE = {  # TR, TE, TI (ms), scanning sequence
@@ -600,12 +601,14 @@ def _enhanced_object(study: Study, scan: Scan, ds: Dataset, meta: FileMetaDatase
 
 # ---------------------------------------------------------------- reports
 
-LOOKS = {  # per modality: how each lesion looks, for "<look> in the <where>, consistent with <phrase>."
-    "CT": {"hemorrhage": "Hyperdense focus", "infarct": "Hypodense region", "mass": "Large mildly hyperdense lesion"},
-    "MR": {"hemorrhage": "Hyperintense focus", "infarct": "T2/FLAIR hyperintense region",
-           "mass": "Large hyperintense lesion"},
+CT_LOOKS = {  # how each lesion looks, for "<look> in the <where>, consistent with <phrase>."
+    "hemorrhage": "Hyperdense focus", "infarct": "Hypodense region", "mass": "Large mildly hyperdense lesion",
 }
-T1_ONLY_LOOKS = {"infarct": "T1 hypointense region"}   # an MR study without T2 or FLAIR
+MR_LOOKS = {  # the same on MR: (contrasts, look) pairs, the first whose contrasts the study has
+    "hemorrhage": [({"t1"}, "T1 hyperintense focus"), ({"t2", "flair"}, "T2/FLAIR hypointense focus")],
+    "infarct": [({"t2", "flair"}, "T2/FLAIR hyperintense region"), ({"t1"}, "T1 hypointense region")],
+    "mass": [({"t1", "t2", "flair"}, "Large hyperintense lesion")],
+}
 FILLERS = [
     "The basal cisterns are patent.", "No extra-axial collection.", "The calvarium is intact.",
     "The visualized paranasal sinuses are clear.", "The orbits are unremarkable.",
@@ -621,10 +624,10 @@ def _location(lesion: Blob, patient: Patient) -> tuple[str, str]:
 
 
 def _look(modality: str, contrasts: list[str], label: str) -> str:
-    """How a lesion looks in the study's scans (an MR infarct is bright on T2 and FLAIR, dark on T1)."""
-    if modality == "MR" and not {"t2", "flair"} & set(contrasts):
-        return T1_ONLY_LOOKS.get(label, LOOKS[modality][label])
-    return LOOKS[modality][label]
+    """How a lesion looks in the study's scans (on MR it depends on the contrast)."""
+    if modality == "CT":
+        return CT_LOOKS[label]
+    return next(look for shown_by, look in MR_LOOKS[label] if shown_by & set(contrasts))
 
 
 def _report(rng, modality: str, contrasts: list[str], patient: Patient, present: dict[str, int]) -> str:
