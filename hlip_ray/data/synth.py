@@ -29,7 +29,7 @@ anatomical place in every scan of the study (every scan covers the whole brain).
 level in every contrast, apart from the normal tissues and from the other lesions (a simplification:
 any one scan tells the three apart):
 
-- hemorrhage: CT 70-90 HU; MR the brightest tissue on T1 and dark on T2 and FLAIR (between the skull
+- hemorrhage: CT 70-90 HU; MR the brightest lesion on T1 and dark on T2 and FLAIR (between the skull
   and white matter), as an early subacute hematoma is;
 - infarct: CT 11-15 HU (between CSF and white matter); MR dark on T1 (between CSF and grey matter) and
   the brightest lesion on T2 and FLAIR, as an acute infarct is;
