@@ -61,6 +61,32 @@ def test_a_training_stream_starts_at_any_position_and_keeps_the_order(ray_sessio
     assert [len(block["position"]) for block in stream.iter_batches(batch_size=None)] == [2, 2, 2, 2, 2]
 
 
+
+def test_the_order_permutes_studies_by_id_whatever_the_order_the_shard_index_lists_them(tmp_path):
+    """Shard files are indexed in the order they were written, which differs between two
+    preprocessings of the same manifest; the studies at each position must not."""
+    import pyarrow.parquet as pq
+
+    from hlip_ray.data.pipeline import create_quarantine_log, study_items
+    from hlip_ray.data.shards import INDEX_FILE
+    from hlip_ray.data.storage import Storage
+
+    ids = [f"study-{i:02d}" for i in range(12)]
+    located = []
+    for listed in (ids, ids[4:8] + ids[:4] + ids[8:][::-1]):
+        shards = tmp_path / f"shards-{len(located)}"
+        shards.mkdir()
+        rows = [{"file": f"{k:03d}.parquet", "row_group": 0, "study_id": study, "split": "train",
+                 "labels": "{}", "modality": "CT"} for k, study in enumerate(listed)]
+        pq.write_table(pa.Table.from_pylist(rows), shards / INDEX_FILE)
+        config = load_config(None, [f"data.shards={shards}"])
+        items, _ = study_items(config, Storage(), create_quarantine_log(), "train", train=True)
+        order = DataOrder(len(items), seed=config.train.seed)
+        located.append([items[order.locate(position)[1]]["study_id"] for position in range(24)])
+    assert located[0] == located[1]
+    assert sorted(located[0][:12]) == ids
+
+
 class SlowReads:
     """A source whose build of item ``i`` notes whether item ``i + 1`` was being read meanwhile."""
 

@@ -459,19 +459,21 @@ def raw_source(config: Config, storage: Storage, quarantine, *, train: bool) -> 
 def study_items(config: Config, storage: Storage, quarantine, split: str, *, train: bool):
     """``(items, source)`` of one split: shard index rows when ``data.shards`` is set, else manifest rows.
 
-    Either way ``source(item, epoch)`` gives the item's study record.
+    Either way ``source(item, epoch)`` gives the item's study record. Items come in study ID order,
+    the order the data order permutes: the shard index lists studies in the order the shard files
+    happened to be written (it differs between two preprocessings of the same manifest).
     """
     if config.data.shards:
         from hlip_ray.data.shards import read_index
 
         items = [item for item in read_index(config.data.shards, storage) if item["split"] == split]
-        return items, ShardStudies(config.data.shards, storage)
+        return sorted(items, key=lambda item: item["study_id"]), ShardStudies(config.data.shards, storage)
     if not config.data.manifest:
         raise ValueError("data.manifest or data.shards must be set to read studies")
     from hlip_ray.data.manifest import read_manifest
 
     rows = read_manifest(config.data.manifest, storage)
-    items = [row.to_item() for row in rows if row.split == split]
+    items = sorted((row.to_item() for row in rows if row.split == split), key=lambda item: item["study_id"])
     return items, raw_source(config, storage, quarantine, train=train)
 
 
