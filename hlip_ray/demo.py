@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"preprocessed on Ray Data -> {config.data.shards} ({time.perf_counter() - step_start:.0f} s; "
               f"skipped: {summary['rejections'] or 'none'})", flush=True)
 
+        # Every demo run trains afresh (the bucket is new): drop the logs of an earlier run, which the
+        # metrics logger would otherwise append to (and the loss curve would draw both).
+        shutil.rmtree(out / config.train.run_name, ignore_errors=True)
         step_start = time.perf_counter()
         trained = fit(config)
         train_s = time.perf_counter() - step_start

@@ -35,6 +35,8 @@ def test_demo_runs_end_to_end_and_ends_with_its_figures(ray_session, tmp_path, c
     from tests.helpers import tiny_bert_dir
 
     out = tmp_path / "out"
+    (out / "demo").mkdir(parents=True)   # an earlier demo run's metrics: this run's log starts afresh
+    (out / "demo" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
     figures = demo.main([
         "--studies", "12", "--out", str(out), f"model.text.name_or_path={tiny_bert_dir(tmp_path)}",
         "model.text.context_length=32", "model.depth=3", "model.embed_dim=24", "model.num_heads=2",
