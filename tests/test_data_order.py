@@ -8,9 +8,19 @@ import threading
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from hlip_ray.config import load_config
-from hlip_ray.data.pipeline import DataOrder, ReadAhead, collate_study_batch, training_stream
+from hlip_ray.data.pipeline import (
+    DataOrder,
+    ReadAhead,
+    collate_study_batch,
+    create_quarantine_log,
+    study_items,
+    training_stream,
+)
+from hlip_ray.data.shards import INDEX_FILE
+from hlip_ray.data.storage import Storage
 
 
 class TinyStudies:
@@ -61,16 +71,9 @@ def test_a_training_stream_starts_at_any_position_and_keeps_the_order(ray_sessio
     assert [len(block["position"]) for block in stream.iter_batches(batch_size=None)] == [2, 2, 2, 2, 2]
 
 
-
 def test_the_order_permutes_studies_by_id_whatever_the_order_the_shard_index_lists_them(tmp_path):
     """Shard files are indexed in the order they were written, which differs between two
     preprocessings of the same manifest; the studies at each position must not."""
-    import pyarrow.parquet as pq
-
-    from hlip_ray.data.pipeline import create_quarantine_log, study_items
-    from hlip_ray.data.shards import INDEX_FILE
-    from hlip_ray.data.storage import Storage
-
     ids = [f"study-{i:02d}" for i in range(12)]
     located = []
     for listed in (ids, ids[4:8] + ids[:4] + ids[8:][::-1]):
