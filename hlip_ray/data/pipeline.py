@@ -467,14 +467,15 @@ def study_items(config: Config, storage: Storage, quarantine, split: str, *, tra
         from hlip_ray.data.shards import read_index
 
         items = [item for item in read_index(config.data.shards, storage) if item["split"] == split]
-        return sorted(items, key=lambda item: item["study_id"]), ShardStudies(config.data.shards, storage)
-    if not config.data.manifest:
-        raise ValueError("data.manifest or data.shards must be set to read studies")
-    from hlip_ray.data.manifest import read_manifest
+        source = ShardStudies(config.data.shards, storage)
+    elif config.data.manifest:
+        from hlip_ray.data.manifest import read_manifest
 
-    rows = read_manifest(config.data.manifest, storage)
-    items = sorted((row.to_item() for row in rows if row.split == split), key=lambda item: item["study_id"])
-    return items, raw_source(config, storage, quarantine, train=train)
+        items = [row.to_item() for row in read_manifest(config.data.manifest, storage) if row.split == split]
+        source = raw_source(config, storage, quarantine, train=train)
+    else:
+        raise ValueError("data.manifest or data.shards must be set to read studies")
+    return sorted(items, key=lambda item: item["study_id"]), source
 
 
 def training_stream(items: list[dict], source, config: Config, *, start: int, stop: int):
