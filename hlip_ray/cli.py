@@ -20,7 +20,7 @@ def _storage(config):
 
 
 def _synth_command(args: argparse.Namespace) -> int:
-    from hlip_ray.data.synth import write_corpus
+    from hlip_ray.demo.synth import write_corpus
 
     config = load_config(args.config, args.overrides)
     storage = _storage(config)
@@ -48,8 +48,8 @@ def _manifest_command(args: argparse.Namespace) -> int:
 def _preprocess_command(args: argparse.Namespace) -> int:
     from hlip_ray import ray_runtime
     from hlip_ray.data.manifest import read_manifest
-    from hlip_ray.data.pipeline import create_quarantine_log
-    from hlip_ray.data.shards import write_shards
+    from hlip_ray.data.preprocess import write_shards
+    from hlip_ray.data.quarantine import create_quarantine_log
 
     config = load_config(args.config, args.overrides)
     storage = _storage(config)
@@ -79,9 +79,9 @@ def _eval_command(args: argparse.Namespace) -> int:
     import json
 
     from hlip_ray import ray_runtime
-    from hlip_ray.checkpoints import is_run_checkpoint, load_model, read_config
     from hlip_ray.config import apply_overrides
-    from hlip_ray.eval.run import evaluate_zeroshot
+    from hlip_ray.eval.run import evaluate_split
+    from hlip_ray.eval.trained_model import is_run_checkpoint, load_model, read_config
 
     config = load_config(args.config, args.overrides)
     checkpoint = args.checkpoint or config.eval.checkpoint
@@ -92,15 +92,15 @@ def _eval_command(args: argparse.Namespace) -> int:
         config = apply_overrides(read_config(checkpoint, storage), args.overrides, checkpoint)
     model, _ = load_model(checkpoint, storage, config)
     ray_runtime.connect()
-    report = evaluate_zeroshot(model, config, split=args.split)
+    report = evaluate_split(model, config, split=args.split)
     print(json.dumps({"checkpoint": checkpoint, **report}))
     return 0
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from hlip_ray import demo
+    from hlip_ray.demo import job
 
-    demo.main(args.rest)
+    job.main(args.rest)
     return 0
 
 

@@ -173,13 +173,6 @@ class TrainConfig(_Section):
         return self
 
 
-class TuneConfig(_Section):
-    space: str | None = None
-    num_samples: int = Field(1, gt=0)
-    metric: str = "val/zeroshot_auc"
-    mode: Literal["max", "min"] = "max"
-
-
 class EvalConfig(_Section):
     checkpoint: str | None = None
     batch_size: int = Field(8, gt=0)
@@ -198,7 +191,6 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     storage: StorageConfig = StorageConfig()
     train: TrainConfig = TrainConfig()
-    tune: TuneConfig = TuneConfig()
     eval: EvalConfig = EvalConfig()
     resources: ResourcesConfig = ResourcesConfig()
 

@@ -19,11 +19,17 @@ def connect(num_cpus: int | None = None, resources: dict[str, float] | None = No
 
     if ray.is_initialized():
         return False
+    # Ray Data logs its progress (with a line per operator) every 10 s where the console is not a
+    # terminal (a log file, CI, `ray job logs`): every 30 s is enough to see where it is.
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "30")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=False, log_to_driver=True)
+        # With the dashboard: Ray Train 2.60's placement-group cleaner asks the state API (which the
+        # dashboard serves) whether the run's controller is alive, and without it warns every 2 s.
+        ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
     return True
 
 

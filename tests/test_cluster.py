@@ -25,10 +25,11 @@ SCRIPT = textwrap.dedent('''
 
     from hlip_ray.config import ConfigError, load_config
     from hlip_ray.data.manifest import build_manifest
-    from hlip_ray.data.pipeline import create_quarantine_log, study_dataset
+    from hlip_ray.data.quarantine import create_quarantine_log
     from hlip_ray.data.storage import Storage
-    from hlip_ray.data.synth import folder_writer, write_corpus
+    from hlip_ray.demo.synth import folder_writer, write_corpus
     from hlip_ray.train.run import build_trainer
+    from tests.helpers import raw_training_examples
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     data_node = cluster.add_node(num_cpus=4, resources={"data_pool": 8})
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent('''
     config = load_config(None, ["data.grid=[16,32,32]", "data.scans_per_study=2", "data.windows=[[0,80]]",
                                 "model.text.context_length=16", "resources.data=data_pool",
                                 "resources.trainer=trainer", f"data.manifest={root}/manifest.parquet"])
-    batches = list(study_dataset(rows, config, Storage(), create_quarantine_log(), train=True).iter_batches())
+    batches = list(raw_training_examples(rows, config, Storage(), create_quarantine_log()).iter_batches())
     out["studies"] = sum(len(batch["study_id"]) for batch in batches)
     tasks = list_tasks(filters=[("type", "=", "NORMAL_TASK")], limit=10000, raise_on_missing_output=False)
     out["data_task_nodes"] = sorted({task.node_id for task in tasks

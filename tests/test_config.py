@@ -86,12 +86,3 @@ def test_layout_list_must_match_depth():
     with pytest.raises(ConfigError, match="3 levels for a model of depth 12"):
         load_config(None, ["model.attention_layout=[scan,scan,study]"])
 
-
-def test_config_module_imports_neither_torch_nor_ray():
-    import subprocess
-    import sys
-
-    code = "import sys, hlip_ray.config; print('torch' in sys.modules, 'ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
-

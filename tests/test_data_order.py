@@ -11,16 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hlip_ray.config import load_config
-from hlip_ray.data.pipeline import (
-    DataOrder,
-    ReadAhead,
-    collate_study_batch,
-    create_quarantine_log,
-    study_items,
-    training_stream,
-)
+from hlip_ray.data.order import DataOrder
 from hlip_ray.data.shards import INDEX_FILE
+from hlip_ray.data.sources import ReadAhead, study_items
 from hlip_ray.data.storage import Storage
+from hlip_ray.data.streams import collate_study_batch, training_stream
 
 
 class TinyStudies:
@@ -83,7 +78,7 @@ def test_the_order_permutes_studies_by_id_whatever_the_order_the_shard_index_lis
                  "labels": "{}", "modality": "CT"} for k, study in enumerate(listed)]
         pq.write_table(pa.Table.from_pylist(rows), shards / INDEX_FILE)
         config = load_config(None, [f"data.shards={shards}"])
-        items, _ = study_items(config, Storage(), create_quarantine_log(), "train", train=True)
+        items, _ = study_items(config, Storage(), None, "train", train=True)
         order = DataOrder(len(items), seed=config.train.seed)
         located.append([items[order.locate(position)[1]]["study_id"] for position in range(24)])
     assert located[0] == located[1]

@@ -19,8 +19,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, generate_uid
 
 from hlip_ray.data.decode import decode_dicom_files, decode_nifti, dicom_header
-from hlip_ray.data.preprocess import preprocess_volume
 from hlip_ray.data.records import Decoded, Volume
+from hlip_ray.data.volume import preprocess_volume
 
 NIFTI_DATA = Path(nibabel.__file__).parent / "tests" / "data"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

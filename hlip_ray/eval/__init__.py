@@ -1,4 +1,7 @@
-"""Evaluation of trained study-report models: zero-shot classification and its metrics.
+"""Evaluation of trained study-report models.
 
-Importable without Ray or DeepSpeed; the trainer reuses it for validation.
+``zeroshot.py``: prompts, scores, AUC and ``evaluate_zeroshot``, the one evaluation path (the
+trainer's validation calls it too); ``run.py``: a split of the data through it (``hlip-ray eval``);
+``trained_model.py``: a model from a run checkpoint or an HLIP release. Importable without the
+trainer or DeepSpeed.
 """

@@ -15,16 +15,21 @@ hemorrhage), and scores them as the label. The prompts of each side are averaged
 embedding, and a study's score for the label is the difference of its similarity to the two (the
 logit of the two-way softmax up to the temperature). AUC is computed per label over the studies
 that carry the label; the macro AUC is their mean.
+
+``evaluate_zeroshot`` is the one evaluation path: ``hlip-ray eval`` (``run.py``) and validation
+during training both call it, the latter on every worker with a share of the batches and the
+trainer's gather.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 
 def load_vocabulary(data: bytes | str, where: str = "vocabulary") -> dict[str, dict[str, list[str]]]:
@@ -88,23 +93,11 @@ def zeroshot_scores(study_embeddings: torch.Tensor, classes: dict[str, torch.Ten
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties counted half); NaN when one class is absent."""
-    scores = np.asarray(scores, dtype=np.float64)
+    """Area under the ROC curve (scikit-learn's); NaN when one class is absent."""
     labels = np.asarray(labels).astype(bool)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
+    if labels.all() or not labels.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    start = 0
-    while start < len(scores):  # average ranks over ties
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
 def auc_report(scores: dict[str, np.ndarray], labels: Sequence[dict[str, int]]) -> dict:
@@ -122,8 +115,59 @@ def auc_report(scores: dict[str, np.ndarray], labels: Sequence[dict[str, int]]) 
             "studies": len(labels)}
 
 
-def mean_intensity_scores(pixels: torch.Tensor, scan_mask: torch.Tensor) -> np.ndarray:
+def mean_intensity(pixels: torch.Tensor, scan_mask: torch.Tensor) -> torch.Tensor:
     """The baseline score: each study's mean voxel value over its real scans. ``[B, K, C, D, H, W]`` -> ``[B]``."""
     per_scan = pixels.float().flatten(2).mean(dim=2)  # [B, K]
     mask = scan_mask.float()
-    return ((per_scan * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu().numpy()
+    return (per_scan * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model, batches: Iterable[dict], vocabulary: dict, tokenizer, context_length: int, *,
+                      share: tuple[int, int] = (0, 1),
+                      gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict:
+    """Zero-shot macro and per-label AUC of ``model`` on the studies of ``batches``, beside the
+    mean-intensity baseline: ``{"macro_auc", "per_label", "studies", "baseline": {...}}``.
+
+    ``batches``: collated study batches (``pixels [B, K, C, D, H, W]``, ``scan_mask [B, K]``,
+    ``labels``). Under data parallelism every worker passes the whole stream with
+    ``share=(rank, world_size)`` and encodes every ``world_size``-th batch; ``gather`` (all workers'
+    ``[n_r, ...]`` tensors in rank order) brings the parts together, so every worker returns the
+    same report. The caller sets the model's mode (``eval()``).
+    """
+    rank, world_size = share
+    names = list(vocabulary)
+    device = next(model.parameters()).device
+    embeddings = [torch.zeros(0, model.visual_proj.out_features, device=device)]
+    intensity = [torch.zeros(0, device=device)]
+    labels = [torch.zeros(0, len(names), dtype=torch.int8, device=device)]
+    for index, batch in enumerate(batches):
+        if index % world_size != rank:
+            continue
+        pixels, scan_mask = batch["pixels"].to(device), batch["scan_mask"].to(device)
+        embeddings.append(model.encode_study(pixels, scan_mask).float())
+        intensity.append(mean_intensity(pixels, scan_mask))
+        labels.append(label_matrix(batch["labels"], names).to(device))
+    parts = [torch.cat(embeddings), torch.cat(intensity), torch.cat(labels)]
+    if gather is not None:
+        parts = [torch.cat(gather(part)) for part in parts]
+    study_embeddings, intensity_scores, label_values = (part.cpu() for part in parts)
+    studies = label_dicts(label_values, names)
+    if not studies:
+        nothing = {"macro_auc": float("nan"), "per_label": {}, "studies": 0}
+        return {**nothing, "baseline": dict(nothing)}
+    classes = class_embeddings(model, tokenizer, vocabulary, context_length)
+    report = auc_report(zeroshot_scores(study_embeddings, classes), studies)
+    report["baseline"] = auc_report({name: intensity_scores.numpy() for name in names}, studies)
+    return report
+
+
+def label_matrix(labels: Sequence[dict[str, int]], names: Sequence[str]) -> torch.Tensor:
+    """Studies' label maps as ``[N, len(names)]`` int8: the label's value, or -1 where a study lacks it."""
+    return torch.tensor([[study.get(name, -1) for name in names] for study in labels],
+                        dtype=torch.int8).reshape(len(labels), len(names))
+
+
+def label_dicts(matrix: torch.Tensor, names: Sequence[str]) -> list[dict[str, int]]:
+    """The inverse of ``label_matrix``."""
+    return [{name: int(value) for name, value in zip(names, row) if value >= 0} for row in matrix.tolist()]

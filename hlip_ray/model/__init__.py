@@ -1,32 +1,14 @@
-"""The model library: hierarchical study encoder, text tower, CLIP/SigLIP model, checkpoint import.
+"""The model library: hierarchical study encoder, text tower, CLIP/SigLIP model, foreign weights.
 
-Plain PyTorch (+ timm, transformers): importable without Ray or DeepSpeed. Names load on first
-use, so that a process which only tokenizes (``hlip_ray.model.tokenizer``, on Ray Data's CPU
-workers) never imports torch and timm.
+Plain PyTorch (+ timm, transformers): importable without Ray, DeepSpeed, pydantic or the rest of
+hlip_ray (``tests/test_layers.py``). Text-tower sources and tokenizers are in ``hlip_ray.text_source``.
 """
 
-import importlib
+from hlip_ray.model.clip import StudyCLIP, build_model, build_study_encoder
+from hlip_ray.model.hlip_import import HLIP_MODELS, from_hlip_checkpoint
+from hlip_ray.model.inflate_2d import init_from_2d_vit
+from hlip_ray.model.study_encoder import StudyEncoder
+from hlip_ray.model.text import TextTower
 
-_EXPORTS = {
-    "HLIP_MODELS": "checkpoints",
-    "from_hlip_checkpoint": "checkpoints",
-    "init_from_2d_vit": "checkpoints",
-    "StudyCLIP": "clip",
-    "build_model": "clip",
-    "build_study_encoder": "clip",
-    "StudyEncoder": "study_encoder",
-    "TextTower": "text",
-    "load_tokenizer": "tokenizer",
-    "resolve_text_source": "tokenizer",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__ = ["HLIP_MODELS", "StudyCLIP", "StudyEncoder", "TextTower", "build_model", "build_study_encoder",
+           "from_hlip_checkpoint", "init_from_2d_vit"]

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlip_ray.layouts import expand_layout
+from hlip_ray.model.inflate_2d import init_from_2d_vit
 from hlip_ray.model.study_encoder import StudyEncoder
 from hlip_ray.model.text import TextTower
 
@@ -127,8 +128,6 @@ def build_model(config: Config, text_weights: bool = True) -> StudyCLIP:
     """
     visual = build_study_encoder(config.model, config.data.grid, config.in_channels)
     if config.model.init_from_2d:
-        from hlip_ray.model.checkpoints import init_from_2d_vit
-
         init_from_2d_vit(visual, config.model.init_from_2d)
     text_cfg = config.model.text
     text = TextTower.from_name_or_path(

@@ -1,6 +1,6 @@
 """Text tower: a Hugging Face BERT-family encoder, CLS or mean pooling, linear projection (or none).
 
-``name_or_path`` as in ``tokenizer.py``: a hub name, a local folder or ``pkg:PACKAGE/SUBDIR``.
+``name_or_path`` as in ``hlip_ray/text_source.py``: a hub name, a local folder or ``pkg:PACKAGE/SUBDIR``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from hlip_ray.model.tokenizer import quiet_transformers, resolve_text_source
+from hlip_ray.text_source import quiet_transformers, resolve_text_source
 
 
 def _auto_model(source: str, with_weights: bool):
@@ -36,14 +36,6 @@ def check_projection(projection: str, projection_dim: int, hidden_size: int) -> 
     if projection == "none" and projection_dim != hidden_size:
         raise ValueError(f"model.projection_dim is {projection_dim}, but with model.text.projection=none it must "
                          f"be the text tower's hidden size, {hidden_size}")
-
-
-def hidden_size(name_or_path: str) -> int:
-    """The hidden size of a text tower, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    quiet_transformers()
-    return AutoConfig.from_pretrained(resolve_text_source(name_or_path)).hidden_size
 
 
 class TextTower(nn.Module):

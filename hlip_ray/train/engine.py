@@ -33,7 +33,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_factor: float = 0.0) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay to ``min_factor`` at ``max_steps``.
 
-    ``step`` counts optimizer steps already taken: the first update uses ``lr_factor(0)``.
+    ``step`` counts optimizer steps already taken: the first update uses ``lr_factor(0)`` =
+    ``1 / warmup_steps``. Not ``transformers.get_cosine_schedule_with_warmup``: its cosine is this
+    one, but its warmup is ``step / warmup_steps``, so its first update has a learning rate of zero
+    (AdamW still moves its moments), and every run's numbers would shift by a step.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -65,6 +68,8 @@ def deepspeed_config(config: Config, world_size: int, load_universal: bool = Fal
         ds["checkpoint"] = {"load_universal": True}
     if train.zero_stage >= 2:
         ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
+    if train.zero_stage == 3:   # ``save_16bit_model`` gathers the partitions into one model file
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif train.precision == "fp16":

@@ -61,16 +61,25 @@ def world() -> tuple[int, int]:
 
 
 def gather_global(local: torch.Tensor) -> list[torch.Tensor]:
-    """All workers' ``[B, ...]`` tensors, in rank order, without gradient (one per rank).
+    """All workers' ``[n_r, ...]`` tensors, in rank order, without gradient (one per rank).
 
-    Every worker holds the same number of rows (Ray Train's split is equal).
+    The one gather across workers: embeddings for the loss, data positions, validation's
+    embeddings and labels. Workers may hold different numbers of rows ``n_r`` (validation's shares
+    of the held-out split); every other dimension must match. The tensor's device must be the
+    process group's (CUDA under NCCL).
     """
     _, world_size = world()
     if world_size == 1:
         return [local.detach()]
-    parts = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(parts, local.detach().contiguous())
-    return parts
+    rows = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world_size)]
+    dist.all_gather(rows, torch.tensor([len(local)], dtype=torch.long, device=local.device))
+    counts = [int(count) for count in rows]
+    padded = local.detach()
+    if len(padded) < max(counts):
+        padded = torch.cat([padded, padded.new_zeros(max(counts) - len(padded), *padded.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return [part[:count] for part, count in zip(parts, counts)]
 
 
 def with_local_leaf(parts: list[torch.Tensor], leaf: torch.Tensor) -> torch.Tensor:

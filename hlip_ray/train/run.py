@@ -3,7 +3,8 @@
 The trainer's datasets are the data plane's streams: ``train`` is the data order from the run's
 latest checkpoint on (rebuilt each time Ray Train starts the worker group, so a restart after a
 failure resumes the data where the model resumes), ``val`` the held-out split for zero-shot
-validation, decoded once before training. The worker loop is ``hlip_ray.train.loop.train_loop``.
+validation, decoded once before training. The worker loop is ``hlip_ray.train.loop.train_loop``;
+its metrics reach the driver's console and ``train.log_dir`` through ``tracking.RunLog``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from hlip_ray.config import Config, ConfigError
@@ -43,14 +46,6 @@ def check_storage_path(config: Config, nodes: int) -> None:
         )
 
 
-def _storage_for_ray(config: Config, storage: Storage) -> tuple[str, object]:
-    """``(storage_path, storage_filesystem)`` for Ray's RunConfig (credentials stay in the environment)."""
-    path = config.train.storage_path
-    if is_s3(path):
-        return path[len("s3://"):].rstrip("/"), storage.s3_filesystem()
-    return os.path.abspath(path.removeprefix("file://")), None
-
-
 def provenance(config: Config, storage: Storage) -> dict:
     """Package versions, git revision and the hash of the study list the run reads."""
     versions = {}
@@ -74,29 +69,87 @@ def provenance(config: Config, storage: Storage) -> dict:
     return {"versions": versions, "git_revision": revision, "data": source, "data_sha256": digest}
 
 
-def build_trainer(config: Config, *, init_checkpoint: str | None = None):
+@dataclass
+class Training:
+    """A run ready to fit: the ``TorchTrainer``, the run's quarantine log and its metrics log (actors)."""
+
+    trainer: object
+    quarantine: object
+    run_log: object
+
+
+def build_trainer(config: Config, *, init_checkpoint: str | None = None) -> Training:
     """The ``TorchTrainer`` of a config; Ray must be initialised. Fails before any work on a bad setup."""
-    import ray
-    import ray.train
-    from ray.data import DataContext, ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hlip_ray.checkpoints import latest_checkpoint
-    from hlip_ray.data.pipeline import create_quarantine_log, evaluation_stream, study_items, training_stream
-    from hlip_ray.model.text import check_projection, hidden_size
+    from hlip_ray.data.quarantine import create_quarantine_log
     from hlip_ray.train.loop import train_loop
-    from hlip_ray.train.tracking import MetricsLogger
+    from hlip_ray.train.tracking import start_run_log
 
+    check_setup(config)
     train = config.train
+    storage = Storage.from_config(config.storage)
+    quarantine = create_quarantine_log()
+    datasets, dataset_config, train_studies = run_datasets(config, storage, quarantine)
+    run_log = start_run_log(log_dir(config), train.max_steps)
+    resources = {"CPU": 1, **({config.resources.trainer: 1} if config.resources.trainer else {}),
+                 **({"GPU": 1} if train.use_gpu else {})}
+    workers = tuple(train.num_workers) if isinstance(train.num_workers, list) else train.num_workers
+    filesystem, storage_path = storage.resolve(train.storage_path)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "run_dir": run_dir(config),
+            "train_studies": train_studies,
+            "init_checkpoint": init_checkpoint,
+            "provenance": provenance(config, storage),
+            "run_log": run_log,
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=train.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            worker_runtime_env={"env_vars": {} if train.use_gpu else {"DS_ACCELERATOR": "cpu"}},
+        ),
+        datasets=datasets,
+        dataset_config=dataset_config,
+    )
+    return Training(trainer, quarantine, run_log)
+
+
+def check_setup(config: Config) -> None:
+    """What the config alone cannot tell, checked before any work: shared storage on a cluster of
+    several nodes, and the text embedding's size without a projection."""
+    import ray
+
+    from hlip_ray.model.text import check_projection
+    from hlip_ray.text_source import hidden_size
+
     check_storage_path(config, nodes=sum(node["Alive"] for node in ray.nodes()))
     if config.model.text.projection == "none":
         try:
             check_projection("none", config.model.projection_dim, hidden_size(config.model.text.name_or_path))
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    storage = Storage.from_config(config.storage)
-    quarantine = create_quarantine_log()
+
+
+def run_datasets(config: Config, storage: Storage, quarantine):
+    """``(datasets, dataset_config, train_studies)`` for the ``TorchTrainer``: ``train``, the data order
+    from the run's latest checkpoint on (split across workers, in order), and ``val``, the held-out
+    split decoded once (read whole by every worker at each validation)."""
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import DataConfig
+
+    from hlip_ray.data.sources import study_items
+    from hlip_ray.data.streams import evaluation_stream, training_stream
+    from hlip_ray.train.checkpoints import latest_checkpoint
+
+    train = config.train
     train_items, train_source = study_items(config, storage, quarantine, "train", train=True)
     val_items, val_source = study_items(config, storage, quarantine, "val", train=False)
     if not train_items:
@@ -122,57 +175,40 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None):
     # defaults would pass on `exclude_resources`, which Ray 2.60 deprecates).
     ordered = ExecutionOptions(resource_limits=DataContext.get_current().execution_options.resource_limits,
                                preserve_order=True)
-    resources = {"CPU": 1}
-    if config.resources.trainer:
-        resources[config.resources.trainer] = 1
-    if train.use_gpu:
-        resources["GPU"] = 1
-    storage_path, filesystem = _storage_for_ray(config, storage)
-    env_vars = {} if train.use_gpu else {"DS_ACCELERATOR": "cpu"}
-    workers = tuple(train.num_workers) if isinstance(train.num_workers, list) else train.num_workers
-    return TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "run_dir": directory,
-            "train_studies": len(train_items),
-            "init_checkpoint": init_checkpoint,
-            "provenance": provenance(config, storage),
-        },
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=train.run_name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            callbacks=[MetricsLogger(Path(train.log_dir) / train.run_name, config)],
-            worker_runtime_env={"env_vars": env_vars},
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ordered, "val": ordered}),
-    ), quarantine
+    dataset_config = DataConfig(datasets_to_split=["train"], execution_options={"train": ordered, "val": ordered})
+    return datasets, dataset_config, len(train_items)
+
+
+def log_dir(config: Config) -> Path:
+    """The run's ``metrics.jsonl`` and TensorBoard folder, on the driver's node."""
+    return Path(config.train.log_dir) / config.train.run_name
 
 
 def fit(config: Config, *, init_checkpoint: str | None = None) -> dict:
-    """Train (or resume) the run a config names; returns a summary of the result."""
-    from hlip_ray.data.pipeline import write_quarantine
-    from hlip_ray.train.tracking import STEPS_KEY
+    """Train (or resume) the run a config names, printing its progress; returns a summary of the result."""
+    from hlip_ray.data.quarantine import write_quarantine
+    from hlip_ray.train.tracking import print_progress
 
     started = time.perf_counter()
-    trainer, quarantine = build_trainer(config, init_checkpoint=init_checkpoint)
-    result = trainer.fit()
+    training = build_trainer(config, init_checkpoint=init_checkpoint)
+    stop = threading.Event()
+    printer = threading.Thread(target=print_progress, args=(training.run_log, stop), name="progress", daemon=True)
+    printer.start()
+    try:
+        result = training.trainer.fit()
+    finally:
+        stop.set()
+        printer.join()
     storage = Storage.from_config(config.storage)
-    rejected = write_quarantine(quarantine, run_dir(config), storage)
+    rejected = write_quarantine(training.quarantine, run_dir(config), storage)
     checkpoint = result.checkpoint
     summary = {
         "run_dir": run_dir(config),
         "checkpoint": _checkpoint_uri(config, checkpoint.path) if checkpoint else None,
-        "metrics": {key: value for key, value in (result.metrics or {}).items()
-                    if not key.startswith("_") and key != STEPS_KEY},
+        "metrics": {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")},
         "rejections": rejected,
         "seconds": round(time.perf_counter() - started, 1),
-        "log_dir": str(Path(config.train.log_dir) / config.train.run_name),
+        "log_dir": str(log_dir(config)),
     }
     logger.info("training finished: %s", json.dumps(summary, default=str))
     return summary

@@ -1,21 +1,30 @@
-"""Where training metrics go: TensorBoard and ``metrics.jsonl`` (always), MLflow / W&B (when configured).
+"""Where training metrics go: ``metrics.jsonl``, TensorBoard and the console (always), MLflow / W&B
+(when configured).
 
-``MetricsLogger`` is a Ray Train callback on the controller: after every report it writes rank
-0's metrics to ``log_dir/metrics.jsonl`` and to TensorBoard events in ``log_dir/tensorboard``
-(``tensorboard --logdir runs``). MLflow and Weights & Biases are reached through Ray's own
-integrations (``setup_mlflow`` / ``setup_wandb``) from the rank-0 worker (``ExperimentTrackers``).
-Metrics are numbers only: no report text or patient field is ever logged.
+Rank 0 sends every step's metrics (``StepLog``) to the run's ``RunLog`` actor, which the driver
+starts on its own node: it appends them to ``log_dir/metrics.jsonl``, writes TensorBoard events to
+``log_dir/tensorboard`` (``tensorboard --logdir runs``) and composes progress lines, which the
+driver prints (``print_progress``): one every ``PROGRESS_SECONDS`` with step, loss, studies/s,
+data-wait share and ETA, and one per checkpoint with the validation AUC. ``ray.train.report``
+carries flat scalars only (the loop's reports, for Ray and Tune). MLflow and Weights & Biases are
+reached through Ray's own integrations from the rank-0 worker (``ExperimentTrackers``). Metrics
+are numbers only: no report text or patient field is ever logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
+import time
 from pathlib import Path
 
-from ray.train import UserCallback
+import ray
 
 from hlip_ray.config import Config
+
+PROGRESS_SECONDS = 30.0   # at most one progress line per this many seconds (checkpoint lines apart)
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -29,35 +38,126 @@ def numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
-# A report's list of the metrics of every step since the previous report (``train.report_every``).
-STEPS_KEY = "steps"
+@ray.remote(num_cpus=0)
+class RunLog:
+    """The run's metrics on the driver's node: ``metrics.jsonl`` (one line per step), TensorBoard,
+    and the progress lines the driver prints (``take_lines``)."""
 
-
-class MetricsLogger(UserCallback):
-    """Rank 0's reports -> ``metrics.jsonl`` and TensorBoard: one line and one point per training step."""
-
-    def __init__(self, log_dir: Path, config: Config) -> None:
+    def __init__(self, log_dir: str, max_steps: int) -> None:
         self.log_dir = Path(log_dir)
-        self.run_name = config.train.run_name
+        self.max_steps = max_steps
+        self.lines: list[str] = []
+        self.started = self.last_line = None
+        self.first_step = 0
+        self.losses: list[float] = []
         self._writer = None
 
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if not metrics or "step" not in metrics[0]:
-            return
-        steps = metrics[0].get(STEPS_KEY) or [metrics[0]]
+    def log_step(self, metrics: dict, checkpoint: str | None = None) -> None:
+        values = numeric(metrics)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(self.log_dir / "tensorboard"))
         with open(self.log_dir / "metrics.jsonl", "a") as handle:
-            for index, step_metrics in enumerate(steps):
-                values = numeric(step_metrics)
-                at_checkpoint = checkpoint is not None and index == len(steps) - 1
-                handle.write(json.dumps({**values, "checkpoint": checkpoint.path if at_checkpoint else None}) + "\n")
-                for key, value in values.items():
-                    self._writer.add_scalar(key, value, int(values["step"]))
-        self._writer.flush()
+            handle.write(json.dumps({**values, "checkpoint": checkpoint}) + "\n")
+        step = int(values["step"])
+        for key, value in values.items():
+            self._writer.add_scalar(key, value, step)
+        self._progress(values, checkpoint)
+
+    def _progress(self, values: dict[str, float], checkpoint: str | None) -> None:
+        now = time.monotonic()
+        step = int(values["step"])
+        if self.started is None:   # the clock starts at the first step this run log sees
+            self.started, self.last_line, self.first_step = now, now, step
+        self.losses.append(values["loss"])
+        due = step == self.first_step or step == self.max_steps or now - self.last_line >= PROGRESS_SECONDS
+        if due:
+            self.lines.append(progress_line(values, sum(self.losses) / len(self.losses), self.max_steps,
+                                            elapsed=now - self.started, steps_done=step - self.first_step))
+            self.last_line, self.losses = now, []
+        if checkpoint is not None:
+            self.lines.append(checkpoint_line(values, checkpoint))
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def take_lines(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def start_run_log(log_dir: Path, max_steps: int):
+    """A ``RunLog`` on this (the driver's) node, where ``log_dir`` is."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return RunLog.options(scheduling_strategy=here).remote(str(log_dir), max_steps)
+
+
+def progress_line(values: dict[str, float], mean_loss: float, max_steps: int, *, elapsed: float,
+                  steps_done: int) -> str:
+    """``step 120/800 (15%)  loss 2.413  lr 3.0e-03  29.1 studies/s  data wait 2%  elapsed 1m05s  ETA 6m08s``
+    (the loss is the mean over the steps since the previous line; ``elapsed`` runs from the first
+    step, and the ETA is the rate since then, validations included)."""
+    step = int(values["step"])
+    eta = elapsed / steps_done * (max_steps - step) if steps_done else float("nan")
+    return (f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%)  loss {mean_loss:.3f}  lr {values['lr']:.1e}  "
+            f"{values['studies_per_s']:.1f} studies/s  data wait {100 * values['data_wait_fraction']:.0f}%  "
+            f"elapsed {duration(elapsed)}  ETA {duration(eta)}")
+
+
+def checkpoint_line(values: dict[str, float], checkpoint: str) -> str:
+    """``checkpoint at step 100: val zero-shot AUC 0.712 (hemorrhage 0.70, ...) -> URI``"""
+    per_label = ", ".join(f"{key.removeprefix('val/auc/')} {value:.3f}" for key, value in values.items()
+                          if key.startswith("val/auc/"))
+    auc = values.get("val/zeroshot_auc")
+    shown = f"val zero-shot AUC {auc:.3f}" + (f" ({per_label})" if per_label else "") if auc is not None else \
+        "no validation (eval.vocabulary unset)"
+    return f"checkpoint at step {int(values['step'])}: {shown} -> {checkpoint}"
+
+
+def duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def print_progress(run_log, stop: threading.Event, every_s: float = 2.0) -> None:
+    """Print the run log's progress lines as they come, until ``stop`` is set (then the rest)."""
+    while True:
+        stopping = stop.wait(every_s)
+        try:
+            lines = ray.get(run_log.take_lines.remote())
+        except ray.exceptions.RayError:
+            return
+        for line in lines:
+            print(line, flush=True)
+        if stopping:
+            return
+
+
+class StepLog:
+    """The worker side: rank 0 sends every step to the ``RunLog`` and the experiment trackers."""
+
+    def __init__(self, run_log, rank: int, trackers: ExperimentTrackers) -> None:
+        self.run_log = run_log if rank == 0 else None
+        self.trackers = trackers
+
+    def step(self, metrics: dict, checkpoint: str | None = None) -> None:
+        if self.run_log is None:
+            return
+        self.run_log.log_step.remote(numeric(metrics), checkpoint)
+        self.trackers.log(metrics, int(metrics["step"]))
+
+    def close(self) -> None:
+        """Wait until the run log has every step sent (an actor runs one caller's calls in order)."""
+        if self.run_log is not None:
+            ray.get(self.run_log.flush.remote())
 
 
 class ExperimentTrackers:
@@ -86,3 +186,29 @@ class ExperimentTrackers:
         values = numeric(metrics)
         for log in self.loggers:
             log(values, step)
+
+
+def quiet_worker_console() -> None:
+    """Keep a training worker's console (which reaches the driver's) to what a person reads.
+
+    Ray Train 2.60 logs every ``ray.train.report`` at INFO on every rank, under a logger named by its
+    file path, so ``RunConfig``'s log level does not reach it, and every checkpoint's storage path on
+    every rank: both dropped here from the console only (Ray's ``ray-train-*-worker`` log files keep
+    them; the driver prints one line per checkpoint). Ray Data logs the start and end of the
+    validation stream's execution at every validation on every rank: its INFO stays in its
+    ``ray-data`` log file. DeepSpeed's import warns on CPU that no CUDA runtime is found.
+    """
+    from ray.train.v2._internal.execution import context, storage
+
+    class RayTrainChatter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.name != context.__file__ and not (
+                record.name == storage.__name__ and record.levelno < logging.WARNING)
+
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.addFilter(RayTrainChatter())
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.addFilter(lambda record: record.levelno >= logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

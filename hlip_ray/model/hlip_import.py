@@ -1,8 +1,5 @@
-"""Foreign checkpoints, each adapted by one filter function:
-
-- ``from_hlip_checkpoint``: a model released by the HLIP authors (open_clip ``CustomTextCLIP``).
-- ``init_from_2d_vit``: a 2D (MAE) ViT inflated into the study encoder, as HLIP initialises.
-"""
+"""Models released by the HLIP authors (open_clip ``CustomTextCLIP``), adapted by one filter
+function (``hlip_state_dict_filter``) and loaded by ``from_hlip_checkpoint``."""
 
 from __future__ import annotations
 
@@ -11,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hlip_ray.layouts import expand_layout
 from hlip_ray.model.clip import StudyCLIP
-from hlip_ray.model.pos_embed import spatial_from_2d
 from hlip_ray.model.study_encoder import StudyEncoder
 from hlip_ray.model.text import TextTower
+from hlip_ray.model.weight_files import load_state_dict_file
 
 # HLIP's released models: attention layout, patch size and the input grid they were trained at.
 HLIP_MODELS: dict[str, dict[str, Any]] = {
@@ -30,23 +26,6 @@ HLIP_TEXT_MODEL = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext
 # Overrides from_hlip_checkpoint passes on to the study encoder.
 ENCODER_OPTIONS = ("num_heads", "pixel_mean", "pixel_std", "patch_dropout", "drop_path",
                    "grad_checkpointing", "attention_backend")
-
-
-def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
-            payload = payload[key]
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: no state dict inside")
-    return payload
 
 
 def hlip_state_dict_filter(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -93,7 +72,7 @@ def from_hlip_checkpoint(path: str | Path, **overrides: Any) -> StudyCLIP:
     Pixels are taken as HLIP's [0, 1] scale (``pixel_mean=[0]``, ``pixel_std=[1]``) unless
     overridden. A checkpoint without text weights gives a model without a text tower.
     """
-    towers = hlip_state_dict_filter(_load_state_dict(path))
+    towers = hlip_state_dict_filter(load_state_dict_file(path))
     visual = towers["visual"]
     name = overrides.pop("name", None)
     if name and name not in HLIP_MODELS:
@@ -153,57 +132,3 @@ def from_hlip_checkpoint(path: str | Path, **overrides: Any) -> StudyCLIP:
             f"unexpected {result.unexpected_keys[:8]}"
         )
     return model
-
-
-def adapt_2d_vit_state_dict(state_dict: dict[str, torch.Tensor], encoder: StudyEncoder) -> dict[str, torch.Tensor]:
-    """A timm 2D ViT's weights (e.g. ``vit_base_patch16_224.mae``) in the study encoder's shapes.
-
-    The patch kernel ``[E, 3, ph0, pw0]`` is resized to ``(ph, pw)``, summed over RGB, shared
-    evenly over the input channels and spread evenly over ``pd`` slices; the 2D position
-    embedding becomes the spatial one plus a 1D sin-cos over depth (a CLS position row, if
-    any, is folded into ``cls_token``); blocks and the final norm are copied; heads dropped.
-    """
-    out: dict[str, torch.Tensor] = {}
-    depth, height, width = encoder.patch_size
-    kernel = state_dict["patch_embed.proj.weight"].float()
-    if tuple(kernel.shape[2:]) != (height, width):
-        kernel = F.interpolate(kernel, size=(height, width), mode="bicubic", align_corners=False)
-    kernel = kernel.sum(dim=1, keepdim=True) / encoder.in_channels
-    kernel = kernel.expand(-1, encoder.in_channels, -1, -1).unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
-    out["patch_embed.weight"] = kernel
-    if "patch_embed.proj.bias" in state_dict:
-        out["patch_embed.bias"] = state_dict["patch_embed.proj.bias"]
-
-    cls_token = state_dict["cls_token"].float()
-    if "pos_embed" in state_dict:
-        pos = state_dict["pos_embed"].float()
-        rows = pos.shape[1]
-        if int(round(rows**0.5)) ** 2 != rows:  # a CLS row in front of the patch grid
-            cls_token = cls_token + pos[:, :1]
-            pos = pos[:, 1:]
-        out["spatial_pos_embed"] = spatial_from_2d(pos, encoder.token_grid)
-    out["cls_token"] = cls_token
-    for key, value in state_dict.items():
-        if key.startswith(("blocks.", "norm.")):
-            out[key] = value
-    return out
-
-
-def init_from_2d_vit(encoder: StudyEncoder, source: str | Path) -> StudyEncoder:
-    """Initialise ``encoder`` from a 2D ViT: a local checkpoint file, or a timm model name
-    (``vit_base_patch16_224.mae``) fetched from the model hub where one is reachable."""
-    if Path(source).exists():
-        state_dict = _load_state_dict(source)
-    else:
-        import timm
-
-        state_dict = timm.create_model(str(source), pretrained=True).state_dict()
-    adapted = adapt_2d_vit_state_dict(state_dict, encoder)
-    result = encoder.load_state_dict(adapted, strict=False)
-    missing_blocks = [key for key in result.missing_keys if key.startswith("blocks.")]
-    if missing_blocks or result.unexpected_keys:
-        raise ValueError(
-            f"2D ViT {source} does not fit the study encoder: missing {missing_blocks[:8]}, "
-            f"unexpected {result.unexpected_keys[:8]}"
-        )
-    return encoder

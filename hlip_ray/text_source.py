@@ -1,5 +1,6 @@
-"""Where a text tower's files are, and its tokenizer: no torch import, so that Ray Data's CPU
-workers, which only tokenize reports, start in about a second rather than a dozen.
+"""Where a text tower's files are, its tokenizer and its width: no torch import, so that Ray Data's
+CPU workers, which only tokenize reports, start in about a second rather than a dozen. The data
+plane (tokenizing reports) and the model library (the text tower) both read text towers through here.
 
 ``name_or_path`` is a Hugging Face hub name (HLIP:
 ``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext``), a local folder, or
@@ -34,6 +35,7 @@ def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()   # "Loading weights: 100%|..." on every worker that builds a tower
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
@@ -43,3 +45,11 @@ def load_tokenizer(name_or_path: str):
 
     quiet_transformers()
     return AutoTokenizer.from_pretrained(resolve_text_source(name_or_path))
+
+
+def hidden_size(name_or_path: str) -> int:
+    """The hidden size of a text tower, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    return AutoConfig.from_pretrained(resolve_text_source(name_or_path)).hidden_size

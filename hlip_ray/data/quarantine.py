@@ -1,0 +1,61 @@
+"""The quarantine: every scan or study a run skipped, with its reason, collected from every worker.
+
+Decode tasks report what they reject to one ``QuarantineLog`` actor per run; at the end the driver
+writes it as ``quarantine.jsonl`` (uri, study_id, reason, detail) beside the run's output.
+Details never hold patient fields or report text (``records.Rejection``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import ray
+
+from hlip_ray.data.records import Rejection
+from hlip_ray.data.storage import Storage, join
+
+logger = logging.getLogger(__name__)
+
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+@ray.remote(num_cpus=0)
+class QuarantineLog:
+    """Collects the rejections of every decoding worker of one run."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, str]] = []
+
+    def record(self, rejections: list[dict[str, str]]) -> None:
+        self.records.extend(rejections)
+
+    def records_list(self) -> list[dict[str, str]]:
+        return list(self.records)
+
+
+def create_quarantine_log():
+    """A ``QuarantineLog`` actor for one run (Ray must be initialised)."""
+    return QuarantineLog.remote()
+
+
+def quarantine(log, rejections: list[Rejection], study_id: str) -> None:
+    """Log each rejection (uri and reason only) and record it in ``log`` (None: log only)."""
+    if not rejections:
+        return
+    records = [{"uri": r.uri, "study_id": study_id, "reason": r.reason, "detail": r.detail} for r in rejections]
+    for record in records:
+        logger.warning("skipped %s (study %s): %s", record["uri"], study_id, record["reason"])
+    if log is not None:
+        ray.get(log.record.remote(records))
+
+
+def write_quarantine(log, out_dir: str, storage: Storage) -> dict[str, int]:
+    """Write ``out_dir/quarantine.jsonl``; return the counts by reason."""
+    records = ray.get(log.records_list.remote())
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    storage.write_bytes(join(out_dir, QUARANTINE_FILE), lines.encode())
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["reason"]] = counts.get(record["reason"], 0) + 1
+    return counts

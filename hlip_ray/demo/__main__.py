@@ -1,0 +1,3 @@
+from hlip_ray.demo.job import main
+
+main()

@@ -1,0 +1,25 @@
+"""Reading a state dict from a weights file, for the foreign-checkpoint adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a ``.safetensors`` file, or in a torch file (also under ``state_dict`` / ``model``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: no state dict inside")
+    return payload
