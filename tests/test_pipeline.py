@@ -175,45 +175,6 @@ def test_bad_inputs_are_skipped_counted_and_quarantined(tmp_path, ray_session):
     assert corrupt["uri"].endswith("truncated") and "0001.dcm" in corrupt["detail"]
 
 
-def test_pipeline_feeds_a_two_worker_torch_trainer(tmp_path, ray_session):
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    root = tmp_path / "raw"
-    write_corpus(folder_writer(root), studies=6, seed=8)
-    from hlip_ray.data.manifest import build_manifest
-
-    rows = build_manifest(str(root), Storage(), salt="s", val_fraction=0.0)
-    config = tiny_config()
-    dataset = raw_training_examples(rows, config, Storage(), create_quarantine_log())
-    out = tmp_path / "seen"
-    out.mkdir()
-
-    def train_loop(loop_config):
-        import ray.train
-
-        rank = ray.train.get_context().get_world_rank()
-        shard = ray.train.get_dataset_shard("train")
-        seen = []
-        for batch in shard.iter_torch_batches(batch_size=2, collate_fn=collate_study_batch):
-            assert batch["pixels"].dim() == 6 and batch["scan_mask"].any(dim=1).all()
-            seen += batch["study_id"]
-        Path(loop_config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
-
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"out": str(out)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1, "trainer": 1}),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name="pipeline-feed", storage_path=str(tmp_path / "runs")),
-    )
-    trainer.fit()
-    per_rank = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert all(per_rank) and not set(per_rank[0]) & set(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == sorted(row.study_id for row in rows)
-
-
 def test_canary_patient_name_and_report_never_leak(tmp_path, ray_session):
     import pyarrow.parquet as pq
     import ray

@@ -61,10 +61,10 @@ def trained_run(s3_endpoint, ray_session, tmp_path_factory):
     assert cli.main(["train", *overrides]) == 0
     storage = Storage(endpoint_url=s3_endpoint)
     splits = [item["split"] for item in read_index(f"s3://{BUCKET}/shards", storage)]
-    final, _ = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", storage)
+    at_step_2 = storage.read_bytes(f"s3://{BUCKET}/runs/e2e/checkpoint_00000002/model.safetensors")
     return {"overrides": overrides, "storage": storage, "log_dir": root / "logs" / "e2e", "mlruns": root / "mlruns",
             "config": load_config(None, overrides), "train_studies": splits.count("train"),
-            "val_studies": splits.count("val"), "weights": storage.read_bytes(f"{final}/model.safetensors")}
+            "val_studies": splits.count("val"), "weights_at_step_2": at_step_2}
 
 
 def metrics_lines(log_dir: Path) -> list[dict]:
@@ -210,21 +210,22 @@ def test_resuming_with_another_number_of_workers_continues_the_same_data_order(t
 
 def test_the_same_config_and_seed_give_the_same_loss_at_every_step_and_the_same_weights(trained_run, capsys):
     """Training is deterministic end to end: a second run of the same config (another name, so it
-    starts afresh) reads the same studies, draws the same masks and ends on the same bytes. Its
+    starts afresh) reads the same studies, draws the same masks and writes the same bytes. Its
     console shows progress lines and one line per checkpoint; its result carries flat metrics."""
     log_dir = trained_run["log_dir"]
-    first = {int(line["step"]): line["loss"] for line in metrics_lines(log_dir) if line["step"] <= 4}
+    first = {int(line["step"]): line["loss"] for line in metrics_lines(log_dir) if line["step"] <= 2}
     capsys.readouterr()
-    assert cli.main(["train", *trained_run["overrides"], "train.run_name=e2e-again"]) == 0
-    console = capsys.readouterr().out.splitlines()
-    assert console[0].startswith("step 1/4 (25%)  loss ") and "studies/s" in console[0] and "ETA" in console[0]
-    assert [line.split(":")[0] for line in console if line.startswith("checkpoint")] == [
-        "checkpoint at step 2", "checkpoint at step 4"]
-    assert any(line.startswith("step 4/4 (100%)") for line in console)
-    summary = json.loads(console[-1])
-    assert summary["metrics"]["step"] == 4 and all(
-        isinstance(value, (int, float)) for value in summary["metrics"].values())
+    assert cli.main(["train", *trained_run["overrides"], "train.run_name=e2e-again", "train.max_steps=2"]) == 0
     again = {int(line["step"]): line["loss"] for line in metrics_lines(log_dir.parent / "e2e-again")}
-    assert again == first and len(first) == 4
+    assert again == first and len(first) == 2
     final, state = latest_checkpoint(f"s3://{BUCKET}/runs/e2e-again", trained_run["storage"])
-    assert state.step == 4 and trained_run["storage"].read_bytes(f"{final}/model.safetensors") == trained_run["weights"]
+    assert state.step == 2
+    assert trained_run["storage"].read_bytes(f"{final}/model.safetensors") == trained_run["weights_at_step_2"]
+
+    console = capsys.readouterr().out.splitlines()
+    assert console[0].startswith("step 1/2 (50%)  loss ") and "studies/s" in console[0] and "ETA" in console[0]
+    assert any(line.startswith("step 2/2 (100%)") for line in console)
+    assert [line.split(":")[0] for line in console if line.startswith("checkpoint")] == ["checkpoint at step 2"]
+    summary = json.loads(console[-1])
+    assert summary["metrics"]["step"] == 2 and all(
+        isinstance(value, (int, float)) for value in summary["metrics"].values())

@@ -52,7 +52,8 @@ class RunLog:
         self.losses: list[float] = []
         self._writer = None
 
-    def log_step(self, metrics: dict, checkpoint: str | None = None) -> None:
+    def log_step(self, metrics: dict, at: float, checkpoint: str | None = None) -> None:
+        """One step's metrics, ``at`` the time (``time.time()`` on rank 0) the step ended."""
         values = numeric(metrics)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self._writer is None:
@@ -64,10 +65,9 @@ class RunLog:
         step = int(values["step"])
         for key, value in values.items():
             self._writer.add_scalar(key, value, step)
-        self._progress(values, checkpoint)
+        self._progress(values, at, checkpoint)
 
-    def _progress(self, values: dict[str, float], checkpoint: str | None) -> None:
-        now = time.monotonic()
+    def _progress(self, values: dict[str, float], now: float, checkpoint: str | None) -> None:
         step = int(values["step"])
         if self.started is None:   # the clock starts at the first step this run log sees
             self.started, self.last_line, self.first_step = now, now, step
@@ -151,7 +151,7 @@ class StepLog:
     def step(self, metrics: dict, checkpoint: str | None = None) -> None:
         if self.run_log is None:
             return
-        self.run_log.log_step.remote(numeric(metrics), checkpoint)
+        self.run_log.log_step.remote(numeric(metrics), time.time(), checkpoint)
         self.trackers.log(metrics, int(metrics["step"]))
 
     def close(self) -> None:
