@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 
 def load_vocabulary(data: bytes | str, where: str = "vocabulary") -> dict[str, dict[str, list[str]]]:
@@ -94,6 +93,8 @@ def zeroshot_scores(study_embeddings: torch.Tensor, classes: dict[str, torch.Ten
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     """Area under the ROC curve (scikit-learn's); NaN when one class is absent."""
+    from sklearn.metrics import roc_auc_score  # here: scikit-learn's import takes seconds
+
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return float("nan")

@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import ray
@@ -196,7 +197,9 @@ def quiet_worker_console() -> None:
     every rank: both dropped here from the console only (Ray's ``ray-train-*-worker`` log files keep
     them; the driver prints one line per checkpoint). Ray Data logs the start and end of the
     validation stream's execution at every validation on every rank: its INFO stays in its
-    ``ray-data`` log file. DeepSpeed's import warns on CPU that no CUDA runtime is found.
+    ``ray-data`` log file. DeepSpeed's import warns on CPU that no CUDA runtime is found, and its
+    checkpoints call a torch collective that torch has deprecated (a warning at every checkpoint,
+    nothing for a user to act on).
     """
     from ray.train.v2._internal.execution import context, storage
 
@@ -212,3 +215,4 @@ def quiet_worker_console() -> None:
         if type(handler).__name__ == "PlainRayHandler":
             handler.addFilter(lambda record: record.levelno >= logging.WARNING)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
