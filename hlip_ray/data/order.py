@@ -54,7 +54,10 @@ class StudiesAtPositions:
         self.source = source
         self.order = DataOrder(len(items), seed)
         self.start = start
-        self.drops_studies = source.drops_studies
+
+    @property
+    def drops_studies(self) -> bool:
+        return self.source.drops_studies
 
     def read(self, row: dict[str, Any], epoch: int = 0) -> tuple[int, int, int, Any]:
         """The row's position, the epoch and item it falls on, and the source's read of that study

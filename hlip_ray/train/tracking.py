@@ -53,13 +53,12 @@ class RunLog:
         self.losses: list[float] = []
         self._writer = None
 
-    def log_step(self, metrics: dict, at: float, checkpoint: str | None = None) -> None:
-        """One step's metrics, ``at`` the time (``time.time()`` on rank 0) the step ended."""
-        values = numeric(metrics)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+    def log_step(self, values: dict[str, float], at: float, checkpoint: str | None = None) -> None:
+        """One step's metrics (``numeric``), ``at`` the time (``time.time()`` on rank 0) the step ended."""
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
+            self.log_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(self.log_dir / "tensorboard"))
         with open(self.log_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps({**values, "checkpoint": checkpoint}) + "\n")
@@ -152,8 +151,9 @@ class StepLog:
     def step(self, metrics: dict, checkpoint: str | None = None) -> None:
         if self.run_log is None:
             return
-        self.run_log.log_step.remote(numeric(metrics), time.time(), checkpoint)
-        self.trackers.log(metrics, int(metrics["step"]))
+        values = numeric(metrics)
+        self.run_log.log_step.remote(values, time.time(), checkpoint)
+        self.trackers.log(values, int(values["step"]))
 
     def close(self) -> None:
         """Wait until the run log has every step sent (an actor runs one caller's calls in order)."""
@@ -183,8 +183,8 @@ class ExperimentTrackers:
             wandb = setup_wandb(settings, project=train.wandb_project, name=train.run_name, rank_zero_only=True)
             self.loggers.append(lambda values, step: wandb.log(values, step=step))
 
-    def log(self, metrics: dict, step: int) -> None:
-        values = numeric(metrics)
+    def log(self, values: dict[str, float], step: int) -> None:
+        """One step's metrics (``numeric``) to every tracker."""
         for log in self.loggers:
             log(values, step)
 
