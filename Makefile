@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # torch first: DeepSpeed builds against the torch already in the environment.
 TORCH := torch==2.14.1 torchvision==0.29.2
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv demo test test-fast bench lint docs clean
 
 venv: $(STAMP)
 
@@ -35,5 +35,9 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hlip_ray tests benchmarks
 
+# The user's guide into site/ (warnings are errors, as in tests/test_docs.py); `.venv/bin/mkdocs serve` to read it.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache

