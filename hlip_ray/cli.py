@@ -77,6 +77,22 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_command(args: argparse.Namespace) -> int:
+    from hlip_ray import ray_runtime
+    from hlip_ray.tune.results import summary_lines, write_results
+    from hlip_ray.tune.space import load_space
+    from hlip_ray.tune.sweep import run_sweep, sweep_config, sweep_dir
+
+    config = load_config(args.config, args.overrides)
+    space = load_space(args.space)
+    sweep_config(config, space)   # every point of the space checked before Ray starts
+    ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers))
+    grid, base = run_sweep(config, space, resume=args.resume)
+    found = write_results(grid, base, space.keys, sweep_dir(base), _storage(config))
+    print("\n".join(summary_lines(found, base, space.keys)))
+    return 0
+
+
 def _eval_command(args: argparse.Namespace) -> int:
     """A run checkpoint brings its config (model, preprocessing, data, vocabulary); overrides apply on top."""
     import json
@@ -144,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = with_config(commands.add_parser("train", help="train (or resume) a run on Ray Train + DeepSpeed"))
     train.add_argument("--checkpoint", help="initial weights: a run checkpoint (folder or URI) or an HLIP model file")
     train.set_defaults(run=_train_command)
+
+    tune = with_config(commands.add_parser("tune", help="sweep a space of configs with Ray Tune (ASHA)"))
+    tune.add_argument("--space", required=True, help="a space YAML (tune_spaces/*.yaml)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the interrupted sweep named tune.name under tune.storage_path")
+    tune.set_defaults(run=_tune_command)
 
     evaluate = with_config(commands.add_parser("eval", help="zero-shot AUC of a trained model on a split"))
     evaluate.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file")

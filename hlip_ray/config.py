@@ -293,6 +293,39 @@ class ResourcesConfig(_Section):
     trainer: str | None = None
     """Ray custom resource that every training worker requests one unit of, so that trainers run only on
     nodes that have it (a GPU pool); null: anywhere."""
+    driver: str | None = None
+    """Ray custom resource that every sweep trial's driver requests one unit of, so that trial drivers
+    run only where it exists (the head in ``cluster/``), never on spot nodes; null: a hundredth of a CPU
+    anywhere."""
+
+
+class TuneConfig(_Section):
+    """Sweeps with Ray Tune (``hlip-ray tune --space S``): each trial is a whole training run."""
+
+    name: str = "sweep"
+    """The sweep's name: its folder under ``tune.storage_path`` and the prefix of its trials' run names.
+    ``hlip-ray tune --resume`` continues the sweep of this name."""
+    storage_path: str = "sweeps"
+    """Where the sweep keeps Tune's state, its trials' checkpoints and its results: ``s3://bucket/prefix``,
+    a local folder (single node), or a shared mount as ``file:///mnt/shared/sweeps``."""
+    metric: str = "val/zeroshot_auc"
+    """The reported metric trials are compared on (early stopping, the best trial, the Pareto front)."""
+    mode: Literal["max", "min"] = "max"
+    """Whether a higher (``max``) or lower (``min``) ``tune.metric`` is better."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """``asha``: stop trials whose metric trails the others' at the same step (ASHA); ``fifo``: run every
+    trial to ``train.max_steps``."""
+    grace_period: int = Field(100, gt=0)
+    """Training steps a trial runs before ASHA may stop it; make it at least ``train.checkpoint_every``,
+    since the metric changes only at a validation."""
+    reduction_factor: int = Field(3, ge=2)
+    """ASHA's rungs are ``grace_period × reduction_factor^k`` steps; at each, all but the best
+    1 / ``reduction_factor`` of the trials that reached it are stopped."""
+    num_samples: int = Field(1, gt=0)
+    """Samples drawn from the space; every ``grid`` value is crossed with each sample."""
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    """Trials running at once; null: as many as the cluster's GPUs (or CPUs, on a CPU cluster) hold
+    trials of ``train.num_workers`` workers."""
 
 
 class Config(_Section):
@@ -308,6 +341,8 @@ class Config(_Section):
     """Training (``train.*``)."""
     eval: EvalConfig = EvalConfig()
     """Evaluation (``eval.*``)."""
+    tune: TuneConfig = TuneConfig()
+    """Sweeps (``tune.*``)."""
     resources: ResourcesConfig = ResourcesConfig()
     """Node-pool placement (``resources.*``)."""
 
@@ -422,6 +457,14 @@ def apply_overrides(config: Config, overrides: list[str], source: str = "config"
     if not overrides:
         return config
     return config_from_dict(_merge(config.model_dump(mode="json"), parse_overrides(overrides)), f"{source} + overrides")
+
+
+def with_values(config: Config, values: dict[str, Any], source: str = "config") -> Config:
+    """``config`` with ``{dotted key: value}`` set (values as Python objects), validated again."""
+    tree: dict[str, Any] = {}
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return config_from_dict(_merge(config.model_dump(mode="json"), tree), source)
 
 
 def dump_config(config: Config) -> str:

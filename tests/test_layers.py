@@ -31,6 +31,7 @@ NEVER = {
     "hlip_ray.data": ["deepspeed", "timm", "hlip_ray.model", "hlip_ray.train", "hlip_ray.eval", "hlip_ray.demo"],
     "hlip_ray.eval": ["deepspeed", "hlip_ray.train", "hlip_ray.tune", "hlip_ray.demo"],
     "hlip_ray.train": ["hlip_ray.tune", "hlip_ray.demo", "hlip_ray.cli"],
+    "hlip_ray.tune": ["hlip_ray.demo", "hlip_ray.cli"],
 }
 TOP_LEVEL = {"hlip_ray.cli", "hlip_ray.layouts", "hlip_ray.ray_runtime", "hlip_ray.demo"}
 

@@ -78,8 +78,9 @@ class Training:
     run_log: object
 
 
-def build_trainer(config: Config, *, init_checkpoint: str | None = None) -> Training:
-    """The ``TorchTrainer`` of a config; Ray must be initialised. Fails before any work on a bad setup."""
+def build_trainer(config: Config, *, init_checkpoint: str | None = None, callbacks: tuple = ()) -> Training:
+    """The ``TorchTrainer`` of a config; Ray must be initialised. Fails before any work on a bad setup.
+    ``callbacks``: Ray Train callbacks of the run (a sweep's trial passes Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -115,6 +116,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None) -> Trai
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
             worker_runtime_env={"env_vars": {} if train.use_gpu else {"DS_ACCELERATOR": "cpu"}},
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         dataset_config=dataset_config,
@@ -184,16 +186,18 @@ def log_dir(config: Config) -> Path:
     return Path(config.train.log_dir) / config.train.run_name
 
 
-def fit(config: Config, *, init_checkpoint: str | None = None) -> dict:
-    """Train (or resume) the run a config names, printing its progress; returns a summary of the result."""
+def fit(config: Config, *, init_checkpoint: str | None = None, callbacks: tuple = (), progress: bool = True) -> dict:
+    """Train (or resume) the run a config names, printing its progress (unless ``progress`` is off, as
+    in a sweep's trials); returns a summary of the result."""
     from hlip_ray.data.quarantine import write_quarantine
     from hlip_ray.train.tracking import print_progress
 
     started = time.perf_counter()
-    training = build_trainer(config, init_checkpoint=init_checkpoint)
+    training = build_trainer(config, init_checkpoint=init_checkpoint, callbacks=callbacks)
     stop = threading.Event()
     printer = threading.Thread(target=print_progress, args=(training.run_log, stop), name="progress", daemon=True)
-    printer.start()
+    if progress:
+        printer.start()
     storage = Storage.from_config(config.storage)
     try:
         result = training.trainer.fit()
@@ -202,7 +206,8 @@ def fit(config: Config, *, init_checkpoint: str | None = None) -> dict:
         raise
     finally:
         stop.set()
-        printer.join()
+        if progress:
+            printer.join()
     rejected = write_quarantine(training.quarantine, run_dir(config), storage)
     checkpoint = result.checkpoint
     summary = {

@@ -1,0 +1,156 @@
+"""Sweeps with Ray Tune, as a user runs them: `hlip-ray tune` in a process of its own, on the tiny smoke
+config and a small synthetic corpus.
+
+A space that names an unknown key, or has a point the config refuses, fails before any trial, naming
+the key and value. A sweep over attention layout x global batch (through the gradient cache) runs every
+trial as a whole training run; ASHA stops the trials that trail; the results (table, best config,
+front, plots) are written and the best config trains. A sweep whose driver is killed resumes with
+`--resume` and finishes without running its finished trial again.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hlip_ray.config import ConfigError, load_config
+from hlip_ray.tune.space import load_space
+from tests.conftest import REPO_ROOT
+
+SMOKE = str(REPO_ROOT / "jobs" / "configs" / "smoke.yaml")
+
+
+def _space(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _tune(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hlip_ray.cli", "tune", *args], cwd=REPO_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_a_space_is_checked_whole_before_any_trial_starts(tmp_path):
+    from hlip_ray.tune.sweep import sweep_config
+
+    config = load_config(SMOKE, ["eval.vocabulary=v.json", "tune.grace_period=6",
+                                 f"tune.storage_path={tmp_path / 'sweeps'}"])
+    cases = {
+        "model.attn: {grid: [h2, full]}\n": "model.attn: not a config key",
+        "train.lr: {between: [1, 2]}\n": "train.lr: expected one sampler of choice, grid",
+        "train.lr: {loguniform: [0, 1.0e-3]}\n": "loguniform needs low > 0",
+        "train.run_name: {choice: [a, b]}\n": "train.run_name: set by the sweep itself",
+        "model.attention_layout: {grid: [h2, full]}\ntrain.global_batch_size: {choice: [8, 10]}\n":
+            "the point model.attention_layout=h2, train.global_batch_size=10 is refused",
+        "data.grid: {choice: [[16, 32, 32], [16, 30, 32]]}\n": "data.grid [16, 30, 32] is not divisible",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            sweep_config(config, load_space(_space(tmp_path, text)))
+    # Through the command line: one line naming the key, exit status 2, and no sweep folder (no trial).
+    done = _tune("--space", _space(tmp_path, "train.global_batch_size: {grid: [8, 12, 14]}\n"), "--config", SMOKE,
+                 "eval.vocabulary=v.json", "tune.grace_period=6", f"tune.storage_path={tmp_path / 'sweeps'}")
+    output, _ = done.communicate(timeout=120)
+    assert done.returncode == 2, output
+    assert "train.global_batch_size=14 is refused" in output and "not a multiple of num_workers × chunk_size" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from hlip_ray.data.manifest import build_manifest, write_manifest
+    from hlip_ray.data.storage import Storage
+    from hlip_ray.demo.synth import folder_writer, write_corpus
+
+    root = tmp_path_factory.mktemp("tune")
+    write_corpus(folder_writer(str(root / "raw")), studies=32, seed=5)
+    rows = build_manifest(str(root / "raw"), Storage(), salt="hlip-ray", val_fraction=0.4)
+    write_manifest(rows, str(root / "manifest.parquet"), Storage())
+    return root
+
+
+def _data(corpus: Path) -> list[str]:
+    return [f"data.manifest={corpus / 'manifest.parquet'}", f"eval.vocabulary={corpus / 'raw' / 'vocabulary.json'}",
+            f"tune.storage_path={corpus / 'sweeps'}", f"train.log_dir={corpus / 'logs'}"]
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_trailing_trials_early_and_writes_results_whose_best_config_trains(corpus):
+    space = _space(corpus, "model.attention_layout: {grid: [h2, full]}\ntrain.global_batch_size: {grid: [8, 16]}\n")
+    run = _tune("--space", space, "--config", SMOKE, *_data(corpus), "tune.name=layouts", "tune.grace_period=6",
+                "tune.reduction_factor=2")
+    output, _ = run.communicate(timeout=900)
+    assert run.returncode == 0, output[-6000:]
+    folder = corpus / "sweeps" / "layouts"
+    with open(folder / "trials.csv") as file:
+        trials = list(csv.DictReader(file))
+    assert len(trials) == 4
+    assert all(trial["status"] in ("finished", "stopped early") for trial in trials), trials
+    stopped = [trial for trial in trials if trial["status"] == "stopped early"]
+    finished = [trial for trial in trials if trial["status"] == "finished"]
+    assert stopped and finished, trials                                   # ASHA stopped a trailing trial
+    assert all(int(trial["steps"]) < 12 for trial in stopped) and all(int(t["steps"]) == 12 for t in finished)
+    # One line per trial event, not Tune's status table.
+    assert len(re.findall(r"^trial \S+ started: model.attention_layout=\S+ train.global_batch_size=\d+", output,
+                          re.M)) == 4
+    assert re.search(r"^trial \S+ stopped early by ASHA at step 6 of 12", output, re.M), output[-4000:]
+    assert "Trial status" not in output and "Current time" not in output
+    # The global batch grows through the gradient cache's chunks, not the memory per worker: the same
+    # chunk size, twice the chunks.
+    chunks = {trial["train.global_batch_size"]: int(trial["chunks_per_worker"]) for trial in trials}
+    assert chunks == {"8": 2, "16": 4}
+    assert all(float(trial["compute CPU-s"]) > 0 and float(trial["studies_per_s"]) > 0 for trial in trials)
+    best = [trial for trial in trials if trial["best"] == "True"]
+    assert len(best) == 1 and best[0]["pareto_front"] == "True"
+    assert max(float(t["best val/zeroshot_auc"]) for t in trials) == float(best[0]["best val/zeroshot_auc"])
+    for name in ("trials.parquet", "metric_by_step.png", "metric_vs_compute.png"):
+        assert (folder / name).stat().st_size > 0
+    assert re.search(r"^best: \S+ \(model.attention_layout=", output, re.M)
+
+    config = load_config(folder / "best.yaml")
+    assert config.model.attention_layout == best[0]["model.attention_layout"]
+    assert config.train.global_batch_size == int(best[0]["train.global_batch_size"])
+    trained = subprocess.run([sys.executable, "-m", "hlip_ray.cli", "train", "--config", str(folder / "best.yaml"),
+                              "train.max_steps=2", "train.checkpoint_every=2", "eval.vocabulary=null",
+                              f"train.storage_path={corpus / 'best_runs'}"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert (corpus / "best_runs" / "layouts-best" / "checkpoint_00000002" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(corpus):
+    space = _space(corpus, "data.scans_per_study: {grid: [1, 2]}\n")
+    args = ["--space", space, "--config", SMOKE, *_data(corpus), "tune.name=resumed", "tune.scheduler=fifo",
+            "tune.grace_period=6"]
+    run = _tune(*args, start_new_session=True)
+    lines, finished = [], None
+    deadline = time.monotonic() + 600
+    for line in run.stdout:
+        lines.append(line)
+        found = re.match(r"trial (\S+) finished at step 12", line)
+        finished = finished or (found and found.group(1))
+        if finished and re.match(r"trial \S+ step 6:", line) and finished not in line:
+            break   # the second trial is under way
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    assert finished, "".join(lines[-50:])
+    os.killpg(run.pid, signal.SIGKILL)   # the driver and the local Ray it started
+    run.wait(timeout=60)
+
+    resumed = _tune("--resume", *args)
+    output, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, output[-6000:]
+    assert not re.search(rf"^trial {finished} started", output, re.M), "the finished trial ran again"
+    with open(corpus / "sweeps" / "resumed" / "trials.csv") as file:
+        trials = list(csv.DictReader(file))
+    assert sorted(trial["status"] for trial in trials) == ["finished", "finished"], trials
