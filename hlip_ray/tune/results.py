@@ -35,7 +35,7 @@ class Trial:
     compute_s: float
     studies_per_s: float
     chunks_per_worker: int
-    history: list[tuple[int, float]]   # (step, metric)
+    history: list[tuple[int, float]]   # (step, metric) at each validation
 
     def row(self, metric: str, unit: str, front: set[str], best: str | None) -> dict:
         return {"trial": self.trial_id, **self.values, "status": self.status, "steps": self.steps,
@@ -57,8 +57,10 @@ def trials_of(grid, base: Config, keys: list[str]) -> list[Trial]:
         history = result.metrics_dataframe
         rows = [] if history is None else history.to_dict("records")
         steps = int(rows[-1].get("step", 0)) if rows else 0
-        series = [(int(row["step"]), float(row[metric])) for row in rows
-                  if _number(row.get(metric)) and "step" in row]
+        # A report carries the latest validation: keep the values measured at validation steps.
+        every = config.train.checkpoint_every
+        series = [(int(row["step"]), float(row[metric])) for row in rows if _number(row.get(metric))
+                  and "step" in row and (row["step"] % every == 0 or row["step"] == max_steps)]
         wall = float(rows[-1].get("time_total_s", 0.0)) if rows else 0.0
         rates = [float(row["studies_per_s"]) for row in rows if _number(row.get("studies_per_s"))]
         if result.error is not None:
