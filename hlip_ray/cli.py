@@ -86,7 +86,9 @@ def _tune_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     space = load_space(args.space)
     sweep_config(config, space)   # every point of the space checked before Ray starts
-    ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers))
+    # The trials' own output (Ray Train, Ray Data, DeepSpeed) stays in Ray's session logs: the console
+    # gets one line per trial event.
+    ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers), log_to_driver=False)
     grid, base = run_sweep(config, space, resume=args.resume)
     found = write_results(grid, base, space.keys, sweep_dir(base), _storage(config))
     print("\n".join(summary_lines(found, base, space.keys)))

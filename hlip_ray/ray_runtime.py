@@ -12,8 +12,10 @@ import signal
 import threading
 
 
-def connect(num_cpus: int | None = None, resources: dict[str, float] | None = None) -> bool:
+def connect(num_cpus: int | None = None, resources: dict[str, float] | None = None, *,
+            log_to_driver: bool = True) -> bool:
     """``ray.init`` once: ``RAY_ADDRESS`` if set, else a local cluster (``num_cpus``, ``resources``).
+    ``log_to_driver=False`` keeps workers' output in Ray's session logs, off this console.
 
     Returns whether this call connected (False when Ray was already initialised by the caller).
     """
@@ -26,12 +28,12 @@ def connect(num_cpus: int | None = None, resources: dict[str, float] | None = No
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "30")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # With the dashboard: Ray Train 2.60's placement-group cleaner asks the state API (which the
         # dashboard serves) whether the run's controller is alive, and without it warns every 2 s.
         ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (`ray job stop`, `kill`, a pod's termination) then ends the command as Ctrl-C does
         # (training names the checkpoint it resumes from). Set after ray.init, whose own handler

@@ -1,6 +1,6 @@
 """What a sweep prints: one line per trial event, instead of Tune's status table every few seconds.
 
-    trial 3f2a1_00001 started: model.attention_layout=full data.scans_per_study=2 (2 of 4 started, 1 running)
+    trial 3f2a1_00001 started: model.attention_layout=full data.scans_per_study=2 (2 started, 1 running)
     trial 3f2a1_00001 step 12: val/zeroshot_auc 0.612, 31.4 studies/s
     trial 3f2a1_00001 stopped early by ASHA at step 12 of 24: val/zeroshot_auc 0.612
 """
@@ -8,31 +8,33 @@
 from __future__ import annotations
 
 import math
+import os
 
 from ray.tune import Callback
 
 
 class TrialEvents(Callback):
-    """Prints a line when a trial starts, reports a new value of the metric, ends or fails."""
+    """Prints a line when a trial starts, is validated, ends or fails."""
 
-    def __init__(self, keys: list[str], metric: str, max_steps: int) -> None:
+    def __init__(self, keys: list[str], metric: str, max_steps: int, validation_every: int) -> None:
         self.keys = keys
         self.metric = metric
         self.max_steps = max_steps
-        self.last: dict[str, float] = {}
+        self.validation_every = validation_every
+        self.started = 0
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        started = sum(1 for other in trials if other.status != "PENDING")
+        self.started += 1
         running = sum(1 for other in trials if other.status == "RUNNING")
         point = " ".join(f"{key}={trial.config.get(key)}" for key in self.keys)
-        print(f"trial {trial.trial_id} started: {point} ({started} of {len(trials)} started, {running} running)",
-              flush=True)
+        print(f"trial {trial.trial_id} started: {point} ({self.started} started, {running} running)", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        value = result.get(self.metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)) or self.last.get(trial.trial_id) == value:
+        """A line per validation: a report between validations carries the previous value."""
+        value, step = result.get(self.metric), result.get("step", 0)
+        if value is None or (isinstance(value, float) and math.isnan(value)) or (
+                step % self.validation_every and step != self.max_steps):
             return
-        self.last[trial.trial_id] = value
         rate = result.get("studies_per_s")
         print(f"trial {trial.trial_id} step {result.get('step')}: {self.metric} {value:.3f}"
               + (f", {rate:.1f} studies/s" if rate is not None else ""), flush=True)
@@ -48,5 +50,9 @@ class TrialEvents(Callback):
             print(f"trial {trial.trial_id} finished at step {step}{shown}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        print(f"trial {trial.trial_id} failed at step {(trial.last_result or {}).get('step', 0)}; "
-              f"its error is in {trial.path}", flush=True)
+        error = ""
+        if trial.error_file and os.path.isfile(trial.error_file):
+            lines = [line for line in open(trial.error_file).read().splitlines() if line.strip()]
+            error = f": {lines[-1].strip()}" if lines else ""
+        print(f"trial {trial.trial_id} failed at step {(trial.last_result or {}).get('step', 0)}{error} "
+              f"(the whole error: {trial.error_file or trial.path})", flush=True)

@@ -109,6 +109,9 @@ def run_sweep(config: Config, space: Space, *, resume: bool = False):
     from hlip_ray.tune.events import TrialEvents
 
     base = sweep_config(config, space)
+    # Tune's console output engine prints an experiment box even when silent; the legacy one, silent,
+    # prints nothing, leaving the console to TrialEvents.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     storage = Storage.from_config(config.storage)
     folder = sweep_dir(config)
     filesystem, storage_path = storage.resolve(config.tune.storage_path)
@@ -131,7 +134,8 @@ def run_sweep(config: Config, space: Space, *, resume: bool = False):
                                         num_samples=base.tune.num_samples,
                                         max_concurrent_trials=concurrent_trials(base)),
             run_config=tune.RunConfig(name=base.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=[TrialEvents(space.keys, base.tune.metric, base.train.max_steps)],
+                                      callbacks=[TrialEvents(space.keys, base.tune.metric, base.train.max_steps,
+                                                            base.train.checkpoint_every)],
                                       verbose=0),
         )
     return tuner.fit(), base
