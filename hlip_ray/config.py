@@ -210,7 +210,8 @@ class TrainConfig(_Section):
     wandb_project: str | None = None
     """Weights & Biases project; when set, rank 0 logs metrics there through Ray's integration
     (``pip install wandb``)."""
-    num_workers: int | Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)] = 2
+    num_workers: Annotated[int, Field(gt=0)] | Annotated[list[Annotated[int, Field(gt=0)]],
+                                                         Field(min_length=2, max_length=2)] = 2
     """Ray Train workers (data-parallel ranks), each holding one CPU slot (and one GPU with ``use_gpu``).
     A pair ``[min, max]`` is accepted and passed to Ray Train as an elastic range, which is not tested yet
     (issue #22)."""
@@ -369,14 +370,40 @@ class Config(_Section):
         return len(self.data.windows)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently, so a
+    second ``train:`` section would drop the first)."""
+
+
+def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in lines and key != "<<":
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice (lines {lines[key]} and {line}); give it once",
+                key_node.start_mark)
+        lines[key] = line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
+def read_yaml(text: str | bytes) -> Any:
+    """YAML as every hlip-ray file is read: safe, and a key given twice in one mapping is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
-    lines = []
+    messages: dict[str, list[str]] = {}   # key path -> what was wrong (a union's members: each tried)
     for item in error.errors():
         path = ""
         for part in item["loc"]:
             if isinstance(part, int):
                 path += f"[{part}]"
-            elif part in ("int", "list[...]", "str") or "[" in str(part):
+            elif part in ("int", "list[...]", "str") or "[" in str(part) or str(part).startswith("constrained-"):
                 continue  # pydantic names the union member it tried; not part of the key path
             else:
                 path += f".{part}" if path else str(part)
@@ -384,7 +411,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
             message = "unknown key"
         else:
             message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path or '<root>'}: {message}")
+        messages.setdefault(path or "<root>", []).append(message)
+    lines = [f"{path}: " + ", or ".join(found) for path, found in messages.items()]
     return f"invalid config ({source}):\n  " + "\n  ".join(lines)
 
 
@@ -438,7 +466,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = read_yaml(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as error:

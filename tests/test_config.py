@@ -35,6 +35,8 @@ def test_dotted_overrides_apply_on_top_of_yaml(tmp_path):
         (["model.attention_layout=h9"], "model:"),
         (["model.pixel_std=[0]"], "model.pixel_std[0]:"),
         (["train.num_workers=[4,1]"], "train:"),
+        (["train.num_workers=0"], "train.num_workers: Input should be greater than 0, or Input should be a valid list"),
+        (["train.num_workers=-2"], "train.num_workers: Input should be greater than 0"),
     ],
 )
 def test_bad_key_or_value_fails_at_load_naming_the_key(overrides, key_path):
@@ -86,3 +88,13 @@ def test_layout_list_must_match_depth():
     with pytest.raises(ConfigError, match="3 levels for a model of depth 12"):
         load_config(None, ["model.attention_layout=[scan,scan,study]"])
 
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 0.1\nmodel:\n  depth: 2\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: 'train' is given twice \(lines 1 and 5\)"):
+        load_config(path)
+    path.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"'lr' is given twice \(lines 2 and 3\)"):
+        load_config(path)

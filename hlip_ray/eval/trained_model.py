@@ -18,7 +18,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from hlip_ray.config import Config, config_from_dict
+from hlip_ray.config import Config, config_from_dict, read_yaml
 from hlip_ray.data.storage import Storage, join
 
 MODEL_FILE = "model.safetensors"
@@ -33,10 +33,8 @@ def is_run_checkpoint(source: str, storage: Storage) -> bool:
 
 def read_config(checkpoint: str, storage: Storage) -> Config:
     """The config a run checkpoint was trained with."""
-    import yaml
-
     uri = join(checkpoint, CONFIG_FILE)
-    return config_from_dict(yaml.safe_load(storage.read_bytes(uri)), uri)
+    return config_from_dict(read_yaml(storage.read_bytes(uri)), uri)
 
 
 def load_model(source: str, storage: Storage, config: Config | None = None):
@@ -52,7 +50,16 @@ def load_model(source: str, storage: Storage, config: Config | None = None):
     if is_run_checkpoint(source, storage):
         config = read_config(source, storage)
         model = build_model(config, text_weights=False)
-        model.load_state_dict(load(storage.read_bytes(join(source, MODEL_FILE))))
+        weights = join(source, MODEL_FILE)
+        try:
+            state_dict = load(storage.read_bytes(weights))
+        except Exception as error:   # safetensors' own errors: a truncated or foreign file
+            raise ValueError(f"{weights}: not a readable safetensors file ({error})") from None
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise ValueError(f"{weights}: weights that do not fit the model of its config.yaml ({first})") from None
         return model, config
     if not source.endswith(HLIP_SUFFIXES):
         raise FileNotFoundError(

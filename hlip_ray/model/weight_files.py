@@ -15,8 +15,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    payload = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as error:   # safetensors' own errors: a truncated or foreign file
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:   # truncated, not a torch file, or a pickle holding more than tensors
+        kind = type(error).__name__
+        raise ValueError(f"{path}: not a torch weights file that loads safely (tensors only): {kind}; "
+                         "a truncated download, another format, or a pickle with code in it") from None
     for key in ("state_dict", "model"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             payload = payload[key]

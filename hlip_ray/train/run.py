@@ -91,6 +91,8 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, callbac
     check_setup(config)
     train = config.train
     storage = Storage.from_config(config.storage)
+    if init_checkpoint:
+        check_initial_weights(init_checkpoint, config, storage)
     quarantine = create_quarantine_log()
     datasets, dataset_config, train_studies = run_datasets(config, storage, quarantine)
     run_log = start_run_log(log_dir(config), train.max_steps)
@@ -138,6 +140,17 @@ def check_setup(config: Config) -> None:
             check_projection("none", config.model.projection_dim, hidden_size(config.model.text.name_or_path))
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+def check_initial_weights(source: str, config: Config, storage: Storage) -> None:
+    """``--checkpoint`` read once here, so that a wrong path or a damaged file fails with its name
+    before any worker starts (each worker loads it again)."""
+    from hlip_ray.eval.trained_model import load_model
+
+    try:
+        load_model(source, storage, config)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"--checkpoint {source}: {error}") from None
 
 
 def run_datasets(config: Config, storage: Storage, quarantine):

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from hlip_ray.config import Config, ConfigError, config_fields, with_values
+from hlip_ray.config import Config, ConfigError, config_fields, read_yaml, with_values
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Set by the sweep for each trial: a space may not choose them.
@@ -83,7 +83,7 @@ def load_space(path: str | Path) -> Space:
     """Read a space YAML; its shape (keys, samplers, their arguments) is checked here."""
     source = str(path)
     try:
-        tree = yaml.safe_load(Path(path).read_text())
+        tree = read_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"tune space not found: {source}") from None
     except yaml.YAMLError as error:
