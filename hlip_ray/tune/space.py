@@ -25,7 +25,7 @@ from hlip_ray.config import Config, ConfigError, config_fields, read_yaml, with_
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Set by the sweep for each trial: a space may not choose them.
 SET_BY_SWEEP = ("train.run_name", "train.storage_path", "train.log_dir")
-# Points checked at most; a larger space is checked on its ranges' ends crossed with each listed value.
+# Points checked at most (the first ones, in order); a space has far fewer in practice.
 MAX_POINTS = 4096
 
 
@@ -120,7 +120,7 @@ def _checked_arguments(where: str, sampler: str, values: Any) -> tuple:
     if sampler == "loguniform" and low <= 0:
         raise ConfigError(f"{where}: loguniform needs low > 0, got {values!r}")
     if sampler == "randint" and not (isinstance(low, int) and isinstance(high, int)):
-        raise ConfigError(f"{where}: randint takes integers [low, high) , got {values!r}")
+        raise ConfigError(f"{where}: randint takes integers [low, high), got {values!r}")
     return (low, high)
 
 
