@@ -58,8 +58,15 @@ def test_report_as_sentences_and_format_from_suffix(tmp_path):
         ({"study_id": "a", "report": "r", "modality": "CT", "scans": [{"uri": "/x", "format": "png"}]},
          "scans[0].format"),
         ({"study_id": "a", "report": "r", "modality": "CT", "scans": []}, "at least one scan"),
+        ({"study_id": "a", "report": 42, "modality": "CT", "scans": [{"uri": "/x"}]}, "report must be text"),
+        ({"study_id": "a", "report": "r", "modality": "CT", "scans": [{"uri": "/x"}], "labels": {"mass": 0.7}},
+         "labels.mass must be 0 or 1, got 0.7"),
+        ({"study_id": "a", "report": "r", "modality": "CT", "scans": [{"uri": "/x"}], "labels": {"mass": 2}},
+         "labels.mass must be 0 or 1, got 2"),
+        ({"study_id": "a", "report": "r", "modality": "CT", "scans": [{"uri": "/x"}], "split": "validation"},
+         "split must be one of train, val, test, got 'validation'"),
         ({"study_id": "a", "report": "r", "modality": "CT", "scans": [{"uri": "/x"}], "labels": {"m": "yes"}},
-         "labels must map"),
+         "labels.m must be 0 or 1, got 'yes'"),
     ],
 )
 def test_bad_rows_name_the_file_row_and_field(tmp_path, row, message):
@@ -107,3 +114,38 @@ def test_patient_split_is_deterministic_salted_and_near_the_fraction():
     assert splits == [patient_split(f"P{i}", "salt", 0.25) for i in range(2000)]
     assert 0.2 < splits.count("val") / 2000 < 0.3
     assert splits != [patient_split(f"P{i}", "other salt", 0.25) for i in range(2000)]
+
+
+def test_parquet_manifests_without_labels_or_with_labels_on_some_studies(tmp_path):
+    scan = [ScanRef("ax", "/d/ax", "dicom")]
+    unlabelled = [StudyRow("a", "r", "CT", scan), StudyRow("b", "r", "MR", scan, "val")]
+    partly = [StudyRow("a", "r", "CT", scan, labels={"mass": 1}), StudyRow("b", "r", "CT", scan),
+              StudyRow("c", "r", "CT", scan, labels={"infarct": 0, "mass": 0})]
+    for rows in (unlabelled, partly):
+        path = str(tmp_path / "m.parquet")
+        write_manifest(rows, path, Storage())
+        assert read_manifest(path, Storage()) == rows
+
+
+def test_split_is_read_without_case_and_an_empty_manifest_is_refused(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"study_id": "a", "report": "r", "modality": "CT", "scans": [{"uri": "/x"}],
+                                "split": "Val"}) + "\n")
+    assert read_manifest(str(path), Storage())[0].split == "val"
+    path.write_text("")
+    with pytest.raises(ManifestError, match="m.jsonl: the manifest lists no studies"):
+        read_manifest(str(path), Storage())
+
+
+def test_a_latin1_report_is_read_as_such_and_labels_json_is_checked(tmp_path):
+    from hlip_ray.data.manifest import build_manifest
+    from hlip_ray.demo.synth import folder_writer, write_corpus
+
+    write_corpus(folder_writer(str(tmp_path / "raw")), studies=2, seed=1)
+    study = sorted(p for p in (tmp_path / "raw").iterdir() if p.is_dir())[0]
+    (study / "report.txt").write_bytes("Lésion hypodense périventriculaire.".encode("latin-1"))
+    row = next(r for r in build_manifest(str(tmp_path / "raw"), Storage(), salt="s") if r.study_id == study.name)
+    assert row.report == "Lésion hypodense périventriculaire."
+    (study / "labels.json").write_text(json.dumps({"modality": "CT", "labels": {"mass": 0.5}}))
+    with pytest.raises(ManifestError, match=rf"{study.name}/labels.json: labels.mass must be 0 or 1"):
+        build_manifest(str(tmp_path / "raw"), Storage(), salt="s")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,8 +29,11 @@ from typing import Any
 from hlip_ray.data.decode import dicom_header
 from hlip_ray.data.storage import Storage, join
 
+logger = logging.getLogger(__name__)
+
 FORMATS = ("dicom", "nifti")
 MODALITIES = ("CT", "MR")
+SPLITS = ("train", "val", "test")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -68,8 +72,11 @@ class StudyRow:
         if missing:
             raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
         report = raw["report"]
+        if isinstance(report, list) and all(isinstance(sentence, str) for sentence in report):
+            report = " ".join(sentence.strip() for sentence in report)
         if not isinstance(report, str):
-            report = " ".join(str(sentence).strip() for sentence in report)
+            raise ManifestError(f"{where}: report must be text (or a list of sentences), got "
+                                f"{type(report).__name__}")
         modality = str(raw["modality"]).upper()
         if modality not in MODALITIES:
             raise ManifestError(f"{where}: modality must be one of {MODALITIES}, got {raw['modality']!r}")
@@ -89,10 +96,34 @@ class StudyRow:
                 labels = json.loads(labels)
             if isinstance(labels, list):  # Parquet maps read back as lists of (key, value) pairs
                 labels = dict(labels)
-            labels = {str(key): int(value) for key, value in labels.items()}
+            labels = dict(labels.items())
         except (TypeError, ValueError, AttributeError):  # JSONDecodeError is a ValueError
             raise ManifestError(f"{where}: labels must map label names to 0 or 1") from None
-        return cls(str(raw["study_id"]), report, modality, scans, str(raw.get("split") or "train"), labels)
+        labels = checked_labels(labels, where)
+        split = str(raw.get("split") or "train").lower()
+        if split not in SPLITS:
+            raise ManifestError(f"{where}: split must be one of {', '.join(SPLITS)}, got {raw.get('split')!r}")
+        return cls(str(raw["study_id"]), report, modality, scans, split, labels)
+
+
+def checked_labels(labels: dict, where: str) -> dict[str, int]:
+    """Label name -> 0 or 1; anything else (0.7, 2, "yes") is refused, naming the label."""
+    for name, value in labels.items():
+        if isinstance(value, bool) or value not in (0, 1):
+            raise ManifestError(f"{where}: labels.{name} must be 0 or 1, got {value!r}")
+    return {str(name): int(value) for name, value in labels.items()}
+
+
+def decode_report(data: bytes) -> tuple[str, bool]:
+    """A report file's text: UTF-8, else CP1252 (older RIS exports; Latin-1 where CP1252 has a gap).
+    Returns ``(text, fell_back)``."""
+    try:
+        return data.decode("utf-8").strip(), False
+    except UnicodeDecodeError:
+        try:
+            return data.decode("cp1252").strip(), True
+        except UnicodeDecodeError:
+            return data.decode("latin-1").strip(), True
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -122,6 +153,8 @@ def read_manifest(uri: str, storage: Storage, data_root: str | None = None, moda
     else:
         raise ManifestError(f"{uri}: manifest must be .parquet, .jsonl or HLIP .json")
     rows = [StudyRow.from_dict(raw, f"{uri} row {index}") for index, raw in enumerate(raws)]
+    if not rows:
+        raise ManifestError(f"{uri}: the manifest lists no studies")
     seen: set[str] = set()
     for index, row in enumerate(rows):
         if row.study_id in seen:
@@ -161,12 +194,22 @@ def write_manifest(rows: list[StudyRow], uri: str, storage: Storage) -> None:
         import pyarrow.parquet as pq
 
         sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(dicts), sink)
+        pq.write_table(pa.Table.from_pylist(dicts, schema=_parquet_schema()), sink)
         storage.write_bytes(uri, sink.getvalue())
     elif uri.endswith(".jsonl"):
         storage.write_bytes(uri, "".join(json.dumps(d) + "\n" for d in dicts).encode())
     else:
         raise ManifestError(f"{uri}: write a manifest as .parquet or .jsonl")
+
+
+def _parquet_schema():
+    """The manifest's Parquet schema. ``labels`` is a map, so that studies may carry different labels
+    or none at all (Arrow would infer a struct of every label name seen, or one with no field)."""
+    import pyarrow as pa
+
+    scan = pa.struct([("name", pa.string()), ("uri", pa.string()), ("format", pa.string())])
+    return pa.schema([("study_id", pa.string()), ("report", pa.string()), ("modality", pa.string()),
+                      ("scans", pa.list_(scan)), ("split", pa.string()), ("labels", pa.map_(pa.string(), pa.int8()))])
 
 
 # -- building from a folder listing ------------------------------------------------------
@@ -191,7 +234,7 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
         relative = uri[len(root) + 1 :]
         if "/" in relative:
             by_study[relative.split("/", 1)[0]].append(uri)
-    rows = []
+    rows, not_utf8 = [], 0
     for study_id in sorted(by_study):
         files = by_study[study_id]
         study_dir = join(root, study_id)
@@ -203,9 +246,13 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
             if parts[0] == "masks":
                 continue
             if relative == "report.txt":
-                report = storage.read_bytes(uri).decode("utf-8", errors="replace").strip()
+                report, fell_back = decode_report(storage.read_bytes(uri))
+                not_utf8 += fell_back
             elif relative == "labels.json":
-                meta = json.loads(storage.read_bytes(uri))
+                try:
+                    meta = json.loads(storage.read_bytes(uri))
+                except ValueError as error:
+                    raise ManifestError(f"{uri}: not JSON ({error})") from None
             elif uri.endswith(NIFTI_SUFFIXES):
                 name = parts[-1].removesuffix(".gz").removesuffix(".nii") if len(parts) == 1 else parts[0]
                 scans.append(ScanRef(name, uri, "nifti"))
@@ -228,7 +275,10 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
             modality=modality.upper() if modality and modality.upper() in MODALITIES else "MR",
             scans=scans,
             split=patient_split(patient_key, salt, val_fraction),
-            labels={str(k): int(v) for k, v in (meta.get("labels") or {}).items()},
+            labels=checked_labels(meta.get("labels") or {}, join(study_dir, "labels.json")),
         ))
+    if not_utf8:
+        logger.warning("%d of %d reports were not UTF-8 and were read as CP1252 (older RIS exports)",
+                       not_utf8, len(rows))
     return rows
 
