@@ -282,7 +282,8 @@ class EvalConfig(_Section):
     """Studies per batch at evaluation and at validation during training."""
     vocabulary: str | None = None
     """Label -> {"positive": [...], "negative": [...]} phrases for zero-shot prompts (JSON, local or
-    s3://). null: no validation during training, and ``hlip-ray eval`` refuses to run."""
+    s3://). null: validation and ``hlip-ray eval`` report the held-out contrastive loss and retrieval
+    only (a corpus without labels)."""
 
 
 class ResourcesConfig(_Section):

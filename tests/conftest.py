@@ -69,6 +69,10 @@ def ray_session():
     """One local Ray cluster shared by every test that needs Ray."""
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, **TEST_CLUSTER)  # never a running one
+    # With its dashboard: Ray Train's placement-group cleaner asks the state API (which the dashboard serves)
+    # whether a run's controller is alive, and without it never frees the CPUs of a run whose controller
+    # was killed (a sweep's trial that Tune stopped).
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             **TEST_CLUSTER)  # never a running one
     yield ray
     ray.shutdown()

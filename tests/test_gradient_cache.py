@@ -11,9 +11,9 @@ import torch
 
 from hlip_ray.config import load_config
 from hlip_ray.model import build_model
+from hlip_ray.model.contrastive import clip_loss, contrastive_loss, siglip_loss
 from hlip_ray.train.engine import lr_factor, parameter_groups
 from hlip_ray.train.grad_cache import contrastive_step
-from hlip_ray.train.losses import clip_loss, contrastive_loss, siglip_loss
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_bert_dir
 

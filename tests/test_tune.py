@@ -34,9 +34,15 @@ def _space(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def _tune(*args: str, **popen) -> subprocess.Popen:
+def _tune(*args: str, address: str | None = None, **popen) -> subprocess.Popen:
+    """`hlip-ray tune` in a process of its own, attached to the cluster at ``address``.
+
+    On the session's cluster (which has its dashboard) rather than a local Ray of its own: Ray Train's
+    placement-group cleaner, which frees the CPUs of a trial that Tune stopped, finds its cluster by
+    looking for one on the machine, and with two it finds neither (docs/troubleshooting.md)."""
+    env = {**os.environ, **({"RAY_ADDRESS": address} if address else {})}
     return subprocess.Popen([sys.executable, "-m", "hlip_ray.cli", "tune", *args], cwd=REPO_ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **popen)
 
 
 def test_a_space_is_checked_whole_before_any_trial_starts(tmp_path):
@@ -85,10 +91,10 @@ def _data(corpus: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_sweep_stops_trailing_trials_early_and_writes_results_whose_best_config_trains(corpus):
+def test_a_sweep_stops_trailing_trials_early_and_writes_results_whose_best_config_trains(corpus, ray_session):
     space = _space(corpus, "model.attention_layout: {grid: [h2, full]}\ntrain.global_batch_size: {grid: [8, 16]}\n")
     run = _tune("--space", space, "--config", SMOKE, *_data(corpus), "tune.name=layouts", "tune.grace_period=6",
-                "tune.reduction_factor=2")
+                "tune.reduction_factor=2", address=ray_session.get_runtime_context().gcs_address)
     output, _ = run.communicate(timeout=900)
     assert run.returncode == 0, output[-6000:]
     folder = corpus / "sweeps" / "layouts"
@@ -129,11 +135,12 @@ def test_a_sweep_stops_trailing_trials_early_and_writes_results_whose_best_confi
 
 
 @pytest.mark.slow
-def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(corpus):
+def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(corpus, ray_session):
     space = _space(corpus, "data.scans_per_study: {grid: [1, 2]}\n")
     args = ["--space", space, "--config", SMOKE, *_data(corpus), "tune.name=resumed", "tune.scheduler=fifo",
-            "train.max_steps=6", "train.checkpoint_every=3", "tune.grace_period=3"]
-    run = _tune(*args, start_new_session=True)
+            "train.max_steps=6", "train.checkpoint_every=3", "tune.grace_period=3", "tune.max_concurrent_trials=1"]
+    address = ray_session.get_runtime_context().gcs_address
+    run = _tune(*args, address=address, start_new_session=True)
     lines, finished = [], None
     deadline = time.monotonic() + 600
     for line in run.stdout:
@@ -144,10 +151,10 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trial
             break   # the second trial is under way
         assert time.monotonic() < deadline, "".join(lines[-50:])
     assert finished, "".join(lines[-50:])
-    os.killpg(run.pid, signal.SIGKILL)   # the driver and the local Ray it started
+    os.killpg(run.pid, signal.SIGKILL)   # the driver: its trials and their training runs go with it
     run.wait(timeout=60)
 
-    resumed = _tune("--resume", *args)
+    resumed = _tune("--resume", *args, address=address)
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output[-6000:]
     assert not re.search(rf"^trial {finished} started", output, re.M), "the finished trial ran again"

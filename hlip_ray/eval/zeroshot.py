@@ -16,15 +16,13 @@ embedding, and a study's score for the label is the difference of its similarity
 logit of the two-way softmax up to the temperature). AUC is computed per label over the studies
 that carry the label; the macro AUC is their mean.
 
-``evaluate_zeroshot`` is the one evaluation path: ``hlip-ray eval`` (``run.py``) and validation
-during training both call it, the latter on every worker with a share of the batches and the
-trainer's gather.
+The pieces here are used by ``held_out.evaluate``, the one evaluation path.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -124,45 +122,6 @@ def mean_intensity(pixels: torch.Tensor, scan_mask: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate_zeroshot(model, batches: Iterable[dict], vocabulary: dict, tokenizer, context_length: int, *,
-                      share: tuple[int, int] = (0, 1),
-                      gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict:
-    """Zero-shot macro and per-label AUC of ``model`` on the studies of ``batches``, beside the
-    mean-intensity baseline: ``{"macro_auc", "per_label", "studies", "baseline": {...}}``.
-
-    ``batches``: collated study batches (``pixels [B, K, C, D, H, W]``, ``scan_mask [B, K]``,
-    ``labels``). Under data parallelism every worker passes the whole stream with
-    ``share=(rank, world_size)`` and encodes every ``world_size``-th batch; ``gather`` (all workers'
-    ``[n_r, ...]`` tensors in rank order) brings the parts together, so every worker returns the
-    same report. The caller sets the model's mode (``eval()``).
-    """
-    rank, world_size = share
-    names = list(vocabulary)
-    device = next(model.parameters()).device
-    embeddings = [torch.zeros(0, model.visual_proj.out_features, device=device)]
-    intensity = [torch.zeros(0, device=device)]
-    labels = [torch.zeros(0, len(names), dtype=torch.int8, device=device)]
-    for index, batch in enumerate(batches):
-        if index % world_size != rank:
-            continue
-        pixels, scan_mask = batch["pixels"].to(device), batch["scan_mask"].to(device)
-        embeddings.append(model.encode_study(pixels, scan_mask).float())
-        intensity.append(mean_intensity(pixels, scan_mask))
-        labels.append(label_matrix(batch["labels"], names).to(device))
-    parts = [torch.cat(embeddings), torch.cat(intensity), torch.cat(labels)]
-    if gather is not None:
-        parts = [torch.cat(gather(part)) for part in parts]
-    study_embeddings, intensity_scores, label_values = (part.cpu() for part in parts)
-    studies = label_dicts(label_values, names)
-    if not studies:
-        nothing = {"macro_auc": float("nan"), "per_label": {}, "studies": 0}
-        return {**nothing, "baseline": dict(nothing)}
-    classes = class_embeddings(model, tokenizer, vocabulary, context_length)
-    report = auc_report(zeroshot_scores(study_embeddings, classes), studies)
-    report["baseline"] = auc_report({name: intensity_scores.numpy() for name in names}, studies)
-    return report
-
-
 def label_matrix(labels: Sequence[dict[str, int]], names: Sequence[str]) -> torch.Tensor:
     """Studies' label maps as ``[N, len(names)]`` int8: the label's value, or -1 where a study lacks it."""
     return torch.tensor([[study.get(name, -1) for name in names] for study in labels],

@@ -51,6 +51,7 @@ class TrainState:
     global_batch_size: int = 0
     deepspeed_tag: str = ""
     val_zeroshot_auc: float = float("nan")
+    validation: dict = field(default_factory=dict)   # the latest validation's metrics, carried by every step
     provenance: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

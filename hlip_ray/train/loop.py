@@ -22,8 +22,9 @@ import torch
 from hlip_ray.config import Config, config_from_dict
 from hlip_ray.data.storage import Storage, join
 from hlip_ray.data.streams import collate_study_batch
+from hlip_ray.eval.held_out import evaluate
 from hlip_ray.eval.trained_model import load_model
-from hlip_ray.eval.zeroshot import evaluate_zeroshot, load_vocabulary
+from hlip_ray.eval.zeroshot import load_vocabulary
 from hlip_ray.model import build_model
 from hlip_ray.model.randomness import study_seed
 from hlip_ray.text_source import load_tokenizer
@@ -52,12 +53,12 @@ def train_loop(loop_config: dict) -> None:
     quiet_worker_console()
     worker = Worker.create(loop_config)
     engine, scheduler, state, resumed = start(worker, loop_config)
-    validate = Validation(worker)
+    validate = Validation(worker, loop_config.get("validate", False))
     log = StepLog(loop_config["run_log"], worker.rank, ExperimentTrackers(worker.config, worker.rank))
-    validation = {VAL_METRIC: state.val_zeroshot_auc}   # steps carry the latest validation
+    validation = state.validation or {VAL_METRIC: state.val_zeroshot_auc}   # steps carry the latest validation
     if not resumed:
         validation = validate(engine)
-        state.val_zeroshot_auc = validation[VAL_METRIC]
+        state.val_zeroshot_auc, state.validation = validation[VAL_METRIC], validation
     batches = training_batches(worker)
     train = worker.config.train
     while state.step < train.max_steps:
@@ -67,7 +68,7 @@ def train_loop(loop_config: dict) -> None:
             break
         if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
             validation = validate(engine)
-            state.val_zeroshot_auc = validation[VAL_METRIC]
+            state.val_zeroshot_auc, state.validation = validation[VAL_METRIC], validation
             metrics.update(validation)
             log.step(metrics, checkpoint=join(loop_config["run_dir"], checkpoint_dir_name(state.step)))
             report_checkpoint(engine, state, worker.config, worker.rank, metrics)
@@ -186,20 +187,21 @@ def train_step(worker: Worker, engine, scheduler, state: TrainState, batches: It
 
 
 class Validation:
-    """Zero-shot classification of the held-out split (the ``val`` dataset) with the label vocabulary,
-    through the evaluation code's ``evaluate_zeroshot``: every worker reads the whole stream and
-    encodes its share; the gathered result is the same on every worker."""
+    """The held-out split (the ``val`` dataset) through the evaluation code's ``evaluate``: contrastive
+    loss and study<->report retrieval always, zero-shot AUC with a label vocabulary. Every worker reads
+    the whole stream and encodes its share; the gathered result is the same on every worker."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, has_val: bool) -> None:
         self.worker = worker
-        self.vocabulary = None
+        self.has_val = has_val
+        self.vocabulary = self.tokenizer = None
         vocabulary = worker.config.eval.vocabulary
         if vocabulary:
             self.vocabulary = load_vocabulary(worker.storage.read_bytes(vocabulary), vocabulary)
             self.tokenizer = load_tokenizer(worker.config.model.text.name_or_path)
 
     def __call__(self, engine) -> dict[str, float]:
-        if self.vocabulary is None:
+        if not self.has_val:
             return {VAL_METRIC: float("nan")}
         config, worker = self.worker.config, self.worker
         batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=config.eval.batch_size,
@@ -208,13 +210,15 @@ class Validation:
         model.eval()
         try:
             with full_parameters(engine, config.train.zero_stage):
-                report = evaluate_zeroshot(model, batches, self.vocabulary, self.tokenizer,
-                                           config.model.text.context_length,
-                                           share=(worker.rank, worker.world_size), gather=gather_global)
+                report = evaluate(model, batches, vocabulary=self.vocabulary, tokenizer=self.tokenizer,
+                                  context_length=config.model.text.context_length,
+                                  share=(worker.rank, worker.world_size), gather=gather_global)
         finally:
             model.train()
-        metrics = {VAL_METRIC: report["macro_auc"], "val/studies": report["studies"]}
-        metrics.update({f"val/auc/{label}": auc for label, auc in report["per_label"].items()})
+        metrics = {VAL_METRIC: report.get("macro_auc", float("nan")), "val/loss": report["loss"],
+                   "val/studies": report["studies"]}
+        metrics.update({f"val/retrieval_{name}": value for name, value in report["retrieval"].items()})
+        metrics.update({f"val/auc/{label}": auc for label, auc in report.get("per_label", {}).items()})
         return metrics
 
 

@@ -109,6 +109,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, callbac
             "init_checkpoint": init_checkpoint,
             "provenance": provenance(config, storage),
             "run_log": run_log,
+            "validate": "val" in datasets,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

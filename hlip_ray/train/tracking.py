@@ -110,13 +110,19 @@ def progress_line(values: dict[str, float], mean_loss: float, max_steps: int, *,
 
 
 def checkpoint_line(values: dict[str, float], checkpoint: str) -> str:
-    """``checkpoint at step 100: val zero-shot AUC 0.712 (hemorrhage 0.70, ...) -> URI``"""
-    per_label = ", ".join(f"{key.removeprefix('val/auc/')} {value:.3f}" for key, value in values.items()
-                          if key.startswith("val/auc/"))
+    """``checkpoint at step 100: val zero-shot AUC 0.712 (hemorrhage 0.70, ...); val loss 2.31, R@1/5/10
+    0.12/0.41/0.63 -> URI`` (the AUC where there is a label vocabulary)."""
+    shown = []
     auc = values.get("val/zeroshot_auc")
-    shown = f"val zero-shot AUC {auc:.3f}" + (f" ({per_label})" if per_label else "") if auc is not None else \
-        "no validation (eval.vocabulary unset)"
-    return f"checkpoint at step {int(values['step'])}: {shown} -> {checkpoint}"
+    if auc is not None and math.isfinite(auc):
+        per_label = ", ".join(f"{key.removeprefix('val/auc/')} {value:.3f}" for key, value in values.items()
+                              if key.startswith("val/auc/"))
+        shown.append(f"val zero-shot AUC {auc:.3f}" + (f" ({per_label})" if per_label else ""))
+    if values.get("val/loss") is not None:
+        recalls = "/".join(f"{values.get(f'val/retrieval_r@{k}', float('nan')):.2f}" for k in (1, 5, 10))
+        shown.append(f"val loss {values['val/loss']:.3f}, R@1/5/10 {recalls}")
+    return f"checkpoint at step {int(values['step'])}: {'; '.join(shown) or 'no validation (no val split)'} " \
+           f"-> {checkpoint}"
 
 
 def duration(seconds: float) -> str:

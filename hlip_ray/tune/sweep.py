@@ -43,7 +43,8 @@ def sweep_config(config: Config, space: Space) -> Config:
     folder. Fails (naming key and value) on a space or setting no trial could run with."""
     if config.tune.metric.startswith("val/zeroshot") and not config.eval.vocabulary:
         raise ConfigError(f"tune.metric {config.tune.metric!r} is measured by zero-shot validation, which needs "
-                          "eval.vocabulary (a label vocabulary) and a 'val' split")
+                          "eval.vocabulary (a label vocabulary) and a 'val' split; for a corpus without labels "
+                          "use tune.metric=val/retrieval_r@5 (or val/loss with tune.mode=min)")
     if config.tune.scheduler == "asha" and config.tune.grace_period > config.train.max_steps:
         raise ConfigError(f"tune.grace_period {config.tune.grace_period} is beyond train.max_steps "
                           f"{config.train.max_steps}: ASHA would never stop a trial")
