@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,11 @@ def ray_session():
     # With its dashboard: Ray Train's placement-group cleaner asks the state API (which the dashboard serves)
     # whether a run's controller is alive, and without it never frees the CPUs of a run whose controller
     # was killed (a sweep's trial that Tune stopped).
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             **TEST_CLUSTER)  # never a running one
+    # On a free port: Ray's default (8265) stays free for the clusters that tests start themselves.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             log_to_driver=False, **TEST_CLUSTER)  # never a running one
     yield ray
     ray.shutdown()
