@@ -181,8 +181,9 @@ class ExperimentTrackers:
 
             mlflow = setup_mlflow(settings, tracking_uri=train.mlflow_tracking_uri, experiment_name=train.run_name,
                                   create_experiment_if_not_exists=True, rank_zero_only=True)
+            # MLflow's names take no "@" (val/retrieval_r@5 -> val_retrieval_r_at_5).
             self.loggers.append(lambda values, step: mlflow.log_metrics(
-                {key.replace("/", "_"): value for key, value in values.items()}, step=step))
+                {key.replace("/", "_").replace("@", "_at_"): value for key, value in values.items()}, step=step))
         if train.wandb_project:
             from ray.air.integrations.wandb import setup_wandb
 
