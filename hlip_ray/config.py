@@ -397,6 +397,16 @@ def read_yaml(text: str | bytes) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """A YAML file (``read_yaml``); a missing or malformed one is a ``ConfigError`` naming it as ``what``."""
+    try:
+        return read_yaml(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     messages: dict[str, list[str]] = {}   # key path -> what was wrong (a union's members: each tried)
     for item in error.errors():
@@ -466,12 +476,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            loaded = read_yaml(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        loaded = read_yaml_file(path, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hlip_ray.config import Config, ConfigError, config_fields, read_yaml, with_values
+from hlip_ray.config import Config, ConfigError, config_fields, read_yaml_file, with_values
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Set by the sweep for each trial: a space may not choose them.
@@ -82,12 +80,7 @@ class Space:
 def load_space(path: str | Path) -> Space:
     """Read a space YAML; its shape (keys, samplers, their arguments) is checked here."""
     source = str(path)
-    try:
-        tree = read_yaml(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"tune space not found: {source}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"tune space {source}: not valid YAML: {error}") from None
+    tree = read_yaml_file(path, "tune space")
     if not isinstance(tree, dict) or not tree:
         raise ConfigError(f"tune space {source}: expected a mapping of dotted config keys to samplers, "
                           "e.g. 'train.lr: {loguniform: [1.0e-5, 1.0e-3]}'")
