@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import synthetic_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -92,15 +93,7 @@ def _ray_job(address: str, env: dict, command: str, *args: str, timeout: float =
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory):
     """A small synthetic corpus and its manifest, where the head's jobs read them."""
-    from hlip_ray.data.manifest import build_manifest, write_manifest
-    from hlip_ray.data.storage import Storage
-    from hlip_ray.demo.synth import folder_writer, write_corpus
-
-    root = tmp_path_factory.mktemp("smoke")
-    write_corpus(folder_writer(str(root / "raw")), studies=24, seed=3)
-    rows = build_manifest(str(root / "raw"), Storage(), salt="hlip-ray", val_fraction=0.25)
-    write_manifest(rows, str(root / "manifest.parquet"), Storage())
-    return root
+    return synthetic_corpus(tmp_path_factory.mktemp("smoke"), studies=24, seed=3, val_fraction=0.25)
 
 
 def _train_entrypoint(data: Path, *overrides: str) -> list[str]:

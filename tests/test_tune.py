@@ -24,6 +24,7 @@ import pytest
 from hlip_ray.config import ConfigError, load_config
 from hlip_ray.tune.space import load_space
 from tests.conftest import REPO_ROOT
+from tests.helpers import synthetic_corpus
 
 SMOKE = str(REPO_ROOT / "jobs" / "configs" / "smoke.yaml")
 
@@ -74,15 +75,7 @@ def test_a_space_is_checked_whole_before_any_trial_starts(tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from hlip_ray.data.manifest import build_manifest, write_manifest
-    from hlip_ray.data.storage import Storage
-    from hlip_ray.demo.synth import folder_writer, write_corpus
-
-    root = tmp_path_factory.mktemp("tune")
-    write_corpus(folder_writer(str(root / "raw")), studies=32, seed=5)
-    rows = build_manifest(str(root / "raw"), Storage(), salt="hlip-ray", val_fraction=0.4)
-    write_manifest(rows, str(root / "manifest.parquet"), Storage())
-    return root
+    return synthetic_corpus(tmp_path_factory.mktemp("tune"), studies=32, seed=5, val_fraction=0.4)
 
 
 def _data(corpus: Path) -> list[str]:
