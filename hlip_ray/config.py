@@ -314,15 +314,21 @@ class TuneConfig(_Section):
     """The reported metric trials are compared on (early stopping, the best trial, the Pareto front)."""
     mode: Literal["max", "min"] = "max"
     """Whether a higher (``max``) or lower (``min``) ``tune.metric`` is better."""
-    scheduler: Literal["asha", "fifo"] = "asha"
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
     """``asha``: stop trials whose metric trails the others' at the same step (ASHA); ``fifo``: run every
-    trial to ``train.max_steps``."""
+    trial to ``train.max_steps``; ``pbt``: population-based training, where every
+    ``tune.perturbation_interval`` steps the trailing quarter of the trials continue from a leading
+    trial's checkpoint with its values perturbed (the space's keys must be ones a run can change at a
+    checkpoint: ``hlip_ray.tune.space.PBT_KEYS``)."""
     grace_period: int = Field(100, gt=0)
     """Training steps a trial runs before ASHA may stop it; make it at least ``train.checkpoint_every``,
     since the metric changes only at a validation."""
     reduction_factor: int = Field(3, ge=2)
     """ASHA's rungs are ``grace_period × reduction_factor^k`` steps; at each, all but the best
     1 / ``reduction_factor`` of the trials that reached it are stopped."""
+    perturbation_interval: int | None = Field(None, gt=0)
+    """PBT: steps between two perturbations, a multiple of ``train.checkpoint_every`` (a trial continues
+    from a checkpoint); null: ``train.checkpoint_every``."""
     num_samples: int = Field(1, gt=0)
     """Samples drawn from the space; every ``grid`` value is crossed with each sample."""
     max_concurrent_trials: int | None = Field(None, gt=0)
@@ -350,6 +356,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        interval = self.tune.perturbation_interval
+        if interval is not None and interval % self.train.checkpoint_every:
+            raise ValueError(f"tune.perturbation_interval {interval} is not a multiple of train.checkpoint_every "
+                             f"{self.train.checkpoint_every}: a PBT trial continues from a checkpoint")
         for axis, (size, patch) in enumerate(zip(self.data.grid, self.model.patch_size)):
             if size % patch:
                 raise ValueError(

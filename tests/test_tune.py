@@ -4,13 +4,16 @@ config and a small synthetic corpus.
 A space that names an unknown key, or has a point the config refuses, fails before any trial, naming
 the key and value. A sweep over attention layout x global batch (through the gradient cache) runs every
 trial as a whole training run; ASHA stops the trials that trail; the results (table, best config,
-front, plots) are written and the best config trains. A sweep whose driver is killed resumes with
-`--resume` and finishes without running its finished trial again.
+front, plots) are written and the best config trains. A sweep on S3 whose driver is killed resumes
+with `--resume` and finishes without running its finished trial again. Under PBT the trailing trial
+continues the leader's checkpoint with perturbed values.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 import re
 import signal
@@ -63,6 +66,16 @@ def test_a_space_is_checked_whole_before_any_trial_starts(tmp_path):
     for text, message in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             sweep_config(config, load_space(_space(tmp_path, text)))
+    # PBT changes a running trial's values at a checkpoint: only keys a run can take up there.
+    pbt = load_config(SMOKE, ["tune.scheduler=pbt", f"tune.storage_path={tmp_path / 'sweeps'}",
+                              "eval.vocabulary=v.json"])
+    with pytest.raises(ConfigError, match=re.escape("train.global_batch_size: PBT changes a running trial's")):
+        sweep_config(pbt, load_space(_space(tmp_path, "train.global_batch_size: {grid: [8, 16]}\n")))
+    with pytest.raises(ConfigError, match="PBT needs a population"):
+        sweep_config(pbt, load_space(_space(tmp_path, "train.lr: {choice: [1.0e-4, 1.0e-3]}\n")))
+    assert sweep_config(pbt, load_space(_space(tmp_path, "train.lr: {grid: [1.0e-4, 1.0e-3]}\n")))
+    with pytest.raises(ConfigError, match="tune.perturbation_interval 4 is not a multiple of train.checkpoint_every 6"):
+        load_config(SMOKE, ["tune.scheduler=pbt", "tune.perturbation_interval=4"])
     # Through the command line: one line naming the key, exit status 2, and no sweep folder (no trial).
     done = _tune("--space", _space(tmp_path, "train.global_batch_size: {grid: [8, 12, 14]}\n"), "--config", SMOKE,
                  "eval.vocabulary=v.json", "tune.grace_period=6", f"tune.storage_path={tmp_path / 'sweeps'}")
@@ -127,11 +140,19 @@ def test_a_sweep_stops_trailing_trials_early_and_writes_results_whose_best_confi
     assert (corpus / "best_runs" / "layouts-best" / "checkpoint_00000002" / "model.safetensors").is_file()
 
 
+def _trials_csv(storage, folder: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(storage.read_bytes(f"{folder}/trials.csv").decode())))
+
+
 @pytest.mark.slow
-def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(corpus, ray_session):
+def test_a_sweep_on_s3_whose_driver_is_killed_resumes_without_rerunning_finished_trials(corpus, ray_session, bucket,
+                                                                                      s3_endpoint):
+    from hlip_ray.data.storage import Storage
+
     space = _space(corpus, "data.scans_per_study: {grid: [1, 2]}\n")
-    args = ["--space", space, "--config", SMOKE, *_data(corpus), "tune.name=resumed", "tune.scheduler=fifo",
-            "train.max_steps=6", "train.checkpoint_every=3", "tune.grace_period=3", "tune.max_concurrent_trials=1"]
+    args = ["--space", space, "--config", SMOKE, *_data(corpus), f"tune.storage_path={bucket}/sweeps",
+            f"storage.endpoint_url={s3_endpoint}", "tune.name=resumed", "tune.scheduler=fifo", "train.max_steps=6",
+            "train.checkpoint_every=3", "tune.grace_period=3", "tune.max_concurrent_trials=1"]
     address = ray_session.get_runtime_context().gcs_address
     run = _tune(*args, address=address, start_new_session=True)
     lines, finished = [], None
@@ -151,9 +172,47 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trial
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output[-6000:]
     assert not re.search(rf"^trial {finished} started", output, re.M), "the finished trial ran again"
-    with open(corpus / "sweeps" / "resumed" / "trials.csv") as file:
-        trials = list(csv.DictReader(file))
+    trials = _trials_csv(Storage(endpoint_url=s3_endpoint), f"{bucket}/sweeps/resumed")
     statuses = {trial["trial"]: trial["status"] for trial in trials}
-    assert statuses[finished] == "finished" and len(statuses) == 2, trials
-    # The resumed trial finished in runs on an idle machine; one full run under load saw it fail after the
-    # resume (closing note of stop 27): its status is not asserted until that is understood.
+    assert statuses == {trial["trial"]: "finished" for trial in trials} and len(statuses) == 2, (trials, output[-6000:])
+    assert finished in statuses
+
+
+@pytest.mark.slow
+def test_pbt_continues_trailing_trials_from_a_leaders_checkpoint_with_perturbed_values(tmp_path, ray_session):
+    from hlip_ray.train.engine import lr_factor
+
+    # Kept small: one worker per trial, no validation split (PBT compares the training loss).
+    corpus = synthetic_corpus(tmp_path, studies=16, seed=7, val_fraction=0.0)
+    space = _space(corpus, "train.lr: {loguniform: [1.0e-4, 3.0e-3]}\nmodel.attention_layout: {grid: [h2, full]}\n")
+    run = _tune("--space", space, "--config", SMOKE, f"data.manifest={corpus / 'manifest.parquet'}",
+                f"tune.storage_path={corpus / 'sweeps'}", f"train.log_dir={corpus / 'logs'}", "tune.name=pbt",
+                "tune.scheduler=pbt", "tune.metric=loss", "tune.mode=min", "train.num_workers=1",
+                "train.global_batch_size=4", "train.max_steps=4", "train.checkpoint_every=2",
+                address=ray_session.get_runtime_context().gcs_address)
+    output, _ = run.communicate(timeout=900)
+    assert run.returncode == 0, output[-6000:]
+    folder = corpus / "sweeps" / "pbt"
+    with open(folder / "trials.csv") as file:
+        trials = {trial["trial"]: trial for trial in csv.DictReader(file)}
+    assert len(trials) == 2 and all(trial["status"] == "finished" for trial in trials.values()), trials
+    # Synchronous PBT with two trials: at step 2 the trailing one continues the leader's step-2 checkpoint
+    # (and not again at the last step, where it would end as a copy of the leader).
+    cloned = [trial for trial in trials.values() if trial["cloned_from"]]
+    assert len(cloned) == 1, trials
+    follower = cloned[0]
+    leader = re.fullmatch(r"(\S+) step 2", follower["cloned_from"]).group(1)
+    assert leader in trials and leader != follower["trial"]
+    assert re.search(rf"^trial {follower['trial']} continues trial {leader} step 2 \(PBT\): train.lr=", output, re.M)
+    # Its own run: the leader's weights, optimizer and data position at step 2, then its own 2 steps at
+    # its perturbed lr (which the restored optimizer takes up from the config).
+    runs = [path for path in (folder / "runs").iterdir() if path.name.startswith(f"pbt-{follower['trial']}-")]
+    assert len(runs) == 1, runs
+    assert sorted(path.name for path in runs[0].glob("checkpoint_0*")) == ["checkpoint_00000004"]
+    state = json.loads((runs[0] / "checkpoint_00000004" / "train_state.json").read_text())
+    assert state["step"] == 4 and state["position"] == 4 * 4
+    lr = float(follower["train.lr"])
+    assert lr != float(trials[leader]["train.lr"])
+    steps = [json.loads(line) for line in (corpus / "logs" / runs[0].name / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in steps] == [3, 4]
+    assert steps[0]["lr"] == pytest.approx(lr * lr_factor(2, 2, 4), rel=1e-6)

@@ -92,6 +92,28 @@ def latest_checkpoint(run_dir: str, storage: Storage) -> tuple[str, TrainState] 
     return best
 
 
+def checkpoint_at(uri: str, storage: Storage) -> tuple[str, TrainState]:
+    """The checkpoint at ``uri`` (a ``checkpoint_*`` folder), which must be complete."""
+    uri = uri.rstrip("/")
+    try:
+        files = {file[len(uri) + 1 :] for file in storage.list_files(uri)}
+        state = TrainState.from_json(storage.read_bytes(join(uri, STATE_FILE)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {uri}") from None
+    if not is_complete(files, state):
+        raise FileNotFoundError(f"the checkpoint at {uri} is incomplete (a rank's part or the model is missing)")
+    return uri, state
+
+
+def resume_point(run_dir: str, storage: Storage, resume_from: str | None = None) -> tuple[str, TrainState] | None:
+    """Where a run (re)starts: its own latest complete checkpoint, else ``resume_from`` (another run's
+    checkpoint it continues, as a PBT trial continues a leading trial's), else nowhere."""
+    found = latest_checkpoint(run_dir, storage)
+    if found is None and resume_from:
+        found = checkpoint_at(resume_from, storage)
+    return found
+
+
 # -- writing -------------------------------------------------------------------------------
 def report_checkpoint(engine, state: TrainState, config: Config, rank: int, metrics: dict) -> None:
     """Write this rank's part of the checkpoint at ``state.step`` and report it with ``metrics``.

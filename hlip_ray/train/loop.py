@@ -31,9 +31,9 @@ from hlip_ray.text_source import load_tokenizer
 from hlip_ray.train.checkpoints import (
     TrainState,
     checkpoint_dir_name,
-    latest_checkpoint,
     report_checkpoint,
     restore_checkpoint,
+    resume_point,
 )
 from hlip_ray.train.engine import build_engine
 from hlip_ray.train.grad_cache import contrastive_step
@@ -116,7 +116,7 @@ def start(worker: Worker, loop_config: dict):
     config, train = worker.config, worker.config.train
     torch.manual_seed(train.seed)
     model = build_model(config)
-    found = latest_checkpoint(loop_config["run_dir"], worker.storage)
+    found = resume_point(loop_config["run_dir"], worker.storage, loop_config.get("resume_from"))
     if found is None and loop_config.get("init_checkpoint"):
         initial, _ = load_model(loop_config["init_checkpoint"], worker.storage, config)
         model.load_state_dict(initial.state_dict())
@@ -130,7 +130,10 @@ def start(worker: Worker, loop_config: dict):
                            provenance=loop_config.get("provenance", {}))
         return engine, scheduler, state, False
     state = restore_checkpoint(engine, found, worker.storage, worker.world_size)
-    # The lr is a function of the step under this run's schedule (max_steps may have grown).
+    # The optimizer's values are this config's (a PBT trial continues another's checkpoint with its own
+    # lr), and the lr a function of the step under this run's schedule (max_steps may have grown).
+    scheduler.base_lrs = [train.lr] * len(scheduler.base_lrs)
+    engine.optimizer.param_groups[0]["weight_decay"] = train.weight_decay   # the decayed group (parameter_groups)
     scheduler.last_epoch = state.step - 1
     scheduler.step()
     logger.info("resumed from %s at step %d, position %d", found[0], state.step, state.position)

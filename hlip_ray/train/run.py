@@ -78,13 +78,17 @@ class Training:
     run_log: object
 
 
-def build_trainer(config: Config, *, init_checkpoint: str | None = None, callbacks: tuple = ()) -> Training:
+def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_from: str | None = None,
+                  callbacks: tuple = ()) -> Training:
     """The ``TorchTrainer`` of a config; Ray must be initialised. Fails before any work on a bad setup.
-    ``callbacks``: Ray Train callbacks of the run (a sweep's trial passes Tune's report callback)."""
+    ``init_checkpoint``: the initial weights of a new run. ``resume_from``: another run's checkpoint this
+    run continues (weights, optimizer, step, data position) until it has one of its own (a PBT trial).
+    ``callbacks``: Ray Train callbacks of the run (a sweep's trial passes its report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from hlip_ray.data.quarantine import create_quarantine_log
+    from hlip_ray.train.checkpoints import checkpoint_at
     from hlip_ray.train.loop import train_loop
     from hlip_ray.train.tracking import start_run_log
 
@@ -93,8 +97,13 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, callbac
     storage = Storage.from_config(config.storage)
     if init_checkpoint:
         check_initial_weights(init_checkpoint, config, storage)
+    if resume_from:
+        try:
+            checkpoint_at(resume_from, storage)
+        except FileNotFoundError as error:
+            raise ConfigError(str(error)) from None
     quarantine = create_quarantine_log()
-    datasets, dataset_config, train_studies = run_datasets(config, storage, quarantine)
+    datasets, dataset_config, train_studies = run_datasets(config, storage, quarantine, resume_from)
     run_log = start_run_log(log_dir(config), train.max_steps)
     resources = {"CPU": 1, **({config.resources.trainer: 1} if config.resources.trainer else {}),
                  **({"GPU": 1} if train.use_gpu else {})}
@@ -107,6 +116,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, callbac
             "run_dir": run_dir(config),
             "train_studies": train_studies,
             "init_checkpoint": init_checkpoint,
+            "resume_from": resume_from,
             "provenance": provenance(config, storage),
             "run_log": run_log,
             "validate": "val" in datasets,
@@ -154,7 +164,7 @@ def check_initial_weights(source: str, config: Config, storage: Storage) -> None
         raise ConfigError(f"--checkpoint {source}: {error}") from None
 
 
-def run_datasets(config: Config, storage: Storage, quarantine):
+def run_datasets(config: Config, storage: Storage, quarantine, resume_from: str | None = None):
     """``(datasets, dataset_config, train_studies)`` for the ``TorchTrainer``: ``train``, the data order
     from the run's latest checkpoint on (split across workers, in order), and ``val``, the held-out
     split decoded once (read whole by every worker at each validation)."""
@@ -163,7 +173,7 @@ def run_datasets(config: Config, storage: Storage, quarantine):
 
     from hlip_ray.data.sources import study_items
     from hlip_ray.data.streams import evaluation_stream, training_stream
-    from hlip_ray.train.checkpoints import latest_checkpoint
+    from hlip_ray.train.checkpoints import resume_point
 
     train = config.train
     train_items, train_source = study_items(config, storage, quarantine, "train", train=True)
@@ -176,7 +186,7 @@ def run_datasets(config: Config, storage: Storage, quarantine):
 
     def train_dataset():
         """Called by Ray Train at every worker-group start: the data order from the latest checkpoint on."""
-        found = latest_checkpoint(directory, storage)
+        found = resume_point(directory, storage, resume_from)
         start = found[1].position if found else 0
         step = found[1].step if found else 0
         remaining = max(1, train.max_steps - step) * train.global_batch_size
@@ -200,14 +210,15 @@ def log_dir(config: Config) -> Path:
     return Path(config.train.log_dir) / config.train.run_name
 
 
-def fit(config: Config, *, init_checkpoint: str | None = None, callbacks: tuple = (), progress: bool = True) -> dict:
+def fit(config: Config, *, init_checkpoint: str | None = None, resume_from: str | None = None, callbacks: tuple = (),
+        progress: bool = True) -> dict:
     """Train (or resume) the run a config names, printing its progress (unless ``progress`` is off, as
-    in a sweep's trials); returns a summary of the result."""
+    in a sweep's trials); returns a summary of the result. Arguments as in ``build_trainer``."""
     from hlip_ray.data.quarantine import write_quarantine
     from hlip_ray.train.tracking import print_progress
 
     started = time.perf_counter()
-    training = build_trainer(config, init_checkpoint=init_checkpoint, callbacks=callbacks)
+    training = build_trainer(config, init_checkpoint=init_checkpoint, resume_from=resume_from, callbacks=callbacks)
     stop = threading.Event()
     printer = threading.Thread(target=print_progress, args=(training.run_log, stop), name="progress", daemon=True)
     if progress:
@@ -226,7 +237,7 @@ def fit(config: Config, *, init_checkpoint: str | None = None, callbacks: tuple 
     checkpoint = result.checkpoint
     summary = {
         "run_dir": run_dir(config),
-        "checkpoint": _checkpoint_uri(config, checkpoint.path) if checkpoint else None,
+        "checkpoint": checkpoint_uri(config, checkpoint.path) if checkpoint else None,
         "metrics": {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")},
         "rejections": rejected,
         "seconds": round(time.perf_counter() - started, 1),
@@ -248,5 +259,6 @@ def _resume_point(config: Config, storage: Storage) -> str:
             f"training run {config.train.run_name!r} again resumes from it")
 
 
-def _checkpoint_uri(config: Config, path: str) -> str:
+def checkpoint_uri(config: Config, path: str) -> str:
+    """A checkpoint's URI from the path Ray Train gives it (bucket/key on S3)."""
     return f"s3://{path}" if is_s3(config.train.storage_path) else path

@@ -3,6 +3,7 @@
     trial 3f2a1_00001 started: model.attention_layout=full data.scans_per_study=2 (2 started, 1 running)
     trial 3f2a1_00001 step 12: val/zeroshot_auc 0.612, 31.4 studies/s
     trial 3f2a1_00001 stopped early by ASHA at step 12 of 24: val/zeroshot_auc 0.612
+    trial 3f2a1_00002 continues trial 3f2a1_00000 step 12 (PBT): train.lr=0.00012 model.attention_layout=h2
 """
 
 from __future__ import annotations
@@ -21,16 +22,25 @@ class TrialEvents(Callback):
         self.metric = metric
         self.max_steps = max_steps
         self.validation_every = validation_every
-        self.started = 0
+        self.started: set[str] = set()
+        self.cloned: dict[str, str] = {}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.started += 1
+        """The first start only: Tune restarts a trial it paused (PBT) or resumes (``--resume``)."""
+        if trial.trial_id in self.started:
+            return
+        self.started.add(trial.trial_id)
         running = sum(1 for other in trials if other.status == "RUNNING")
-        point = " ".join(f"{key}={trial.config.get(key)}" for key in self.keys)
-        print(f"trial {trial.trial_id} started: {point} ({self.started} started, {running} running)", flush=True)
+        point = _point(trial.config, self.keys)
+        print(f"trial {trial.trial_id} started: {point} ({len(self.started)} started, {running} running)", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         """A line per validation: a report between validations carries the previous value."""
+        cloned = result.get("cloned_from")
+        if cloned and self.cloned.get(trial.trial_id) != cloned:
+            self.cloned[trial.trial_id] = cloned
+            point = _point(trial.config, self.keys)
+            print(f"trial {trial.trial_id} continues trial {cloned} (PBT): {point}", flush=True)
         value, step = result.get(self.metric), result.get("step", 0)
         if value is None or (isinstance(value, float) and math.isnan(value)) or (
                 step % self.validation_every and step != self.max_steps):
@@ -56,3 +66,11 @@ class TrialEvents(Callback):
             error = f": {lines[-1].strip()}" if lines else ""
         print(f"trial {trial.trial_id} failed at step {(trial.last_result or {}).get('step', 0)}{error} "
               f"(the whole error: {trial.error_file or trial.path})", flush=True)
+
+
+def _point(config: dict, keys: list[str]) -> str:
+    return " ".join(f"{key}={_value(config.get(key))}" for key in keys)
+
+
+def _value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

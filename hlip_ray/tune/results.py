@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 
 from hlip_ray.config import Config, dump_config, with_values
@@ -36,12 +37,14 @@ class Trial:
     studies_per_s: float
     chunks_per_worker: int
     history: list[tuple[int, float]]   # (step, metric) at each validation
+    cloned_from: str = ""              # PBT: the checkpoints it continued ("<trial> step <n>; ...")
 
     def row(self, metric: str, unit: str, front: set[str], best: str | None) -> dict:
         return {"trial": self.trial_id, **self.values, "status": self.status, "steps": self.steps,
                 f"final {metric}": self.final, f"best {metric}": self.best, "wall_s": round(self.wall_s, 1),
                 f"compute {unit}-s": round(self.compute_s, 1), "studies_per_s": round(self.studies_per_s, 2),
-                "chunks_per_worker": self.chunks_per_worker, "pareto_front": self.trial_id in front,
+                "chunks_per_worker": self.chunks_per_worker, "cloned_from": self.cloned_from,
+                "pareto_front": self.trial_id in front,
                 "best": self.trial_id == best}
 
 
@@ -71,7 +74,7 @@ def trials_of(grid, base: Config, keys: list[str]) -> list[Trial]:
             status = "finished"
         values_seen = [value for _, value in series]
         trials.append(Trial(
-            trial_id=str((result.metrics or {}).get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]),
+            trial_id=trial_id(result.path),
             values=values, status=status, steps=steps,
             final=values_seen[-1] if values_seen else math.nan,
             best=(max if base.tune.mode == "max" else min)(values_seen) if values_seen else math.nan,
@@ -79,8 +82,18 @@ def trials_of(grid, base: Config, keys: list[str]) -> list[Trial]:
             studies_per_s=sorted(rates)[len(rates) // 2] if rates else math.nan,
             chunks_per_worker=config.train.global_batch_size // (workers * config.train.chunk_size),
             history=series,
+            cloned_from="; ".join(dict.fromkeys(row["cloned_from"] for row in rows
+                                                if isinstance(row.get("cloned_from"), str))),
         ))
     return sorted(trials, key=lambda trial: trial.trial_id)
+
+
+def trial_id(path: str) -> str:
+    """A trial's id from its folder (``run_trial_<id>_<n>_<values>_<time>``): not from its metrics, which
+    PBT copies from the trial it clones."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    found = re.match(r"run_trial_([0-9a-f]+_\d+)_", name)
+    return found.group(1) if found else name
 
 
 def _number(value) -> bool:

@@ -23,6 +23,11 @@ from hlip_ray.config import Config, ConfigError, config_fields, read_yaml_file, 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Set by the sweep for each trial: a space may not choose them.
 SET_BY_SWEEP = ("train.run_name", "train.storage_path", "train.log_dir")
+# What population-based training may change in a running trial: keys a run can take up at a checkpoint,
+# because they change neither the parameters' shapes nor the data order. The optimizer's lr and weight
+# decay are set again from the config when a run resumes.
+PBT_KEYS = ("train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "model.attention_layout",
+            "model.patch_dropout", "model.drop_path", "data.scans_per_study", "data.shuffle_sentences")
 # Points checked at most (the first ones, in order); a space has far fewer in practice.
 MAX_POINTS = 4096
 
@@ -47,6 +52,13 @@ class Dimension:
         samplers = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
         return samplers[self.sampler](low, high)
 
+    def mutation(self):
+        """What PBT resamples this key from: the listed values, or the range (Tune perturbs a range's
+        value by x0.8 or x1.2 otherwise)."""
+        if self.sampler in ("grid", "choice"):
+            return list(self.values)
+        return self.tune_domain()
+
     def corners(self) -> list:
         """The values a check must try: each listed value, or a range's ends (``randint``'s high is exclusive)."""
         if self.sampler in ("grid", "choice"):
@@ -65,6 +77,18 @@ class Space:
     def param_space(self) -> dict[str, Any]:
         """Tune's ``param_space``: ``{dotted key: domain}``."""
         return {dimension.key: dimension.tune_domain() for dimension in self.dimensions}
+
+    def mutations(self) -> dict[str, Any]:
+        """PBT's ``hyperparam_mutations``: every key of the space."""
+        return {dimension.key: dimension.mutation() for dimension in self.dimensions}
+
+    def trials(self, num_samples: int) -> int:
+        """How many trials a sweep runs: each sample crossed with every grid value."""
+        count = num_samples
+        for dimension in self.dimensions:
+            if dimension.sampler == "grid":
+                count *= len(dimension.values)
+        return count
 
     @property
     def keys(self) -> list[str]:
@@ -120,6 +144,12 @@ def _checked_arguments(where: str, sampler: str, values: Any) -> tuple:
 def check_space(space: Space, config: Config) -> int:
     """Fail on the first point of ``space`` the config refuses, naming its key and value; returns the
     number of points checked."""
+    if config.tune.scheduler == "pbt":
+        for key in space.keys:
+            if key not in PBT_KEYS:
+                raise ConfigError(f"tune space {space.source}: {key}: PBT changes a running trial's values at a "
+                                  f"checkpoint, which a run can take up only for {', '.join(PBT_KEYS)}; sweep "
+                                  f"{key} with tune.scheduler=asha or fifo")
     checked = 0
     for point in space.points():
         if checked == MAX_POINTS:

@@ -1,13 +1,11 @@
 """`hlip-ray tune`: a Ray Tune sweep in which every trial is a whole distributed training run.
 
-A Tune function trainable (``run_trial``) builds and fits the trial's ``TorchTrainer`` with Tune's
-report callback, so the metrics the training loop reports reach Tune; each trial's run has its own
-name (``<sweep>-<trial id>``) under the sweep's folder, so a resumed trial resumes its own
-checkpoint. ASHA (``tune.scheduler``) stops trials whose metric trails at the same step; concurrent
-trials are bounded by what the cluster holds. The console gets one line per trial event instead of
-Tune's status table; the results (a table, the Pareto front of metric against compute, the best
-config as a training YAML, plots) are written by ``results.py``.
-"""
+Each trial (``trial.run_trial``) fits its own ``TorchTrainer`` under its own run name, so a resumed
+trial resumes its own checkpoint. ``tune.scheduler`` picks ASHA (trials whose metric trails at the
+same step are stopped), FIFO, or PBT (trailing trials continue from a leading trial's checkpoint with
+perturbed values); concurrent trials are bounded by what the cluster holds. The console gets one line
+per trial event instead of Tune's status table; the results (a table, the Pareto front of metric
+against compute, the best config as a training YAML, plots) are written by ``results.py``."""
 
 from __future__ import annotations
 
@@ -15,9 +13,10 @@ import os
 from functools import partial
 from typing import Any
 
-from hlip_ray.config import Config, ConfigError, config_from_dict, with_values
+from hlip_ray.config import Config, ConfigError, with_values
 from hlip_ray.data.storage import Storage, is_s3, join
 from hlip_ray.tune.space import Space, check_space
+from hlip_ray.tune.trial import run_trial
 
 # Config keys holding local paths: made absolute before trials start, since Tune runs each trial
 # in a folder of its own.
@@ -34,10 +33,6 @@ def sweep_dir(config: Config) -> str:
     return os.path.join(os.path.abspath(path), config.tune.name)
 
 
-def trial_run_name(config: Config, trial_id: str) -> str:
-    return f"{config.tune.name}-{trial_id}"
-
-
 def sweep_config(config: Config, space: Space) -> Config:
     """The config every trial starts from: local paths absolute, the trials' runs inside the sweep's
     folder. Fails (naming key and value) on a space or setting no trial could run with."""
@@ -48,6 +43,14 @@ def sweep_config(config: Config, space: Space) -> Config:
     if config.tune.scheduler == "asha" and config.tune.grace_period > config.train.max_steps:
         raise ConfigError(f"tune.grace_period {config.tune.grace_period} is beyond train.max_steps "
                           f"{config.train.max_steps}: ASHA would never stop a trial")
+    if config.tune.scheduler == "pbt":
+        interval = config.tune.perturbation_interval or config.train.checkpoint_every
+        if interval >= config.train.max_steps:
+            raise ConfigError(f"PBT's perturbation interval ({interval} steps: tune.perturbation_interval, else "
+                              f"train.checkpoint_every) is not below train.max_steps {config.train.max_steps}: "
+                              "PBT would never perturb a trial")
+        if space.trials(config.tune.num_samples) < 2:
+            raise ConfigError("PBT needs a population: tune.num_samples (times the space's grid values) is 1")
     values: dict[str, Any] = {"train.storage_path": join(sweep_dir(config), "runs")}
     for key in PATH_KEYS:
         section, name = key.split(".")
@@ -57,19 +60,6 @@ def sweep_config(config: Config, space: Space) -> Config:
     base = with_values(config, values)
     check_space(space, base)
     return base
-
-
-def run_trial(values: dict[str, Any], base: dict[str, Any]) -> None:
-    """One trial: the base config with the trial's values, trained to the end (or until Tune stops it)."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from hlip_ray.train.run import fit
-
-    config = config_from_dict(base, "sweep")
-    run_name = trial_run_name(config, tune.get_context().get_trial_id())
-    config = with_values(config, {**values, "train.run_name": run_name}, source=f"trial {run_name}")
-    fit(config, callbacks=(TuneReportCallback(),), progress=False)
 
 
 def trial_resources(config: Config) -> dict[str, float]:
@@ -93,13 +83,34 @@ def concurrent_trials(config: Config) -> int:
     return max(1, int(total.get("CPU", 0) // (workers + 1)))
 
 
-def scheduler(config: Config):
+def scheduler(config: Config, space: Space):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if config.tune.scheduler == "fifo":
         return FIFOScheduler()
+    if config.tune.scheduler == "pbt":
+        return checkpointed_pbt(config, space)
     return ASHAScheduler(time_attr="step", max_t=config.train.max_steps, grace_period=config.tune.grace_period,
                          reduction_factor=config.tune.reduction_factor)
+
+
+def checkpointed_pbt(config: Config, space: Space):
+    """Tune's PBT, synchronous (every trial stops at the same step before any is compared, so trials are
+    compared at equal training), perturbing only at a checkpoint step before the last: a trailing trial
+    continues a leader's checkpoint, and one perturbed at its last step would end as a copy of the leader."""
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+    checkpoint_every, max_steps = config.train.checkpoint_every, config.train.max_steps
+
+    class CheckpointedPBT(PopulationBasedTraining):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            step = result.get("step", 0)
+            if step % checkpoint_every or step >= max_steps:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    return CheckpointedPBT(time_attr="step", synch=True, hyperparam_mutations=space.mutations(),
+                           perturbation_interval=config.tune.perturbation_interval or checkpoint_every)
 
 
 def run_sweep(config: Config, space: Space, *, resume: bool = False):
@@ -131,7 +142,7 @@ def run_sweep(config: Config, space: Space, *, resume: bool = False):
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(),
-            tune_config=tune.TuneConfig(metric=base.tune.metric, mode=base.tune.mode, scheduler=scheduler(base),
+            tune_config=tune.TuneConfig(metric=base.tune.metric, mode=base.tune.mode, scheduler=scheduler(base, space),
                                         num_samples=base.tune.num_samples,
                                         max_concurrent_trials=concurrent_trials(base)),
             run_config=tune.RunConfig(name=base.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
