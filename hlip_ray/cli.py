@@ -51,7 +51,7 @@ def _manifest_command(args: argparse.Namespace) -> int:
 def _preprocess_command(args: argparse.Namespace) -> int:
     from hlip_ray import ray_runtime
     from hlip_ray.data.manifest import read_manifest
-    from hlip_ray.data.preprocess import write_shards
+    from hlip_ray.data.preprocess import summary_lines, write_shards
     from hlip_ray.data.quarantine import create_quarantine_log
 
     config = load_config(args.config, args.overrides)
@@ -59,8 +59,7 @@ def _preprocess_command(args: argparse.Namespace) -> int:
     rows = read_manifest(args.manifest, storage, data_root=args.data_root)
     ray_runtime.connect()
     summary = write_shards(rows, config, storage, args.out, create_quarantine_log())
-    print(f"wrote {summary['studies_written']} of {summary['studies_in_manifest']} studies to {args.out}; "
-          f"skipped: {summary['rejections'] or 'none'}")
+    print("\n".join(summary_lines(summary, args.out)))
     return 0
 
 
@@ -155,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     preprocess = with_config(commands.add_parser("preprocess", help="decode a manifest into Parquet shards"))
     preprocess.add_argument("--manifest", required=True)
-    preprocess.add_argument("--out", required=True, help="folder or s3:// prefix for shards")
+    preprocess.add_argument("--out", required=True,
+                            help="folder or s3:// prefix for shards. Into a folder that holds shards already, "
+                                 "preprocess resumes: studies written there are not decoded again, the others "
+                                 "are added (an interrupted run is taken up); the preprocessing settings must "
+                                 "match the folder's")
     preprocess.add_argument("--data-root", help="data root of an HLIP JSON manifest")
     preprocess.set_defaults(run=_preprocess_command)
 

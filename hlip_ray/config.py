@@ -152,6 +152,10 @@ class DataConfig(_Section):
     """Shuffle a report's sentences in training, per seed, epoch and study (HLIP does)."""
     nifti_4d: Literal["scans", "first"] = "scans"
     """4D NIfTI: every volume a scan (``scans``) or only the first (``first``)."""
+    min_slices: int = Field(8, gt=0)
+    """The fewest slices a DICOM series (each echo or time point of one) may have, counted after duplicate
+    slices are dropped: a shorter one (a scout, a single image, a dose report) is skipped as
+    ``too_few_slices`` instead of being stretched to ``data.grid``. 1 lets single images through."""
     reorient_to_ras: bool = False
     """Flip and permute each volume's axes to RAS before resizing (W to the right, H to anterior, D to
     superior)."""

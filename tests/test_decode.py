@@ -219,6 +219,67 @@ def test_repeated_positions_split_into_one_volume_per_repetition():
     np.testing.assert_array_equal(decoded.volumes[1].pixels[:, 0, 0], 2 * np.array([3, 4, 5]) - 1024)
 
 
+def test_copies_are_dropped_and_noted_but_blank_echoes_are_not():
+    files = _series(steps=(0, 1, 2))
+    name, data = files[0]
+    copy = pydicom.dcmread(BytesIO(data))  # the same slice exported again under a new SOPInstanceUID
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    buffer = BytesIO()
+    copy.save_as(buffer)
+    decoded = decode_dicom_files(files + [(name, data), ("s3://bucket/scan/again.dcm", buffer.getvalue())],
+                                 "s3://bucket/scan")
+    assert decoded.rejections == [] and decoded.volumes[0].pixels.shape == (3, 4, 5)
+    assert sorted(note.reason for note in decoded.notes) == ["duplicate_slice", "duplicate_slice"]
+    echoes = [(f"s3://bucket/scan/e{echo}-{z}.dcm", _dicom(np.zeros((4, 5)), ImagePositionPatient=[0, 0, z],
+                                                           EchoNumbers=echo, InstanceNumber=10 * echo + z))
+              for echo in (1, 2) for z in range(3)]  # identical (blank) pixels at every position
+    decoded = decode_dicom_files(echoes, "s3://bucket/scan")
+    assert [v.series for v in decoded.volumes] == ["series-1.1", "series-1.2"] and decoded.notes == []
+
+
+def test_a_truncated_copy_of_an_intact_file_is_a_duplicate():
+    files = _series()
+    name, data = files[2]
+    decoded = decode_dicom_files([("s3://bucket/scan/cut.dcm", data[:400])] + files, "s3://bucket/scan")
+    assert _only_volume(decoded).pixels.shape == (6, 4, 5)
+    assert [(note.reason, note.uri) for note in decoded.notes] == [("duplicate_slice", "s3://bucket/scan/cut.dcm")]
+
+
+def test_uneven_repeats_conflict_and_short_series_are_too_few():
+    assert _reasons(decode_dicom_files(_series(steps=(0, 1, 2, 0)), "s3://bucket/scan")) == ["conflicting_slices"]
+    assert _reasons(decode_dicom_files(_series(), "s3://bucket/scan", min_slices=7)) == ["too_few_slices"]
+    assert len(decode_dicom_files(_series(), "s3://bucket/scan", min_slices=6).volumes) == 1
+    echoes = decode_dicom_files(_series(steps=(0, 1, 2, 0, 1, 2)), "s3://bucket/scan", min_slices=4)
+    assert _reasons(echoes) == ["too_few_slices"]  # counted per echo: 3 slices each
+    assert _reasons(decode_dicom_files([_testdata("CT_small.dcm")], "s3://x", min_slices=2)) == ["too_few_slices"]
+
+
+def test_localizers_are_refused():
+    scout = _series(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    assert _reasons(decode_dicom_files(scout, "s3://bucket/scan")) == ["localizer"]
+    planes = _series()[:3] + _series(SAGITTAL)[3:]
+    assert _reasons(decode_dicom_files(planes, "s3://bucket/scan")) == ["localizer"]
+
+
+def test_dicom_is_found_by_content_whatever_the_file_is_called():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.file_meta, ds.preamble  # a bare dataset, as older exports write: no preamble, no DICM magic
+    buffer = BytesIO()
+    ds.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert buffer.getvalue()[128:132] != b"DICM"
+    bare = _only_volume(decode_dicom_files([("s3://bucket/1.2.3.4", buffer.getvalue())], "s3://bucket"))
+    original = _only_volume(decode_dicom_files([_testdata("CT_small.dcm")], "s3://bucket"))
+    np.testing.assert_array_equal(bare.pixels, original.pixels)
+    assert dicom_header(buffer.getvalue())[1] == "CT"
+    stray = [("s3://bucket/scan/notes.txt", b"not an image"), ("s3://bucket/scan/x.dcm", b""),
+             ("s3://bucket/scan/DICOMDIR", Path(get_testdata_file("DICOMDIR")).read_bytes())]
+    decoded = decode_dicom_files(_series() + stray, "s3://bucket/scan")
+    assert len(decoded.volumes) == 1 and decoded.rejections == []
+    assert sorted(note.detail for note in decoded.notes) == ["DICOMDIR: a DICOMDIR", "notes.txt: not DICOM",
+                                                             "x.dcm: zero bytes"]
+    assert dicom_header(Path(get_testdata_file("DICOMDIR")).read_bytes()) == (None, None)
+
+
 # ---------------------------------------------------------------------------------- bad DICOM input
 
 
@@ -250,7 +311,7 @@ def test_a_truncated_slice_rejects_its_whole_series():
     "files, reason",
     [
         ([("x/garbage.dcm", b"\x00" * 128 + b"DICM" + bytes(range(256)) * 4)], "corrupt"),
-        ([("x/empty.dcm", b"")], "corrupt"),
+        ([("x/empty.dcm", b"")], "unsupported_format"),  # skipped as zero bytes: no DICOM file is left
         ([], "missing_object"),
         ([("x/mpeg.dcm", _dicom(np.zeros((4, 4)), syntax=MPEG2MPML))], "unsupported_transfer_syntax"),
         ([("x/sc.dcm", _dicom(np.zeros((4, 4)), SOPClassUID="1.2.840.10008.5.1.4.1.1.7.2"))], "secondary_capture"),

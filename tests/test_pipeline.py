@@ -99,7 +99,7 @@ def test_shards_round_trip_and_feed_the_same_batches(s3_corpus, tmp_path):
     summary = json.loads(storage.read_bytes("s3://corpus/shards/shards.json"))
     assert summary["studies_written"] == 10 and summary["settings"]["grid"] == GRID
     filesystem, root = storage.resolve("s3://corpus/shards/shards")
-    files = filesystem.get_file_info(pafs.FileSelector(root))
+    files = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     shard = next(info.path for info in files if info.path.endswith(".parquet"))
     with filesystem.open_input_file(shard) as handle:
         metadata = pq.ParquetFile(handle).metadata

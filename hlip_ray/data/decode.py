@@ -1,9 +1,14 @@
 """Decode one manifest scan into Volumes, on CPU workers.
 
 Storage-agnostic: every function takes bytes that were already read. Bad input never raises: it comes
-back as a :class:`Rejection` whose ``detail`` holds technical facts only (file name, transfer syntax,
-shapes, exception class). Exception messages and pydicom's warnings are never passed on, because they
-may quote element values such as the patient's name.
+back as a :class:`Rejection` (a series or scan refused) or a :class:`Note` (a file left out of a scan
+that was kept: a stray non-DICOM file, a duplicate slice), whose ``detail`` holds technical facts only
+(file name, transfer syntax, shapes, counts, exception class). Exception messages and pydicom's
+warnings are never passed on, because they may quote element values such as the patient's name.
+
+DICOM is recognised by content, whatever a file is named: a Part 10 file (``DICM`` at byte 128), or a
+bare dataset without the preamble (older exports) that pydicom reads and that names a SOP class or a
+series.
 """
 
 from __future__ import annotations
@@ -21,14 +26,21 @@ import nibabel
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from hlip_ray.data.records import Decoded, Rejection, Volume
+from hlip_ray.data.records import Decoded, Note, Rejection, Volume
 
 SECONDARY_CAPTURE = frozenset({"1.2.840.10008.5.1.4.1.1.7", *(f"1.2.840.10008.5.1.4.1.1.7.{i}" for i in range(1, 5))})
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 UNDEFINED_LENGTH = 0xFFFFFFFF
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index of files, never an image
+# Attributes that tell two acquisitions at one position apart (echoes, time points, b-values, repeats):
+# slices differing in any of them are never duplicates, even with identical pixels (blank edge slices).
+ACQUISITION_KEYS = ("EchoNumbers", "EchoTime", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue",
+                    "AcquisitionNumber")
 
 
 class _Reject(Exception):
@@ -41,11 +53,13 @@ class _Reject(Exception):
 
 @dataclass
 class _File:
-    """One parsed DICOM file."""
+    """One file of a scan, parsed when it is DICOM."""
 
-    name: str  # the file name, for rejection details
-    ds: pydicom.Dataset | None  # None when the file does not parse
+    uri: str
+    name: str  # the file's path below the scan's folder, for details
+    ds: pydicom.Dataset | None  # None when the file is not DICOM or does not parse
     truncated: bool  # cut short: its header may still name its series
+    skip: str = ""  # why the file is not DICOM at all ("zero bytes", "a DICOMDIR", ...); "" when it is
 
 
 @dataclass
@@ -58,12 +72,14 @@ class _Slice:
     pixel_spacing: tuple[float, float]  # (H, W) mm
     thickness: float  # mm along the normal, used only when positions are unknown
     order: tuple[int, int]  # (InstanceNumber, frame index): the order when positions are unknown
+    source: _File  # the file it came from
+    acquisition: tuple[str, ...]  # the ACQUISITION_KEYS values
 
 
 # --------------------------------------------------------------------------------------------- DICOM
 
 
-def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str) -> Decoded:
+def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_slices: int = 1) -> Decoded:
     """Decode the DICOM files of one scan (a folder or prefix) into one Volume per series.
 
     Files are grouped by SeriesInstanceUID; series are labelled "series-1", "series-2", ... in
@@ -72,40 +88,81 @@ def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str) -> Dec
     by RescaleSlope/RescaleIntercept. A series whose positions repeat evenly (echoes, b-values, time
     points in one series) becomes one Volume per repetition, labelled "series-1.1", "series-1.2", ...
 
-    A series with any unusable file is rejected as a whole. A file whose header does not parse cannot
-    be attributed to a series, so it rejects the whole scan.
+    Left out of the scan, each with a :class:`Note`, and never fatal to it:
+
+    - ``skipped_file``: a file that is not DICOM (no ``DICM`` magic and not a dataset pydicom reads: a
+      ``notes.txt``, a thumbnail, ``.DS_Store``), a zero-byte file, a DICOMDIR;
+    - ``duplicate_slice``: a second file with a SOPInstanceUID already seen (an intact copy is kept over
+      a truncated one), or a slice at the same ImagePositionPatient with identical pixels and
+      acquisition (``ACQUISITION_KEYS``) as one kept, from another file (a series exported twice).
+
+    A series is refused as a whole, with a :class:`Rejection`, when any of its files is unusable, when it
+    is a ``localizer`` (ImageType LOCALIZER, or orientations that differ between slices), when a position
+    holds different slices but positions do not repeat evenly (``conflicting_slices``), or when a volume
+    would have fewer than ``min_slices`` slices (``too_few_slices``: never stretched to the grid; 1 lets
+    single images through). A Part 10 file (``DICM`` magic) that does not parse, or a truncated file
+    whose header was cut before its SeriesInstanceUID, cannot be attributed to a series: it refuses the
+    whole scan as ``corrupt`` (unless its SOPInstanceUID shows it is a copy of an intact file).
     """
     if not files:
         return _rejected(scan_uri, "missing_object", "no files")
+    decoded = Decoded()
     with _quiet_pydicom():
+        prefix, parsed = scan_uri.rstrip("/") + "/", []
+        for uri, data in files:  # named by their path below the scan's folder
+            name = uri[len(prefix) :] if uri.startswith(prefix) else uri.rstrip("/").rsplit("/", 1)[-1]
+            parsed.append(_read(uri, name, data))
         series: dict[str, list[_File]] = defaultdict(list)
-        for uri, data in files:
-            file = _read(uri.rstrip("/").rsplit("/", 1)[-1], data)
+        kept_instances: dict[str, str] = {}  # SOPInstanceUID -> the name of the file kept
+        for file in sorted(parsed, key=lambda file: file.truncated):  # intact copies first: they are kept
+            if file.skip:
+                decoded.notes.append(Note(file.uri, "skipped_file", f"{file.name}: {file.skip}"))
+                continue
+            instance = _instance_uid(file)
+            if instance and instance in kept_instances:
+                detail = f"{file.name}: same SOPInstanceUID as {kept_instances[instance]}"
+                decoded.notes.append(Note(file.uri, "duplicate_slice", detail))
+                continue
             if file.ds is None or (file.truncated and "SeriesInstanceUID" not in file.ds):
                 detail = f"{file.name}: {'truncated' if file.truncated else 'not a readable DICOM file'}"
-                return _rejected(scan_uri, "corrupt", f"{detail}; its series is unknown, scan rejected")
+                decoded.rejections.append(Rejection(scan_uri, "corrupt", f"{detail}; its series is unknown, "
+                                                                          "scan rejected"))
+                return decoded
+            if instance:
+                kept_instances[instance] = file.name
             series[str(file.ds.get("SeriesInstanceUID", ""))].append(file)
+        if not series:
+            detail = f"none of its {len(files)} file(s) is DICOM"
+            decoded.rejections.append(Rejection(scan_uri, "unsupported_format", detail))
+            return decoded
 
-        decoded = Decoded()
         for index, uid in enumerate(sorted(series, key=lambda uid: (_series_number(series[uid]), uid)), start=1):
             label = f"series-{index}"
             try:
                 with _as_corrupt("geometry"):
-                    decoded.volumes += _series_volumes(series[uid], scan_uri, label)
+                    decoded.volumes += _series_volumes(series[uid], scan_uri, label, min_slices, decoded.notes)
             except _Reject as reject:
                 decoded.rejections.append(Rejection(scan_uri, reject.reason, f"{label}: {reject.detail}"))
         return decoded
 
 
 def dicom_header(data: bytes) -> tuple[str | None, str | None]:
-    """``(PatientID, Modality)`` from a DICOM header (``data`` may be only the file's first bytes).
+    """``(PatientID, Modality)`` from a DICOM header (``data`` may be only the file's first bytes);
+    ``(None, None)`` when ``data`` is not DICOM (module docstring) or is a DICOMDIR, which is an index of
+    files and names no modality of its own.
 
     The PatientID is for patient-level split hashing in the manifest builder only: it identifies a
     person, so use it transiently and never store, return in a record, or log it.
     """
+    tags = ["PatientID", "Modality", "SOPClassUID", "SeriesInstanceUID"]
     try:
         with _quiet_pydicom():
-            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["PatientID", "Modality"])
+            if _is_part10(data):
+                ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=tags)
+            else:
+                ds = _bare_dataset(data, stop_before_pixels=True, specific_tags=tags)
+            if ds is None or _is_dicomdir(ds):
+                return None, None
             patient, modality = ds.get("PatientID"), ds.get("Modality")
     except Exception:
         return None, None
@@ -125,18 +182,68 @@ def _quiet_pydicom() -> Iterator[None]:
         logger.disabled = disabled
 
 
-def _read(name: str, data: bytes) -> _File:
-    """Parse a DICOM Part 10 file, pixels still encoded; ``ds`` is None when it does not parse."""
+def _instance_uid(file: _File) -> str:
+    """The file's SOPInstanceUID ("" when unknown); of a truncated file, the file meta's copy, since the
+    dataset's may be the value cut short."""
+    if file.ds is None:
+        return ""
+    meta = getattr(file.ds, "file_meta", None) or {}
+    if file.truncated and meta.get("MediaStorageSOPInstanceUID"):
+        return str(meta["MediaStorageSOPInstanceUID"].value)
+    return str(file.ds.get("SOPInstanceUID", ""))
+
+
+def _is_part10(data: bytes) -> bool:
+    return data[128:132] == b"DICM"
+
+
+def _is_dicomdir(ds: pydicom.Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None) or {}
+    return meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds
+
+
+def _bare_dataset(data: bytes, **options) -> pydicom.Dataset | None:
+    """A dataset without the Part 10 preamble and file meta (older exports), or None when ``data`` is not
+    one: pydicom's forced read takes any bytes for a dataset, so it must name a SOP class or a series.
+    The transfer syntax it lacks is the encoding the reader found."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True, **options)
+        if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
+            return None
+        if "TransferSyntaxUID" not in (getattr(ds, "file_meta", None) or {}):
+            implicit, little = ds.original_encoding
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    except Exception:
+        return None
+    return ds
+
+
+def _read(uri: str, name: str, data: bytes) -> _File:
+    """Parse one file of a scan, pixels still encoded. ``skip`` says why a file is not DICOM at all;
+    ``ds`` is None (and ``skip`` empty) for a Part 10 file that does not parse."""
+    if not data:
+        return _File(uri, name, None, False, "zero bytes")
+    if name.rsplit("/", 1)[-1].upper() == "DICOMDIR":
+        return _File(uri, name, None, False, "a DICOMDIR")
     with warnings.catch_warnings(record=True) as caught:  # recorded, never shown: they may quote values
         warnings.simplefilter("always")
-        try:
-            ds = pydicom.dcmread(BytesIO(data))
-        except Exception:
-            return _File(name, None, False)
+        if not _is_part10(data):
+            ds = _bare_dataset(data)
+            if ds is None:
+                return _File(uri, name, None, False, "not DICOM")
+        else:
+            try:
+                ds = pydicom.dcmread(BytesIO(data))
+            except Exception:
+                return _File(uri, name, None, False)
+    if _is_dicomdir(ds):
+        return _File(uri, name, None, False, "a DICOMDIR")
     # pydicom reads a value cut short by the end of the file without complaint: check the last one.
     last = ds.get_item(next(reversed(ds.keys()))) if len(ds) else None
     cut = isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH and len(last.value or b"") < last.length
-    return _File(name, ds, cut or any("end of file" in str(warning.message).lower() for warning in caught))
+    return _File(uri, name, ds, cut or any("end of file" in str(warning.message).lower() for warning in caught))
 
 
 @contextmanager
@@ -157,7 +264,9 @@ def _series_number(files: list[_File]) -> float:
         return float("inf")
 
 
-def _series_volumes(files: list[_File], scan_uri: str, label: str) -> list[Volume]:
+def _series_volumes(files: list[_File], scan_uri: str, label: str, min_slices: int,
+                    notes: list[Note]) -> list[Volume]:
+    """One series' volumes (``decode_dicom_files``); the duplicate slices it drops go to ``notes``."""
     shapes = set()
     for file in files:
         if file.truncated:
@@ -170,8 +279,11 @@ def _series_volumes(files: list[_File], scan_uri: str, label: str) -> list[Volum
     slices = []
     for file in files:
         with _as_corrupt(f"{file.name}: pixel data"):
-            slices += _slices(file.ds)
-    stacks = _stacks(slices)
+            slices += _slices(file.ds, file)
+    stacks = _stacks(slices, label, notes)
+    if len(stacks[0]) < min_slices:
+        raise _Reject("too_few_slices", f"{len(stacks[0])} slice(s) per volume after dropping duplicates, "
+                                        f"fewer than min_slices {min_slices}")
     modality = str(files[0].ds.get("Modality", "")) or "OT"
     labels = [label] if len(stacks) == 1 else [f"{label}.{i}" for i in range(1, len(stacks) + 1)]
     return [_volume(stack, modality, scan_uri, series) for stack, series in zip(stacks, labels)]
@@ -189,6 +301,10 @@ def _screen(name: str, ds: pydicom.Dataset) -> None:
         raise _Reject("secondary_capture", f"{name}: {sop_name}")
     if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
         raise _Reject("burned_in_annotation", f"{name}: BurnedInAnnotation YES")
+    image_type = ds.get("ImageType") or []
+    if "LOCALIZER" in {str(value).strip().upper() for value in ([image_type] if isinstance(image_type, str)
+                                                                 else image_type)}:
+        raise _Reject("localizer", f"{name}: ImageType LOCALIZER")
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         raise _Reject("corrupt", f"{name}: no transfer syntax in the file meta")
@@ -203,8 +319,9 @@ def _screen(name: str, ds: pydicom.Dataset) -> None:
         raise _Reject("unsupported_format", f"{name}: {photometric} with {ds.get('SamplesPerPixel', 1)} samples")
 
 
-def _slices(ds: pydicom.Dataset) -> list[_Slice]:
-    """The frames of one (single- or multi-frame) object, each rescaled, with its position."""
+def _slices(ds: pydicom.Dataset, source: _File) -> list[_Slice]:
+    """The frames of one (single- or multi-frame) object (the file ``source``), each rescaled, with its
+    position."""
     frames = int(ds.get("NumberOfFrames") or 1)
     pixels = ds.pixel_array.reshape(frames, int(ds.Rows), int(ds.Columns))
     shared = ds.get("SharedFunctionalGroupsSequence")
@@ -218,6 +335,7 @@ def _slices(ds: pydicom.Dataset) -> list[_Slice]:
         return ds.get(keyword, default)
 
     instance = int(ds.get("InstanceNumber") or 0)
+    acquisition = tuple(str(ds.get(keyword, "")) for keyword in ACQUISITION_KEYS)
     thickness = float(
         attribute(0, "PixelMeasuresSequence", "SpacingBetweenSlices")
         or attribute(0, "PixelMeasuresSequence", "SliceThickness")
@@ -245,28 +363,54 @@ def _slices(ds: pydicom.Dataset) -> list[_Slice]:
                 pixel_spacing=(float(spacing[0]), float(spacing[1])),
                 thickness=thickness,
                 order=(instance, frame),
+                source=source,
+                acquisition=acquisition,
             )
         )
     return slices
 
 
-def _stacks(slices: list[_Slice]) -> list[list[_Slice]]:
-    """Order the slices of a series into one stack, or several when every position repeats equally often."""
+def _stacks(slices: list[_Slice], label: str, notes: list[Note]) -> list[list[_Slice]]:
+    """Order the slices of a series into one stack, or several when every position repeats equally often.
+
+    Duplicates (``_duplicate``) are dropped first, each dropping file noted once in ``notes``.
+    """
     if any(s.position is None or s.orientation is None for s in slices):
         for s in slices:  # positions are used for all slices or for none
             s.position = None
         return [sorted(slices, key=lambda s: s.order)]
     if any(not np.allclose(s.orientation, slices[0].orientation, atol=1e-3) for s in slices):
-        raise _Reject("inconsistent_slice_shapes", "slice orientations differ within the series")
+        raise _Reject("localizer", "slice orientations differ within the series")
     normal = np.cross(*slices[0].orientation)
     at_position: dict[float, list[_Slice]] = defaultdict(list)
     for s in slices:
         at_position[round(float(s.position @ normal), 2)].append(s)
+    dropped: dict[str, list] = {}  # file uri -> [the file, slices dropped, the file holding their twins]
+    for key, group in at_position.items():
+        kept: list[_Slice] = []
+        for s in sorted(group, key=lambda s: s.order):
+            twin = next((k for k in kept if _duplicate(s, k)), None)
+            if twin is None:
+                kept.append(s)
+            else:
+                dropped.setdefault(s.source.uri, [s.source, 0, twin.source])[1] += 1
+        at_position[key] = kept
+    for file, count, twin in dropped.values():
+        notes.append(Note(file.uri, "duplicate_slice", f"{label}: {file.name}: {count} slice(s) with the "
+                                                       f"position and pixels of {twin.name}"))
     repeats = {len(group) for group in at_position.values()}
     if len(repeats) > 1:
-        raise _Reject("inconsistent_slice_shapes", f"slice positions repeat unevenly ({sorted(repeats)} times)")
+        raise _Reject("conflicting_slices", f"different slices at one position: positions hold "
+                                            f"{sorted(repeats)} slices after dropping duplicates")
     groups = [sorted(at_position[key], key=lambda s: s.order) for key in sorted(at_position)]
     return [[group[i] for group in groups] for i in range(repeats.pop())]
+
+
+def _duplicate(s: _Slice, kept: _Slice) -> bool:
+    """Whether ``s`` is a copy of ``kept``: another file's slice at the same position, with the same
+    acquisition attributes and identical pixels (frames of one object are never copies of each other)."""
+    return (s.source is not kept.source and s.acquisition == kept.acquisition
+            and np.allclose(s.position, kept.position, atol=1e-3) and np.array_equal(s.pixels, kept.pixels))
 
 
 def _volume(stack: list[_Slice], modality: str, uri: str, series: str) -> Volume:

@@ -8,8 +8,10 @@ A manifest row (``StudyRow``)::
 
 A DICOM scan's ``uri`` is the folder or key prefix holding its series. Manifests come as
 Parquet or JSONL files of such rows, as HLIP's JSON layout plus a data root, or from a folder
-listing (``root/<study>/<scan>/*.dcm | *.nii | *.nii.gz`` and ``root/<study>/report.txt``;
-``hlip-ray manifest`` writes one).
+listing as PACS exports come (``root/<study>/...``: DICOM files by name, whatever their extension,
+NIfTI files, ``report.txt``; ``build_manifest`` says what it finds, ``hlip-ray manifest`` writes it).
+Listing reads one DICOM header per study; whether each file really is DICOM is decided when the
+scan is decoded (``decode.decode_dicom_files``), where stray files are skipped and counted.
 
 Splits are per patient: a salted hash of the DICOM PatientID picks the split, so one patient's
 studies never straddle train and validation. The PatientID and its hash are used in memory
@@ -22,12 +24,13 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hlip_ray.data.decode import dicom_header
-from hlip_ray.data.storage import Storage, join
+from hlip_ray.data.storage import Storage, is_s3, join
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,10 @@ FORMATS = ("dicom", "nifti")
 MODALITIES = ("CT", "MR")
 SPLITS = ("train", "val", "test")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # any case; also no extension, or digits only (``is_dicom_name``)
+STUDY_FILES = ("report.txt", "labels.json")  # at the top of a study folder: never part of a scan
+MASKS_DIR = "masks"  # lesion masks of a study (the synthetic corpus): never a scan
+HEADER_READS = 8  # files tried per study for its one DICOM header, so junk named like DICOM costs little
 
 
 class ManifestError(ValueError):
@@ -219,31 +226,67 @@ def patient_split(patient_key: str, salt: str, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float = 0.2) -> list[StudyRow]:
-    """Rows for ``root/<study>/<scan>/...`` as found by listing (local folder or ``s3://``).
+def is_dicom_name(name: str) -> bool:
+    """Whether a file may be DICOM by its name: ``*.dcm``, ``*.dicom``, ``*.ima`` (any case), no
+    extension (``IM0001``), or an extension of digits only (UID-named files such as ``1.2.826.0.1.3680``,
+    ``IM0001.1``). Hidden files (``.DS_Store``, macOS ``._IM0001`` copies) and ``DICOMDIR`` never are;
+    nor is any other extension (``.txt``, ``.jpg``, ``.png``, ``.json``, ``.xml``, ``.pdf``, ...)."""
+    if name.startswith(".") or name.upper() == "DICOMDIR":
+        return False
+    _, dot, extension = name.rpartition(".")
+    return not dot or extension.isdigit() or name.lower().endswith(DICOM_SUFFIXES)
 
-    A scan is a subfolder holding ``*.dcm`` files or a ``*.nii``/``*.nii.gz`` file (in the study
-    folder or a scan subfolder); ``report.txt`` is the report; an optional ``labels.json``
-    (``{"modality": ..., "labels": {...}}``) gives modality and labels. Otherwise the modality
-    is read from the first DICOM header (NIfTI-only studies: MR). The split comes from the
-    PatientID of the study's first DICOM file (NIfTI-only studies: the study id).
+
+def is_scan_member(relative: str) -> bool:
+    """Whether a file ``relative`` to a DICOM scan's folder is read as part of the scan: every file but
+    NIfTI files (scans of their own) and, at the folder's top, the study's own files (``STUDY_FILES``,
+    ``masks/``), which a scan that is the study folder itself holds too."""
+    return not (relative.endswith(NIFTI_SUFFIXES) or relative in STUDY_FILES
+                or relative.split("/", 1)[0] == MASKS_DIR)
+
+
+def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float = 0.2) -> list[StudyRow]:
+    """Rows for the study folders ``root/<study>/`` as found by listing (local folder or ``s3://``).
+
+    What a study folder holds:
+
+    - DICOM scans. A DICOM file is found by its name (``is_dicom_name``: ``*.dcm``, ``*.dicom``,
+      ``*.ima``, no extension, UID-like names), at any depth. Each subfolder holding such files is one
+      scan, however deep its files lie (``<scan>/a/b/IM1``). Files directly in the study folder make the
+      study folder itself the one DICOM scan, subfolders included (no file is read twice). A scan may
+      hold several series: decoding tells them apart by SeriesInstanceUID, and skips and counts the
+      files that turn out not to be DICOM (``decode.decode_dicom_files``).
+    - NIfTI scans: each ``*.nii``/``*.nii.gz`` file, in the study folder or a subfolder.
+    - ``report.txt``, the report; optional ``labels.json`` (``{"modality": ..., "labels": {...}}``),
+      which gives modality and labels. ``masks/`` is never a scan.
+
+    Without a modality in ``labels.json`` it is read from the study's DICOM header (NIfTI-only studies:
+    MR). The split comes from that header's PatientID (NIfTI-only studies: the study id). The header is
+    the first of the study's DICOM files (top-level files first, then subfolders in name order) that
+    is DICOM by content and not a DICOMDIR: one read per study, up to ``HEADER_READS`` when the first
+    files are not DICOM. A study with neither DICOM nor NIfTI files is left out (logged, with a count).
+
+    A relative local ``root`` is taken from the current folder. The listing does not follow symbolic
+    links to folders (no loop is walked); a dangling link is not listed (``Storage.list_files``).
     """
+    if not is_s3(root):
+        root = os.path.abspath(root.removeprefix("file://"))
     root = root.rstrip("/")
     by_study: dict[str, list[str]] = defaultdict(list)
     for uri in storage.list_files(root):
         relative = uri[len(root) + 1 :]
         if "/" in relative:
             by_study[relative.split("/", 1)[0]].append(uri)
-    rows, not_utf8 = [], 0
+    rows, not_utf8, empty = [], 0, []
     for study_id in sorted(by_study):
         files = by_study[study_id]
         study_dir = join(root, study_id)
-        dicom_dirs: dict[str, list[str]] = defaultdict(list)
+        dicom_files: dict[str, list[str]] = defaultdict(list)  # scan folder ("" for the study folder) -> uris
         scans, report, meta = [], None, {}
         for uri in files:
             relative = uri[len(study_dir) + 1 :]
             parts = relative.split("/")
-            if parts[0] == "masks":
+            if parts[0] == MASKS_DIR:
                 continue
             if relative == "report.txt":
                 report, fell_back = decode_report(storage.read_bytes(uri))
@@ -256,18 +299,26 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
             elif uri.endswith(NIFTI_SUFFIXES):
                 name = parts[-1].removesuffix(".gz").removesuffix(".nii") if len(parts) == 1 else parts[0]
                 scans.append(ScanRef(name, uri, "nifti"))
-            elif len(parts) >= 2 and (uri.lower().endswith(".dcm") or "." not in parts[-1]):
-                dicom_dirs[parts[0]].append(uri)
-        patient_key, modality = study_id, meta.get("modality")
-        for name in sorted(dicom_dirs):
-            scans.append(ScanRef(name, join(study_dir, name), "dicom"))
-        if dicom_dirs:
-            first = dicom_dirs[sorted(dicom_dirs)[0]][0]
-            patient_id, header_modality = dicom_header(storage.read_bytes(first))
-            patient_key = patient_id or study_id  # goes no further than the split below
-            modality = modality or header_modality
+            elif is_dicom_name(parts[-1]):
+                dicom_files[parts[0] if len(parts) > 1 else ""].append(uri)
+        if "" in dicom_files:
+            scans.append(ScanRef(study_id, study_dir, "dicom"))
+        else:
+            scans += [ScanRef(name, join(study_dir, name), "dicom") for name in dicom_files]
         if not scans:
+            empty.append(study_id)
             continue
+        patient_key, modality = study_id, meta.get("modality")
+        candidates = [uri for folder in sorted(dicom_files) for uri in dicom_files[folder]]
+        for uri in candidates[:HEADER_READS]:
+            try:
+                patient_id, header_modality = dicom_header(storage.read_bytes(uri))
+            except FileNotFoundError:  # gone since the listing
+                continue
+            if patient_id or header_modality:
+                patient_key = patient_id or study_id  # goes no further than the split below
+                modality = modality or header_modality
+                break
         scans.sort(key=lambda scan: scan.name)
         rows.append(StudyRow(
             study_id=study_id,
@@ -280,5 +331,7 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
     if not_utf8:
         logger.warning("%d of %d reports were not UTF-8 and were read as CP1252 (older RIS exports)",
                        not_utf8, len(rows))
+    if empty:
+        logger.warning("%d study folder(s) under %s hold no DICOM or NIfTI file and were left out: %s%s",
+                       len(empty), root, ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
     return rows
-

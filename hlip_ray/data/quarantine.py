@@ -1,4 +1,6 @@
-"""The quarantine: every scan or study a run skipped, with its reason, collected from every worker.
+"""The quarantine: every scan or study a run skipped, with its reason, collected from every worker, and
+every file left out of a scan that was kept (a stray file, a duplicate slice: ``records.Note``, its
+reason one of ``records.NOTE_REASONS``).
 
 Decode tasks report what they reject to one ``QuarantineLog`` actor per run; at the end the driver
 writes it as ``quarantine.jsonl`` (uri, study_id, reason, detail) beside the run's output.
@@ -9,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 
 import ray
 
-from hlip_ray.data.records import Rejection
+from hlip_ray.data.records import Note, Rejection
 from hlip_ray.data.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -39,13 +42,21 @@ def create_quarantine_log():
     return QuarantineLog.remote()
 
 
-def quarantine(log, rejections: list[Rejection], study_id: str) -> None:
-    """Log each rejection (uri and reason only) and record it in ``log`` (None: log only)."""
+def quarantine(log, rejections: Sequence[Rejection | Note], study_id: str) -> None:
+    """Log each rejection (uri and reason only) and the notes as one count per reason, and record them all
+    in ``log`` (None: log only)."""
     if not rejections:
         return
     records = [{"uri": r.uri, "study_id": study_id, "reason": r.reason, "detail": r.detail} for r in rejections]
-    for record in records:
-        logger.warning("skipped %s (study %s): %s", record["uri"], study_id, record["reason"])
+    notes: dict[str, int] = {}
+    for rejection, record in zip(rejections, records):
+        if isinstance(rejection, Note):
+            notes[record["reason"]] = notes.get(record["reason"], 0) + 1
+        else:
+            logger.warning("skipped %s (study %s): %s", record["uri"], study_id, record["reason"])
+    if notes:
+        logger.info("study %s: files left out: %s", study_id,
+                    ", ".join(f"{count} {reason}" for reason, count in sorted(notes.items())))
     if log is not None:
         ray.get(log.record.remote(records))
 

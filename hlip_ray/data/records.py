@@ -14,9 +14,13 @@ REJECTION_REASONS = (
     "secondary_capture",          # a screenshot-like secondary capture, not an acquisition
     "burned_in_annotation",       # BurnedInAnnotation == YES: text may identify the patient
     "inconsistent_slice_shapes",  # slices of one series disagree in rows/columns
+    "conflicting_slices",         # one position holds different slices, not evenly (not echoes/time points)
+    "localizer",                  # a scout: ImageType LOCALIZER, or slice orientations that disagree
+    "too_few_slices",             # fewer slices than data.min_slices (after duplicates were dropped)
     "non_finite_values",          # NaN or Inf voxels
     "empty_axis",                 # an axis of length zero
     "missing_object",             # the file or prefix does not exist
+    "unreadable",                 # an I/O error reading it: permission, a link loop, S3 failing after retries
     "unsupported_format",         # neither DICOM nor NIfTI
     "empty_report",               # the study has no report text
     "no_usable_scan",             # every scan of the study was rejected
@@ -35,6 +39,28 @@ class Rejection:
     def __post_init__(self) -> None:
         if self.reason not in REJECTION_REASONS:
             raise ValueError(f"unknown rejection reason {self.reason!r}")
+
+
+# Why a file was left out of a scan that was still decoded; the ``reason`` of a Note is one of these.
+NOTE_REASONS = (
+    "skipped_file",     # not DICOM (no DICM magic and does not parse), zero bytes, or a DICOMDIR
+    "duplicate_slice",  # same SOPInstanceUID, or same position and identical pixels, as a slice kept
+)
+
+
+@dataclass(frozen=True)
+class Note:
+    """One file left out of a scan that was not refused for it (a stray file, a duplicate slice). It goes
+    to the quarantine like a Rejection, told apart by its reason. ``detail`` names files and counts only."""
+
+    uri: str
+    reason: str
+    detail: str = ""
+    study_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in NOTE_REASONS:
+            raise ValueError(f"unknown note reason {self.reason!r}")
 
 
 @dataclass
@@ -56,7 +82,9 @@ class Volume:
 
 @dataclass
 class Decoded:
-    """What decoding one manifest scan gave: zero or more volumes, and what was rejected."""
+    """What decoding one manifest scan gave: zero or more volumes, what was rejected, and the files left
+    out of what was kept (``notes``)."""
 
     volumes: list[Volume] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)

@@ -1,13 +1,14 @@
 """The shard cache's layout: decode once, stream every epoch after.
 
 ``hlip-ray preprocess`` (``preprocess.py``) writes every usable study of a manifest as rows of
-Parquet shards (``DIR/shards/*.parquet``): the study record of ``sources.py`` (uint8 volumes with
-their shape, study id, report, modality, split, labels; no patient fields), one study per row
-group, plus ``DIR/index.parquet`` (where each study is: file, row group, study id, split, labels),
-``DIR/quarantine.jsonl`` and ``DIR/shards.json`` (counts and the preprocessing settings the
-volumes were made with). Training and evaluation read the shards instead of raw files: a
-study is one ranged read of its row group, so training can visit studies in any order.
-"""
+Parquet shards (``DIR/shards/run-<time>-<id>/*.parquet``, a folder per run): the study record of
+``sources.py`` (uint8 volumes with their shape, study id, report, modality, split, labels; no
+patient fields), one study per row group, plus ``DIR/index.parquet`` (where each study is: file,
+row group, study id, split, labels), ``DIR/quarantine.jsonl`` and ``DIR/shards.json`` (counts and
+the preprocessing settings the volumes were made with). Readers see only what the index names: a
+run writes its shards first and the index last, so a run that stops half-way leaves nothing a
+reader picks up. Training and evaluation read the shards instead of raw files: a study is one
+ranged read of its row group, so training can visit studies in any order."""
 
 from __future__ import annotations
 
@@ -23,29 +24,51 @@ INDEX_COLUMNS = ["study_id", "split", "labels", "modality"]
 OPEN_FILES = 64  # shard files kept open per worker process
 
 
-def write_index(out: str, storage: Storage) -> list[dict]:
-    """Index every study of ``out/shards`` into ``out/index.parquet``; returns the index rows."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
+def index_files(out: str, storage: Storage, files: list[str]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """``(index rows, damaged)`` of shard ``files`` (names under ``out/shards``): a row per study (row
+    group), and ``(file, why)`` for each file that is not a whole Parquet file of study rows."""
     import pyarrow.parquet as pq
 
     filesystem, root = storage.resolve(join(out, SHARDS_DIR))
-    rows = []
-    for info in sorted(filesystem.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda i: i.path):
-        if not info.path.endswith(".parquet"):
+    rows, damaged = [], []
+    for name in sorted(files):
+        try:
+            with filesystem.open_input_file(f"{root}/{name}") as handle:
+                shard = pq.ParquetFile(handle)
+                found = []
+                for group in range(shard.num_row_groups):
+                    columns = shard.read_row_group(group, columns=INDEX_COLUMNS).to_pylist()
+                    if len(columns) != 1:
+                        raise ValueError(f"row group {group} holds {len(columns)} studies, not 1")
+                    found.append({"file": name, "row_group": group, **columns[0]})
+        except (OSError, ValueError, KeyError) as error:   # pyarrow's ArrowInvalid is a ValueError
+            damaged.append((name, f"{type(error).__name__}: not a whole shard ({str(error)[:120]})"))
             continue
-        name = info.path[len(root) + 1:]
-        with filesystem.open_input_file(info.path) as handle:
-            shard = pq.ParquetFile(handle)
-            for group in range(shard.num_row_groups):
-                columns = shard.read_row_group(group, columns=INDEX_COLUMNS).to_pylist()
-                if len(columns) != 1:
-                    raise ValueError(f"{info.path}: row group {group} holds {len(columns)} studies, not 1")
-                rows.append({"file": name, "row_group": group, **columns[0]})
+        rows += found
+    return rows, damaged
+
+
+def shard_files(out: str, storage: Storage) -> list[str]:
+    """Every ``.parquet`` file under ``out/shards``, as names relative to it."""
+    root = join(out, SHARDS_DIR)
+    try:
+        uris = storage.list_files(root)
+    except FileNotFoundError:
+        return []
+    return [uri[len(root) + 1 :] for uri in uris if uri.endswith(".parquet")]
+
+
+def write_index(out: str, storage: Storage, rows: list[dict]) -> None:
+    """Write ``out/index.parquet``: what readers see of the shards (written last, it commits them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = pa.schema([("file", pa.string()), ("row_group", pa.int64()), ("study_id", pa.string()),
+                       ("split", pa.string()), ("modality", pa.string())])
+    table = pa.Table.from_pylist(rows) if rows else empty.empty_table()
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
+    pq.write_table(table, sink)
     storage.write_bytes(join(out, INDEX_FILE), sink.getvalue())
-    return rows
 
 
 def read_index(out: str, storage: Storage) -> list[dict]:
@@ -69,12 +92,19 @@ def read_study(out: str, file: str, row_group: int, storage: Storage) -> dict:
 
     key = (storage, out, file)
     shard = _OPEN.pop(key, None)
-    if shard is None:
-        filesystem, path = storage.resolve(join(out, SHARDS_DIR, file))
-        shard = pq.ParquetFile(filesystem.open_input_file(path))
-        while len(_OPEN) >= OPEN_FILES:
-            _OPEN.popitem(last=False)[1].close()
+    uri = join(out, SHARDS_DIR, file)
+    try:
+        if shard is None:
+            filesystem, path = storage.resolve(uri)
+            shard = pq.ParquetFile(filesystem.open_input_file(path))
+            while len(_OPEN) >= OPEN_FILES:
+                _OPEN.popitem(last=False)[1].close()
+        (record,) = shard.read_row_group(row_group).to_pylist()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: a shard the index names is missing (preprocess into a new folder)") from None
+    except (OSError, ValueError) as error:   # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{uri}: damaged shard, row group {row_group} does not read ({type(error).__name__}); "
+                         "preprocess into a new folder") from None
     _OPEN[key] = shard
-    (record,) = shard.read_row_group(row_group).to_pylist()
     return record
 

@@ -5,8 +5,9 @@ only) and ``build`` (decode, preprocess). ``ReadAhead`` runs them over a block o
 the next item while the current one builds. Two sources:
 
 - ``RawStudies``: a manifest row -> its scans read from storage, decoded (pydicom / nibabel) and
-  preprocessed to uint8 volumes; bad scans are skipped into the run's quarantine, and a study with
-  nothing usable gives no record.
+  preprocessed to uint8 volumes; bad scans are skipped into the run's quarantine, as are (told apart
+  by their reasons, ``records.NOTE_REASONS``) the files left out of scans that were kept, and a study
+  with nothing usable gives no record.
 - ``ShardStudies``: a shard index row -> the study record stored in the shard cache (``shards.py``).
 
 Study record: ``study_id``, ``report``, ``modality``, ``split``, ``labels`` (JSON text), ``pixels``
@@ -16,6 +17,7 @@ Study record: ``study_id``, ``report``, ``modality``, ``split``, ``labels`` (JSO
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 from hlip_ray.config import Config
-from hlip_ray.data.manifest import ScanRef, StudyRow, read_manifest
+from hlip_ray.data.manifest import ScanRef, StudyRow, is_scan_member, read_manifest
 from hlip_ray.data.order import study_rng
 from hlip_ray.data.quarantine import quarantine
-from hlip_ray.data.records import Decoded, Rejection
+from hlip_ray.data.records import Decoded, Note, Rejection
 from hlip_ray.data.shards import read_index, read_study
 from hlip_ray.data.storage import Storage
 
@@ -75,35 +77,46 @@ class ReadAhead:
 # -- raw files -----------------------------------------------------------------------------
 @dataclass
 class ScanFiles:
-    """The stored bytes of one manifest scan: ``files`` ``(uri, bytes)``; None for a missing object."""
+    """The stored bytes of one manifest scan: ``files`` ``(uri, bytes)``; None when it could not be read,
+    ``error`` then saying why (``missing_object`` or ``unreadable``, and the error's kind)."""
 
     scan: ScanRef
     files: list[tuple[str, bytes]] | None
+    error: tuple[str, str] | None = None
 
 
 def read_scan(scan: ScanRef, storage: Storage) -> ScanFiles:
-    """Read one manifest scan's files (a NIfTI object, or every object under a DICOM prefix)."""
+    """Read one manifest scan's files: a NIfTI object, or every object under a DICOM prefix but NIfTI files
+    and a study's own files (``manifest.is_scan_member``: a DICOM scan may be its study's folder)."""
     try:
         if scan.format == "nifti":
             return ScanFiles(scan, [(scan.uri, storage.read_bytes(scan.uri))])
-        uris = storage.list_files(scan.uri)
+        prefix = scan.uri.rstrip("/")
+        uris = [uri for uri in storage.list_files(scan.uri) if is_scan_member(uri[len(prefix) + 1 :])]
         if not uris:
             raise FileNotFoundError(scan.uri)
         return ScanFiles(scan, list(zip(uris, storage.read_many(uris))))
     except FileNotFoundError:
-        return ScanFiles(scan, None)
+        return ScanFiles(scan, None, ("missing_object", "no such file or prefix"))
+    except OSError as error:   # permission, a link loop, an S3 failure after the retries: this scan only
+        kind = type(error.__cause__ or error).__name__
+        code = getattr(error.__cause__ or error, "response", {}).get("Error", {}).get("Code") or (
+            os.strerror(error.errno) if error.errno else "")
+        return ScanFiles(scan, None, ("unreadable", f"{kind}{': ' + code if code else ''}"))
 
 
-def decode_scan(read: ScanFiles, modality: str, nifti_4d: str) -> Decoded:
-    """Decode one read scan; a missing object comes back as a rejection."""
+def decode_scan(read: ScanFiles, modality: str, nifti_4d: str, min_slices: int) -> Decoded:
+    """Decode one read scan; a missing object comes back as a rejection. ``min_slices``: the fewest slices
+    a DICOM volume may have (``data.min_slices``)."""
     from hlip_ray.data.decode import decode_dicom_files, decode_nifti
 
     scan = read.scan
     if read.files is None:
-        return Decoded(rejections=[Rejection(scan.uri, "missing_object", "no such file or prefix")])
+        reason, detail = read.error or ("missing_object", "no such file or prefix")
+        return Decoded(rejections=[Rejection(scan.uri, reason, detail)])
     if scan.format == "nifti":
         return decode_nifti(scan.uri, read.files[0][1], four_d=nifti_4d, modality=modality)
-    return decode_dicom_files(read.files, scan.uri)
+    return decode_dicom_files(read.files, scan.uri, min_slices=min_slices)
 
 
 class RawStudies:
@@ -111,7 +124,8 @@ class RawStudies:
 
     ``limit``: scans kept per study. With ``shuffle`` (training from raw files) the scans are
     tried in a random order per (seed, epoch, study) until ``limit`` decode; otherwise in
-    manifest order. Rejections go to the ``quarantine`` log (a ``QuarantineLog`` actor or None).
+    manifest order. Rejections, and the notes of files left out of kept scans, go to the ``quarantine``
+    log (a ``QuarantineLog`` actor or None).
     """
 
     drops_studies = True  # a study whose scans are all bad gives no record
@@ -158,8 +172,8 @@ class RawStudies:
         volumes = []
         for index, scan in enumerate(self._scans(study, epoch)):
             files = read[index] if index < len(read) else read_scan(scan, self.storage)
-            decoded = decode_scan(files, study.modality, data.nifti_4d)
-            self._reject(decoded.rejections, study.study_id)
+            decoded = decode_scan(files, study.modality, data.nifti_4d, data.min_slices)
+            self._reject([*decoded.rejections, *decoded.notes], study.study_id)
             for volume in decoded.volumes:
                 if len(volumes) < self.limit:
                     volumes.append(preprocess_volume(
@@ -183,8 +197,8 @@ class RawStudies:
             "epoch": epoch,
         }]
 
-    def _reject(self, rejections: list[Rejection], study_id: str) -> None:
-        quarantine(self.quarantine_log, rejections, study_id)
+    def _reject(self, records: list[Rejection | Note], study_id: str) -> None:
+        quarantine(self.quarantine_log, records, study_id)
 
 
 # -- shard cache ---------------------------------------------------------------------------

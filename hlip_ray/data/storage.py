@@ -151,6 +151,18 @@ class Storage:
             yield write
             settle(0)
 
+    def delete(self, uri: str) -> None:
+        """Remove one object or file; one that is not there is no error."""
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            with _s3_errors(uri):
+                self._s3_client().delete_object(Bucket=bucket, Key=key)
+            return
+        try:
+            os.remove(self._local(uri))
+        except FileNotFoundError:
+            pass
+
     def exists(self, uri: str) -> bool:
         if is_s3(uri):
             bucket, key = _split_s3(uri)
@@ -161,7 +173,9 @@ class Storage:
         return os.path.exists(self._local(uri))
 
     def list_files(self, prefix: str) -> list[str]:
-        """Every file under a folder or key prefix, recursively, as URIs in sorted order."""
+        """Every file under a folder or key prefix, recursively, as URIs in sorted order. Locally, links to
+        folders are not followed (a link loop is not walked) and links that lead to no file (dangling, or
+        a loop) are left out."""
         if is_s3(prefix):
             bucket, key = _split_s3(prefix)
             key = key.rstrip("/") + "/" if key else ""
@@ -172,7 +186,8 @@ class Storage:
         root = self._local(prefix)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"no such folder or prefix: {prefix}")
-        return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+        paths = (os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+        return sorted(path for path in paths if os.path.isfile(path))
 
     @staticmethod
     def _local(uri: str) -> str:
