@@ -5,7 +5,9 @@ reason (no Ray: manifest, then read and decode per scan)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -292,3 +294,31 @@ def test_an_export_on_s3_is_found_the_same_way(export, s3_endpoint, bucket):
         _, volumes, _, notes = EXPECTED[row.study_id]
         decoded = _decode_study(row, storage)
         assert (len(decoded.volumes), dict(Counter(note.reason for note in decoded.notes))) == (volumes, notes)
+
+
+def test_the_export_preprocesses_to_each_usable_study_once_and_each_refusal_with_its_reason(export, tmp_path,
+                                                                                          ray_session, capsys):
+    """The whole way, as a user runs it: `hlip-ray manifest`, then `hlip-ray preprocess` twice."""
+    from hlip_ray import cli
+    from hlip_ray.data.shards import read_index
+
+    settings = ["data.grid=[8,16,16]", "data.windows=[[0,80]]", "resources.data=data_pool"]
+    manifest, out = str(tmp_path / "manifest.parquet"), tmp_path / "shards"
+    assert cli.main(["manifest", "--root", str(export), "--out", manifest]) == 0
+    for _ in range(2):
+        assert cli.main(["preprocess", "--manifest", manifest, "--out", str(out), *settings]) == 0
+    summary = capsys.readouterr().out
+    written = sorted(row["study_id"] for row in read_index(str(out), Storage()))
+    usable = sorted(study for study, (_, volumes, _, _) in EXPECTED.items() if volumes)
+    assert written == usable                                               # each once, after two runs
+    records = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    for study, (_, volumes, reasons, notes) in EXPECTED.items():
+        found = Counter(record["reason"] for record in records if record["study_id"] == study)
+        assert {reason: found[reason] for reason in notes} == notes, study
+        assert all(found[reason] for reason in reasons), study
+        if not volumes:
+            assert found["no_usable_scan"] == 1, study
+    assert re.search(rf"^  written +{len(usable)}  0 now, {len(usable)} by an earlier run$", summary, re.M)
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert CANARY_NAME.encode() not in path.read_bytes() and CANARY_ID.encode() not in path.read_bytes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,26 @@ def test_eval_command_scores_the_trained_checkpoint_as_validation_did(trained_ru
     assert set(report["retrieval"]) >= {"r@1", "study_to_report_r@1", "report_to_study_r@1"}
     for name, value in report["retrieval"].items():
         assert validated[f"val/retrieval_{name}"] == pytest.approx(value, abs=1e-6)
+
+
+def test_a_corpus_without_labels_trains_and_validates_on_loss_and_retrieval(trained_run, capsys):
+    """Report-supervised pre-training: no label anywhere (manifest, vocabulary), and validation still
+    reports the held-out contrastive loss and study<->report retrieval."""
+    from hlip_ray.data.manifest import read_manifest, write_manifest
+
+    storage = trained_run["storage"]
+    rows = read_manifest(f"s3://{BUCKET}/manifest.parquet", storage)
+    for row in rows:
+        row.labels = {}
+    write_manifest(rows, f"s3://{BUCKET}/unlabelled.parquet", storage)
+    capsys.readouterr()
+    assert cli.main(["train", *trained_run["overrides"], f"data.manifest=s3://{BUCKET}/unlabelled.parquet",
+                     "data.shards=null", "eval.vocabulary=null", "train.run_name=unlabelled", "train.max_steps=2"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint at step 2")]
+    assert "zero-shot" not in line and re.search(r"val loss \d+\.\d{3}, R@1/5/10 \d\.\d\d/", line), line
+    (validated,) = [line for line in metrics_lines(trained_run["log_dir"].parent / "unlabelled") if line["checkpoint"]]
+    assert math.isfinite(validated["val/loss"]) and 0 <= validated["val/retrieval_r@1"] <= 1
+    assert not math.isfinite(validated.get("val/zeroshot_auc", math.nan))   # no labels: no AUC (NaN is not logged)
 
 
 def test_no_credential_reaches_checkpoints_metrics_or_logs(trained_run):
