@@ -117,6 +117,24 @@ def _eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spot_watch_command(args: argparse.Namespace) -> int:
+    from hlip_ray import spot
+
+    config = load_config(args.config, args.overrides).spot
+    try:
+        if args.now:
+            spot.drain_node(config.now_deadline_s, "termination signal (preStop)", address=args.address,
+                            node_id=args.node_id)
+            print(f"spot-watch: node drained, {config.now_deadline_s} s announced", flush=True)
+            return 0
+        print(f"spot-watch: polling {config.imds_endpoint} every {config.poll_interval_s:g} s", flush=True)
+        spot.watch(config.imds_endpoint, config.poll_interval_s, address=args.address, node_id=args.node_id)
+    except RuntimeError as error:   # the drain failed: no Ray node here, or the cluster refused it
+        print(f"hlip-ray spot-watch: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     from hlip_ray.demo import job
 
@@ -176,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file")
     evaluate.add_argument("--split", default="val")
     evaluate.set_defaults(run=_eval_command)
+
+    watch = with_config(commands.add_parser(
+        "spot-watch", help="on a spot instance's reclaim notice, drain this Ray node (training checkpoints at once)"))
+    watch.add_argument("--now", action="store_true",
+                       help="drain at once (a Kubernetes preStop hook), announcing spot.now_deadline_s")
+    watch.add_argument("--address", help="the Ray cluster (default: RAY_ADDRESS, or the one on this machine)")
+    watch.add_argument("--node-id", help="the Ray node to drain (default: this machine's)")
+    watch.set_defaults(run=_spot_watch_command)
 
     demo = commands.add_parser("demo", help="run the embedded CPU demo")
     demo.add_argument("rest", nargs=argparse.REMAINDER)

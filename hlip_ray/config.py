@@ -12,6 +12,7 @@ This module imports neither torch nor ray.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from types import UnionType
@@ -217,8 +218,10 @@ class TrainConfig(_Section):
     num_workers: Annotated[int, Field(gt=0)] | Annotated[list[Annotated[int, Field(gt=0)]],
                                                          Field(min_length=2, max_length=2)] = 2
     """Ray Train workers (data-parallel ranks), each holding one CPU slot (and one GPU with ``use_gpu``).
-    A pair ``[min, max]`` is accepted and passed to Ray Train as an elastic range, which is not tested yet
-    (issue #22)."""
+    A pair ``[min, max]`` is an elastic range for Ray Train: the run starts with what the cluster holds
+    and restarts at another size from its latest checkpoint. The global batch stays the same at every
+    size (the chunks per worker change), so each size in the range must split it: a range where one does
+    not fails at load, naming the sizes that work."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); false: CPU workers with DeepSpeed's CPU accelerator and gloo."""
     global_batch_size: int = Field(64, gt=0)
@@ -248,14 +251,23 @@ class TrainConfig(_Section):
     seed: int = 0
     """Seed of the data order, the per-study draws (scans, sentence order, masks) and the weights' init."""
     checkpoint_every: int = Field(100, gt=0)
-    """Steps between checkpoints (and the last step); each checkpoint comes with a zero-shot validation
-    when ``eval.vocabulary`` is set."""
+    """Steps between checkpoints (and the last step). A checkpoint does not wait for a validation unless
+    one is due at that step (``validate_every``)."""
+    validate_every: int | None = Field(None, gt=0)
+    """Steps between validations on the held-out split (and the last step); null: at every checkpoint.
+    Checkpoints are cheap and validation is not, so a run on spot nodes checkpoints often and validates
+    less often. Between validations every report carries the latest validation's values, and
+    ``val/step`` says at which step they were measured."""
     keep_checkpoints: int = Field(3, gt=0)
     """Checkpoints kept in the run folder; older ones are deleted."""
     report_every: int = Field(10, gt=0)
     """Steps per ``ray.train.report`` (every checkpoint step reports too). Every step's metrics still
     reach metrics.jsonl and TensorBoard through the run log. Ray Train's controller takes one report per
     worker per health check (2 s), so reporting every step would cap training at one step per 2 s."""
+    preemption_check_every: int = Field(1, gt=0)
+    """Steps between two checks, on every worker at once, whether Ray is draining a node of the run (a
+    reclaim notice that ``hlip-ray spot-watch`` passed on); on the first, every rank writes a checkpoint
+    at the current step, and training goes on until the node goes."""
     max_failures: int = Field(3, ge=0)
     """Times Ray Train restarts the workers after a failure (a crashed worker, a lost node); each
     restart resumes from the run's latest complete checkpoint."""
@@ -266,6 +278,16 @@ class TrainConfig(_Section):
             low, high = self.num_workers
             if low > high:
                 raise ValueError(f"num_workers [{low}, {high}]: min is above max")
+            fits = [size for size in range(low, high + 1) if not self.global_batch_size % (size * self.chunk_size)]
+            if len(fits) <= high - low:
+                multiple = math.lcm(*(size * self.chunk_size for size in range(low, high + 1)))
+                unfit = [size for size in range(low, high + 1) if size not in fits]
+                raise ValueError(
+                    f"num_workers [{low}, {high}]: global_batch_size {self.global_batch_size} (workers × chunks × "
+                    f"chunk_size {self.chunk_size}) does not split over {', '.join(map(str, unfit))} worker(s); "
+                    f"it does over {', '.join(map(str, fits)) or 'none of them'}. Narrow the range, or make "
+                    f"global_batch_size a multiple of {multiple}"
+                )
         else:
             per_step = self.num_workers * self.chunk_size
             if self.global_batch_size % per_step:
@@ -303,6 +325,18 @@ class ResourcesConfig(_Section):
     """Ray custom resource that every sweep trial's driver requests one unit of, so that trial drivers
     run only where it exists (the head in ``cluster/``), never on spot nodes; null: a hundredth of a CPU
     anywhere."""
+
+
+class SpotConfig(_Section):
+    """Spot instances: the reclaim-notice watcher (``hlip-ray spot-watch``, one per worker node)."""
+
+    imds_endpoint: str = "http://169.254.169.254"
+    """The instance metadata service the watcher polls (AWS's IMDSv2)."""
+    poll_interval_s: float = Field(5.0, gt=0)
+    """Seconds between two polls; AWS's reclaim notice comes about 120 s ahead."""
+    now_deadline_s: int = Field(30, gt=0)
+    """``spot-watch --now`` (a Kubernetes preStop hook): the seconds until the node goes that the drain
+    announces (the pod's ``terminationGracePeriodSeconds``)."""
 
 
 class TuneConfig(_Section):
@@ -355,6 +389,8 @@ class Config(_Section):
     """Evaluation (``eval.*``)."""
     tune: TuneConfig = TuneConfig()
     """Sweeps (``tune.*``)."""
+    spot: SpotConfig = SpotConfig()
+    """Spot instances' reclaim notices (``spot.*``)."""
     resources: ResourcesConfig = ResourcesConfig()
     """Node-pool placement (``resources.*``)."""
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from hlip_ray.config import ConfigError, dump_config, expand_layout, load_config
@@ -14,11 +16,11 @@ def test_defaults_are_valid_and_round_trip(tmp_path):
 def test_dotted_overrides_apply_on_top_of_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  depth: 6\n  embed_dim: 96\n  num_heads: 2\ntrain:\n  num_workers: 2\n")
-    config = load_config(path, ["model.depth=3", "data.grid=[16,32,32]", "train.num_workers=[1,4]"])
+    config = load_config(path, ["model.depth=3", "data.grid=[16,32,32]", "train.num_workers=[1,2]"])
     assert config.model.depth == 3
     assert config.model.embed_dim == 96
     assert config.data.grid == [16, 32, 32]
-    assert config.train.num_workers == [1, 4]
+    assert config.train.num_workers == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,13 @@ def test_cross_field_checks():
         load_config(None, ["data.grid=[20,224,224]"])
     with pytest.raises(ConfigError, match="multiple of num_workers"):
         load_config(None, ["train.global_batch_size=10", "train.num_workers=2", "train.chunk_size=4"])
+    # An elastic range: the global batch must split at every size the run may take.
+    with pytest.raises(ConfigError, match=re.escape(
+            "num_workers [1, 3]: global_batch_size 4 (workers × chunks × chunk_size 2) does not split over 3 "
+            "worker(s); it does over 1, 2. Narrow the range, or make global_batch_size a multiple of 12")):
+        load_config(None, ["train.num_workers=[1,3]", "train.global_batch_size=4", "train.chunk_size=2"])
+    assert load_config(None, ["train.num_workers=[1,3]", "train.global_batch_size=12",
+                              "train.chunk_size=2"]).train.num_workers == [1, 3]
     with pytest.raises(ConfigError, match="depth divisible by 3"):
         load_config(None, ["model.depth=4"])
     with pytest.raises(ConfigError, match="3 values for 2 channels"):

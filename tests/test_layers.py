@@ -32,6 +32,8 @@ NEVER = {
     "hlip_ray.eval": ["deepspeed", "hlip_ray.train", "hlip_ray.tune", "hlip_ray.demo"],
     "hlip_ray.train": ["hlip_ray.tune", "hlip_ray.demo", "hlip_ray.cli"],
     "hlip_ray.tune": ["hlip_ray.demo", "hlip_ray.cli"],
+    # the spot watcher runs beside training on every worker node: standard library only, a few MB
+    "hlip_ray.spot": ["torch", "ray", "pydantic", "numpy", "hlip_ray.config", "hlip_ray.data", "hlip_ray.train"],
 }
 TOP_LEVEL = {"hlip_ray.cli", "hlip_ray.layouts", "hlip_ray.ray_runtime", "hlip_ray.demo"}
 
@@ -89,7 +91,8 @@ def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
 # imports anyway (eval imports data; the model reads text towers through text_source), so this is as
 # strict as one interpreter per layer, with fewer of them. (The trainer's and the sweeps' rules are all about
 # hlip_ray's own modules: the source check below covers them.)
-SEQUENCES = [["hlip_ray.config"], ["hlip_ray.text_source", "hlip_ray.model"], ["hlip_ray.data", "hlip_ray.eval"]]
+SEQUENCES = [["hlip_ray.config"], ["hlip_ray.text_source", "hlip_ray.model"], ["hlip_ray.data", "hlip_ray.eval"],
+             ["hlip_ray.spot"]]
 
 
 @pytest.fixture(scope="module")

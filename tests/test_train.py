@@ -164,11 +164,19 @@ def test_a_corpus_without_labels_trains_and_validates_on_loss_and_retrieval(trai
         row.labels = {}
     write_manifest(rows, f"s3://{BUCKET}/unlabelled.parquet", storage)
     capsys.readouterr()
+    # Also a checkpoint cadence apart from validation's: a checkpoint at every step, a validation at the last.
     assert cli.main(["train", *trained_run["overrides"], f"data.manifest=s3://{BUCKET}/unlabelled.parquet",
-                     "data.shards=null", "eval.vocabulary=null", "train.run_name=unlabelled", "train.max_steps=2"]) == 0
-    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint at step 2")]
+                     "data.shards=null", "eval.vocabulary=null", "train.run_name=unlabelled", "train.max_steps=2",
+                     "train.checkpoint_every=1", "train.validate_every=2"]) == 0
+    output = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in output if line.startswith("checkpoint at step 2:")]
     assert "zero-shot" not in line and re.search(r"val loss \d+\.\d{3}, R@1/5/10 \d\.\d\d/", line), line
-    (validated,) = [line for line in metrics_lines(trained_run["log_dir"].parent / "unlabelled") if line["checkpoint"]]
+    (between,) = [line for line in output if line.startswith("checkpoint at step 1 ")]
+    assert between.startswith("checkpoint at step 1 (latest validation at step 0: val loss "), between
+    steps = metrics_lines(trained_run["log_dir"].parent / "unlabelled")
+    cadence = [(line["step"], line["val/step"], bool(line["checkpoint"])) for line in steps]
+    assert cadence == [(1, 0, True), (2, 2, True)]
+    validated = steps[-1]
     assert math.isfinite(validated["val/loss"]) and 0 <= validated["val/retrieval_r@1"] <= 1
     assert not math.isfinite(validated.get("val/zeroshot_auc", math.nan))   # no labels: no AUC (NaN is not logged)
 

@@ -55,27 +55,36 @@ def train_loop(loop_config: dict) -> None:
     engine, scheduler, state, resumed = start(worker, loop_config)
     validate = Validation(worker, loop_config.get("validate", False))
     log = StepLog(loop_config["run_log"], worker.rank, ExperimentTrackers(worker.config, worker.rank))
+    train = worker.config.train
+    validate_every = train.validate_every or train.checkpoint_every
     validation = state.validation or {VAL_METRIC: state.val_zeroshot_auc}   # steps carry the latest validation
     if not resumed:
-        validation = validate(engine)
-        state.val_zeroshot_auc, state.validation = validation[VAL_METRIC], validation
+        validation = validate(engine, state)
     batches = training_batches(worker)
-    train = worker.config.train
+    notified = False   # of a drain (reclaim notice) since this start
     while state.step < train.max_steps:
         metrics = train_step(worker, engine, scheduler, state, batches)
         if metrics is None:
             logger.warning("the training stream ended at step %d of %d", state.step, train.max_steps)
             break
-        if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
-            validation = validate(engine)
-            state.val_zeroshot_auc, state.validation = validation[VAL_METRIC], validation
-            metrics.update(validation)
+        last = state.step == train.max_steps
+        validated = state.step % validate_every == 0 or last
+        if validated:
+            validation = validate(engine, state)
+        metrics.update(validation)
+        checkpoint = state.step % train.checkpoint_every == 0 or last
+        if not checkpoint and not notified and state.step % train.preemption_check_every == 0:
+            # A barrier: every rank asks at the same steps. A node of the run is being drained (a reclaim
+            # notice): a checkpoint at this step now, once, and on until Ray restarts the workers.
+            notified = checkpoint = ray.train.get_preemption_info() is not None
+            if notified:
+                logger.warning("a node of this run is being drained: checkpoint at step %d now", state.step)
+        if checkpoint:
             log.step(metrics, checkpoint=join(loop_config["run_dir"], checkpoint_dir_name(state.step)))
             report_checkpoint(engine, state, worker.config, worker.rank, metrics)
         else:
-            metrics.update(validation)
             log.step(metrics)
-            if state.step % train.report_every == 0:
+            if validated or state.step % train.report_every == 0:
                 ray.train.report(metrics)
     log.close()
 
@@ -203,7 +212,13 @@ class Validation:
             self.vocabulary = load_vocabulary(worker.storage.read_bytes(vocabulary), vocabulary)
             self.tokenizer = load_tokenizer(worker.config.model.text.name_or_path)
 
-    def __call__(self, engine) -> dict[str, float]:
+    def __call__(self, engine, state: TrainState) -> dict[str, float]:
+        """Validate the engine's model at ``state.step``; the result is also kept in ``state``."""
+        metrics = {**self.measure(engine), "val/step": state.step}
+        state.val_zeroshot_auc, state.validation = metrics[VAL_METRIC], metrics
+        return metrics
+
+    def measure(self, engine) -> dict[str, float]:
         if not self.has_val:
             return {VAL_METRIC: float("nan")}
         config, worker = self.worker.config, self.worker

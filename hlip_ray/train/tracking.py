@@ -79,6 +79,8 @@ class RunLog:
             self.last_line, self.losses = now, []
         if checkpoint is not None:
             self.lines.append(checkpoint_line(values, checkpoint))
+        elif values.get("val/step") == step:
+            self.lines.append(f"validation at step {step}: {validation_text(values)}")
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -111,7 +113,17 @@ def progress_line(values: dict[str, float], mean_loss: float, max_steps: int, *,
 
 def checkpoint_line(values: dict[str, float], checkpoint: str) -> str:
     """``checkpoint at step 100: val zero-shot AUC 0.712 (hemorrhage 0.70, ...); val loss 2.31, R@1/5/10
-    0.12/0.41/0.63 -> URI`` (the AUC where there is a label vocabulary)."""
+    0.12/0.41/0.63 -> URI`` (the AUC where there is a label vocabulary), or ``checkpoint at step 100
+    (latest validation at step 50: ...)`` between validations."""
+    step, measured = int(values["step"]), values.get("val/step")
+    if measured is not None and int(measured) != step:
+        return f"checkpoint at step {step} (latest validation at step {int(measured)}: {validation_text(values)}) " \
+               f"-> {checkpoint}"
+    return f"checkpoint at step {step}: {validation_text(values)} -> {checkpoint}"
+
+
+def validation_text(values: dict[str, float]) -> str:
+    """A validation's metrics as a person reads them."""
     shown = []
     auc = values.get("val/zeroshot_auc")
     if auc is not None and math.isfinite(auc):
@@ -121,8 +133,7 @@ def checkpoint_line(values: dict[str, float], checkpoint: str) -> str:
     if values.get("val/loss") is not None:
         recalls = "/".join(f"{values.get(f'val/retrieval_r@{k}', float('nan')):.2f}" for k in (1, 5, 10))
         shown.append(f"val loss {values['val/loss']:.3f}, R@1/5/10 {recalls}")
-    return f"checkpoint at step {int(values['step'])}: {'; '.join(shown) or 'no validation (no val split)'} " \
-           f"-> {checkpoint}"
+    return "; ".join(shown) or "no validation (no val split)"
 
 
 def duration(seconds: float) -> str:

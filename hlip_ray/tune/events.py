@@ -17,11 +17,10 @@ from ray.tune import Callback
 class TrialEvents(Callback):
     """Prints a line when a trial starts, is validated, ends or fails."""
 
-    def __init__(self, keys: list[str], metric: str, max_steps: int, validation_every: int) -> None:
+    def __init__(self, keys: list[str], metric: str, max_steps: int) -> None:
         self.keys = keys
         self.metric = metric
         self.max_steps = max_steps
-        self.validation_every = validation_every
         self.started: set[str] = set()
         self.cloned: dict[str, str] = {}
 
@@ -35,15 +34,15 @@ class TrialEvents(Callback):
         print(f"trial {trial.trial_id} started: {point} ({len(self.started)} started, {running} running)", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        """A line per validation: a report between validations carries the previous value."""
+        """A line per validation (``val/step`` is the step): a report between validations carries the
+        previous value."""
         cloned = result.get("cloned_from")
         if cloned and self.cloned.get(trial.trial_id) != cloned:
             self.cloned[trial.trial_id] = cloned
             point = _point(trial.config, self.keys)
             print(f"trial {trial.trial_id} continues trial {cloned} (PBT): {point}", flush=True)
         value, step = result.get(self.metric), result.get("step", 0)
-        if value is None or (isinstance(value, float) and math.isnan(value)) or (
-                step % self.validation_every and step != self.max_steps):
+        if value is None or (isinstance(value, float) and math.isnan(value)) or result.get("val/step") != step:
             return
         rate = result.get("studies_per_s")
         print(f"trial {trial.trial_id} step {result.get('step')}: {self.metric} {value:.3f}"

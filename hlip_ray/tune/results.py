@@ -60,10 +60,9 @@ def trials_of(grid, base: Config, keys: list[str]) -> list[Trial]:
         history = result.metrics_dataframe
         rows = [] if history is None else history.to_dict("records")
         steps = int(rows[-1].get("step", 0)) if rows else 0
-        # A report carries the latest validation: keep the values measured at validation steps.
-        every = config.train.checkpoint_every
+        # A report carries the latest validation: keep the values measured at their step (``val/step``).
         series = [(int(row["step"]), float(row[metric])) for row in rows if _number(row.get(metric))
-                  and "step" in row and (row["step"] % every == 0 or row["step"] == max_steps)]
+                  and "step" in row and row.get("val/step") == row["step"]]
         wall = float(rows[-1].get("time_total_s", 0.0)) if rows else 0.0
         rates = [float(row["studies_per_s"]) for row in rows if _number(row.get("studies_per_s"))]
         if result.error is not None:

@@ -146,8 +146,7 @@ def run_sweep(config: Config, space: Space, *, resume: bool = False):
                                         num_samples=base.tune.num_samples,
                                         max_concurrent_trials=concurrent_trials(base)),
             run_config=tune.RunConfig(name=base.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=[TrialEvents(space.keys, base.tune.metric, base.train.max_steps,
-                                                            base.train.checkpoint_every)],
+                                      callbacks=[TrialEvents(space.keys, base.tune.metric, base.train.max_steps)],
                                       verbose=0),
         )
     return tuner.fit(), base
