@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -31,14 +32,15 @@ REJECTION_REASONS = (
 class Rejection:
     """One skipped input. ``detail`` is for engineers: it never holds patient fields or report text."""
 
+    REASONS: ClassVar[tuple[str, ...]] = REJECTION_REASONS
     uri: str
     reason: str
     detail: str = ""
     study_id: str = ""
 
     def __post_init__(self) -> None:
-        if self.reason not in REJECTION_REASONS:
-            raise ValueError(f"unknown rejection reason {self.reason!r}")
+        if self.reason not in self.REASONS:
+            raise ValueError(f"unknown {type(self).__name__.lower()} reason {self.reason!r}")
 
 
 # Why a file was left out of a scan that was still decoded; the ``reason`` of a Note is one of these.
@@ -49,18 +51,11 @@ NOTE_REASONS = (
 
 
 @dataclass(frozen=True)
-class Note:
+class Note(Rejection):
     """One file left out of a scan that was not refused for it (a stray file, a duplicate slice). It goes
     to the quarantine like a Rejection, told apart by its reason. ``detail`` names files and counts only."""
 
-    uri: str
-    reason: str
-    detail: str = ""
-    study_id: str = ""
-
-    def __post_init__(self) -> None:
-        if self.reason not in NOTE_REASONS:
-            raise ValueError(f"unknown note reason {self.reason!r}")
+    REASONS: ClassVar[tuple[str, ...]] = NOTE_REASONS
 
 
 @dataclass
