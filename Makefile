@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m hlip_ray.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -x

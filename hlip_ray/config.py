@@ -269,8 +269,16 @@ class TrainConfig(_Section):
     reclaim notice that ``hlip-ray spot-watch`` passed on); on the first, every rank writes a checkpoint
     at the current step, and training goes on until the node goes."""
     max_failures: int = Field(3, ge=0)
-    """Times Ray Train restarts the workers after a failure (a crashed worker, a lost node); each
-    restart resumes from the run's latest complete checkpoint."""
+    """Times Ray Train restarts the workers after a failure (a crashed worker, a node lost without
+    notice); each restart resumes from the run's latest complete checkpoint. Restarts after a reclaim
+    notice are not counted."""
+    worker_start_timeout_s: float = Field(60.0, gt=0)
+    """Seconds Ray Train waits for a worker group to start before it tries again, at the size the cluster
+    then holds. After a node goes, the first restart may still aim at the old size and waits this long
+    (Ray's ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, set from here)."""
+    resize_check_interval_s: float = Field(60.0, gt=0)
+    """With an elastic ``num_workers``: seconds between Ray Train's checks whether the cluster holds room
+    for more workers; when it does, the run restarts at the larger size from its latest checkpoint."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -333,7 +341,8 @@ class SpotConfig(_Section):
     imds_endpoint: str = "http://169.254.169.254"
     """The instance metadata service the watcher polls (AWS's IMDSv2)."""
     poll_interval_s: float = Field(5.0, gt=0)
-    """Seconds between two polls; AWS's reclaim notice comes about 120 s ahead."""
+    """Seconds between two polls of the metadata service by the watcher, and of Ray's drain state by Ray
+    Train; AWS's reclaim notice comes about 120 s ahead."""
     now_deadline_s: int = Field(30, gt=0)
     """``spot-watch --now`` (a Kubernetes preStop hook): the seconds until the node goes that the drain
     announces (the pod's ``terminationGracePeriodSeconds``)."""

@@ -16,8 +16,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Dummy credentials for moto's S3, set before Ray starts so its workers inherit them.
 use_local_credentials()
-# Short Ray timeouts, quiet Ray Data output in tests.
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
 # Ray Train's controller takes reports (a worker's report waits for it) and notices the end of a run
 # once per health check: every 0.5 s rather than 2 s.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")

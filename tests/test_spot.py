@@ -1,75 +1,36 @@
-"""Spot instances: `hlip-ray spot-watch` against a real HTTP instance-metadata server on 127.0.0.1 (IMDSv2:
-token, then the paths) and a real two-node Ray cluster (`ray.cluster_utils.Cluster`): no notice, no drain;
-a reclaim notice drains the watcher's node for real, with reason PREEMPTION and the notice's deadline.
+"""Spot instances, for real: `hlip-ray spot-watch` against an instance-metadata server on 127.0.0.1
+(IMDSv2: token, then the paths), and a training run on a Ray cluster of several nodes
+(`hlip_ray.demo.spot_drill`) through a reclaim with notice, a node coming back, a SIGKILLed worker and a
+node lost without notice. The run ends with the weights of a run nothing happened to.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import subprocess
-import sys
-import threading
+import re
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from hlip_ray import spot
-from tests.conftest import REPO_ROOT
+from hlip_ray.demo.spot_drill import (
+    DRILL_GLOBAL_BATCH,
+    LocalSpotCluster,
+    MetadataServer,
+    TrainingRun,
+    drill_overrides,
+    segments,
+    write_drill_corpus,
+)
 
-TOKEN = "imds-session-token"
-
-
-class MetadataServer:
-    """The IMDSv2 paths the watcher reads: a token on PUT, then 404 for the notice until ``announce``."""
-
-    def __init__(self) -> None:
-        self.notice: dict | None = None
-        self.rebalance = False
-        self.unauthorized = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self):
-                if self.path == spot.TOKEN_PATH and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    return self._reply(200, TOKEN.encode())
-                self._reply(400, b"")
-
-            def do_GET(self):
-                if self.headers.get("X-aws-ec2-metadata-token") != TOKEN:
-                    server.unauthorized += 1
-                    return self._reply(401, b"")
-                if self.path == spot.NOTICE_PATH and server.notice is not None:
-                    return self._reply(200, json.dumps(server.notice).encode())
-                if self.path == spot.REBALANCE_PATH and server.rebalance:
-                    return self._reply(200, b'{"noticeTime": "2026-12-05T22:00:00Z"}')
-                self._reply(404, b"")
-
-            def _reply(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def announce(self, seconds: int, action: str = "terminate") -> None:
-        at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
-        self.notice = {"action": action, "time": at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+MAX_STEPS = 80
+CHECKPOINT_EVERY = 5
 
 
 @pytest.fixture
 def metadata():
     server = MetadataServer()
     yield server
-    server.httpd.shutdown()
+    server.close()
 
 
 def test_the_notice_is_read_through_an_imdsv2_session(metadata):
@@ -85,57 +46,99 @@ def test_the_notice_is_read_through_an_imdsv2_session(metadata):
     assert spot.reclaim_notice(reader).action == "terminate" and metadata.unauthorized == 1
 
 
-def _driver(address: str, code: str) -> str:
-    """Run ``code`` as a Ray driver of the cluster at ``address`` (this process is the session cluster's);
-    returns the last line it prints."""
-    code = f"import json, ray\nray.init(address={address!r}, log_to_driver=False)\n{code}"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
+def _model_weights(root, run_name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(root / "runs" / run_name / f"checkpoint_{MAX_STEPS:08d}" / "model.safetensors"))
 
 
-def _draining(address: str) -> dict:
-    """The cluster's draining nodes, as Ray Train's preemption watcher reads them."""
-    return json.loads(_driver(address, "print(json.dumps(ray._private.state.state.get_draining_nodes()))"))
-
-
-# A worker of the run on the node (a detached actor, as long-lived as a training worker): Ray drains an
-# idle node at once, so only a node with work on it stays draining until its deadline.
-WORKER = """
-@ray.remote(num_cpus=1, resources={"trainer": 1})
-class Worker:
-    def node(self):
-        return ray.get_runtime_context().get_node_id()
-worker = Worker.options(name="worker", lifetime="detached").remote()
-print(ray.get(worker.node.remote()))
-"""
+def _checkpoint_steps(segment: list[dict]) -> list[int]:
+    return [int(step["step"]) for step in segment if step["checkpoint"]]
 
 
 @pytest.mark.slow
-def test_a_reclaim_notice_drains_the_watchers_node_for_real(metadata):
-    from ray.cluster_utils import Cluster
+def test_a_run_through_reclaims_kills_and_lost_nodes_loses_no_step_to_a_notice_and_ends_as_an_uninterrupted_run(
+        tmp_path):
+    """Two trainer nodes, each with its metadata server and watcher. An uninterrupted 2-worker run, then
+    the same run elastic over [1, 2] workers through four events:
 
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    1. a reclaim notice for a node: its watcher drains it, the run checkpoints, trains on while a step
+       and a checkpoint fit before the deadline, checkpoints and waits; the node goes at the deadline and
+       the run goes on with 1 worker from that last checkpoint: no step lost;
+    2. the node comes back: the run grows back to 2 workers;
+    3. a worker SIGKILLed: the run restarts by itself from its latest checkpoint;
+    4. a node removed without notice: the run goes on with 1 worker.
+
+    After each event without notice, at most one checkpoint interval is redone. Every step's studies
+    are the next of the data order, and the final weights are the uninterrupted run's.
+    """
+    root = write_drill_corpus(tmp_path, studies=16)
+    cluster = LocalSpotCluster(trainer_nodes=2)
     try:
-        node = cluster.add_node(num_cpus=1, resources={"trainer": 1})
-        cluster.wait_for_nodes()
-        assert _driver(cluster.address, WORKER) == node.node_id
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        watcher = subprocess.Popen(
-            [sys.executable, "-m", "hlip_ray.cli", "spot-watch", "--address", cluster.address, "--node-id",
-             node.node_id, f"spot.imds_endpoint={metadata.endpoint}", "spot.poll_interval_s=0.2"],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(2)
-        assert watcher.poll() is None                 # no notice: it keeps polling, drains nothing
-        assert _draining(cluster.address) == {}
-        metadata.announce(90)
-        output, _ = watcher.communicate(timeout=120)
-        assert watcher.returncode == 0, output
-        assert "reclaim notice (terminate in" in output and "node drained" in output
-        draining = _draining(cluster.address)
-        assert list(draining) == [node.node_id], draining
-        # The deadline the notice gave, as milliseconds since the epoch.
-        assert abs(draining[node.node_id] / 1000 - (time.time() + 90)) < 20
+        common = [f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.max_failures=2"]
+        reference = TrainingRun(cluster.address, drill_overrides(root, "reference", *common, "train.num_workers=2"),
+                                root / "logs" / "reference").start()
+        assert reference.finish(300) == 0, reference.output[-3000:]
+
+        run = TrainingRun(cluster.address, drill_overrides(root, "elastic", *common),
+                          root / "logs" / "elastic").start()
+        run.wait_for(lambda steps: len(steps) >= 3, 180, "step 3")
+        reclaimed = cluster.trainers[1]
+        deadline = cluster.reclaim(reclaimed, 10)
+        assert "node drained" in cluster.watcher_output(reclaimed)
+        time.sleep(max(0.0, deadline - time.time()))
+        cluster.remove_node(reclaimed)                                                   # 1
+        run.wait_for(lambda steps: steps[-1]["workers"] == 1, 180, "the run on 1 worker")
+        cluster.add_trainer_node()                                                       # 2
+        run.wait_for(lambda steps: len(segments(steps)) == 3, 180, "the run back on 2 workers")
+        assert segments(run.steps())[2][0]["workers"] == 2
+        run.wait_for(lambda steps: len(segments(steps)[-1]) >= 2, 60, "2 steps on 2 workers")
+        assert cluster.kill_workers(cluster.trainers[0])                                 # 3
+        run.wait_for(lambda steps: len(segments(steps)) == 4, 180, "a restart after the kill")
+        run.wait_for(lambda steps: len(segments(steps)[-1]) >= 2, 60, "2 steps after the kill")
+        cluster.remove_node(cluster.trainers[-1])                                        # 4
+        assert run.finish(400) == 0, run.output[-3000:]
     finally:
         cluster.shutdown()
+
+    parts = segments(run.steps())
+    assert [part[0]["workers"] for part in parts] == [2, 1, 2, 2, 1], [(p[0]["step"], p[0]["workers"]) for p in parts]
+    # 1: the notice's checkpoints, the last where the next group starts.
+    notice_at = int(re.search(r"reclaim notice: .* (\d+) s left; checkpoint at step (\d+) now", run.output).group(2))
+    assert notice_at in _checkpoint_steps(parts[0]) and "reclaim: the last step before the deadline" in run.output
+    assert parts[0][-1]["checkpoint"] and parts[1][0]["step"] == parts[0][-1]["step"] + 1
+    # 2-4: each restart from the latest checkpoint before it, at most one interval back.
+    for before, after in zip(parts[1:], parts[2:]):
+        resumed = int(after[0]["step"]) - 1
+        assert resumed in _checkpoint_steps(before) or resumed == int(before[0]["step"]) - 1
+        assert before[-1]["step"] - resumed <= CHECKPOINT_EVERY
+    # Every step the run kept read the next studies of the data order.
+    kept = {int(step["step"]): step for step in run.steps()}   # a redone step's last run is the one kept
+    assert sorted(kept) == list(range(1, MAX_STEPS + 1))
+    assert all(kept[s]["position"] == s * DRILL_GLOBAL_BATCH and kept[s]["positions_in_order"] for s in kept)
+    # The same weights as the run nothing happened to (fp32; sums in another order at 1 worker).
+    import torch
+
+    expected, got = _model_weights(root, "reference"), _model_weights(root, "elastic")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_quarantine_log_keeps_its_records_when_its_actor_is_restarted(ray_session):
+    """The quarantine log lives on the driver's node and Ray restarts it if it crashes; it takes up its
+    records again from its spool."""
+    import ray
+
+    from hlip_ray.data.quarantine import create_quarantine_log
+
+    log = create_quarantine_log()
+    first = {"uri": "s3://b/s1/ct", "study_id": "s1", "reason": "unreadable", "detail": "truncated"}
+    ray.get(log.record.remote([first]))
+    pid = ray.get(log.__ray_call__.remote(lambda self: __import__("os").getpid()))
+    ray.kill(log, no_restart=False)     # the actor's process dies; Ray starts it again
+    second = {**first, "study_id": "s2", "uri": "s3://b/s2/ct"}
+    ray.get(log.record.remote([second]))
+    assert ray.get(log.__ray_call__.remote(lambda self: __import__("os").getpid())) != pid
+    assert ray.get(log.records_list.remote()) == [first, second]
+    ray.get(log.close.remote())

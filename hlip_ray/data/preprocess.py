@@ -64,6 +64,7 @@ def write_shards(rows: list[StudyRow], config: Config, storage: Storage, out: st
         row.study_id for row in todo})
     storage.write_bytes(join(out, QUARANTINE_FILE), "".join(json.dumps(r) + "\n" for r in records).encode())
     write_index(out, storage, index)   # the commit
+    quarantine_log.close.remote()
     written_ids = {row["study_id"] for row in index}
     refused = [row.study_id for row in todo if row.study_id not in written_ids]
     summary = {

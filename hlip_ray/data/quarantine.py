@@ -9,8 +9,12 @@ Details never hold patient fields or report text (``records.Rejection``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import tempfile
+import uuid
 from collections.abc import Sequence
 
 import ray
@@ -23,23 +27,40 @@ logger = logging.getLogger(__name__)
 QUARANTINE_FILE = "quarantine.jsonl"
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class QuarantineLog:
-    """Collects the rejections of every decoding worker of one run."""
+    """Collects the rejections of every decoding worker of one run. It lives on the driver's node, so a
+    worker node's loss does not take it; each record is also appended to ``spool`` (a local file), from
+    which the actor, restarted by Ray after a crash, takes up what it had."""
 
-    def __init__(self) -> None:
+    def __init__(self, spool: str) -> None:
+        self.spool = spool
         self.records: list[dict[str, str]] = []
+        if os.path.exists(spool):
+            with open(spool) as handle:
+                self.records = [json.loads(line) for line in handle if line.endswith("\n")]
 
     def record(self, rejections: list[dict[str, str]]) -> None:
+        with open(self.spool, "a") as handle:
+            handle.write("".join(json.dumps(record) + "\n" for record in rejections))
         self.records.extend(rejections)
 
     def records_list(self) -> list[dict[str, str]]:
         return list(self.records)
 
+    def close(self) -> None:
+        """The records are written out: the spool goes."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.spool)
+
 
 def create_quarantine_log():
-    """A ``QuarantineLog`` actor for one run (Ray must be initialised)."""
-    return QuarantineLog.remote()
+    """A ``QuarantineLog`` actor for one run on this (the driver's) node (Ray must be initialised)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    spool = os.path.join(tempfile.gettempdir(), f"hlip-quarantine-{uuid.uuid4().hex}.jsonl")
+    return QuarantineLog.options(scheduling_strategy=here).remote(spool)
 
 
 def quarantine(log, rejections: Sequence[Rejection | Note], study_id: str) -> None:
@@ -66,6 +87,7 @@ def write_quarantine(log, out_dir: str, storage: Storage) -> dict[str, int]:
     records = ray.get(log.records_list.remote())
     lines = "".join(json.dumps(record) + "\n" for record in records)
     storage.write_bytes(join(out_dir, QUARANTINE_FILE), lines.encode())
+    ray.get(log.close.remote())
     counts: dict[str, int] = {}
     for record in records:
         counts[record["reason"]] = counts.get(record["reason"], 0) + 1

@@ -176,18 +176,30 @@ class Storage:
         """Every file under a folder or key prefix, recursively, as URIs in sorted order. Locally, links to
         folders are not followed (a link loop is not walked) and links that lead to no file (dangling, or
         a loop) are left out."""
+        return sorted(self.file_sizes(prefix))
+
+    def file_sizes(self, prefix: str) -> dict[str, int]:
+        """``{uri: size in bytes}`` of every file ``list_files`` lists."""
         if is_s3(prefix):
             bucket, key = _split_s3(prefix)
             key = key.rstrip("/") + "/" if key else ""
             with _s3_errors(prefix):
                 pages = self._s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-                return sorted(f"s3://{bucket}/{item['Key']}" for page in pages for item in page.get("Contents", [])
-                              if not item["Key"].endswith("/"))   # not folder marker objects
+                return {f"s3://{bucket}/{item['Key']}": item["Size"] for page in pages
+                        for item in page.get("Contents", [])
+                        if not item["Key"].endswith("/")}   # not folder marker objects
         root = self._local(prefix)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"no such folder or prefix: {prefix}")
         paths = (os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
-        return sorted(path for path in paths if os.path.isfile(path))
+        sizes = {}
+        for path in paths:
+            try:
+                if os.path.isfile(path):
+                    sizes[path] = os.path.getsize(path)
+            except OSError:   # removed while listed
+                pass
+        return sizes
 
     @staticmethod
     def _local(uri: str) -> str:

@@ -7,7 +7,7 @@ A run checkpoint is a folder (local or ``s3://``) that every training worker wro
     model.safetensors          the consolidated model weights (float32)
     config.yaml                the run's config
     train_state.json           step, epoch, position, seed, world size, provenance
-    rank-<r>.done              one per worker: its part is complete
+    rank-<r>.done              one per worker, written last: its files and their sizes
 
 Inference needs only ``model.safetensors`` and ``config.yaml``. ``--checkpoint`` arguments take
 such a folder or URI, or an HLIP release file (``.pt``/``.pth``/``.bin``/``.safetensors``).

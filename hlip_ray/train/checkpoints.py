@@ -4,9 +4,11 @@ Layout in ``hlip_ray/eval/trained_model.py`` (which reads the model back for inf
 ``train.checkpoint_every`` steps each worker writes its part into a local folder and reports it
 with ``ray.train.report``; Ray Train merges the parts into ``run_dir/checkpoint_<step>``. A part is:
 the rank's DeepSpeed shards, a ``rank-<r>.done`` marker, and on rank 0 the consolidated
-``model.safetensors``, ``config.yaml`` and ``train_state.json``. A checkpoint is complete when every
-rank's marker is there. A run resumes from its latest complete checkpoint, at any world size
-(through DeepSpeed's universal checkpoint when the size changed).
+``model.safetensors``, ``config.yaml`` and ``train_state.json``. Each rank writes its marker last; it
+lists the rank's files and their sizes. A checkpoint is complete when every rank's marker is there and
+every file it lists is there at its size, so a save a crash cut short is never picked up. A run
+resumes from its latest complete checkpoint, at any world size (through DeepSpeed's universal
+checkpoint when the size changed).
 """
 
 from __future__ import annotations
@@ -63,44 +65,67 @@ class TrainState:
 
 
 # -- finding -------------------------------------------------------------------------------
-def is_complete(files: set[str], state: TrainState) -> bool:
-    """Every worker's marker and the consolidated model are there (names relative to the folder)."""
-    needed = {STATE_FILE, MODEL_FILE, CONFIG_FILE, *(rank_marker(r) for r in range(state.world_size))}
-    return needed <= files
+def _files_in(uri: str, sizes: dict[str, int]) -> dict[str, int]:
+    """``{name relative to the folder: size}`` of the files under ``uri`` among ``sizes`` (a listing)."""
+    root = uri.rstrip("/") + "/"
+    return {name[len(root):]: size for name, size in sizes.items() if name.startswith(root)}
+
+
+def complete_state(uri: str, files: dict[str, int], storage: Storage) -> TrainState | None:
+    """The state of the checkpoint at ``uri`` if it is complete, else None. ``files``: its files and their
+    sizes. Complete: every rank's marker is there and every file a marker lists is there at the size
+    the marker gives (a save cut short leaves a marker out, or a file short), so a checkpoint a crash
+    interrupted is never picked up."""
+    def listed(rank: int) -> dict[str, int] | None:
+        name = rank_marker(rank)
+        if name not in files:
+            return None
+        try:
+            manifest = json.loads(storage.read_bytes(join(uri, name)))
+        except (ValueError, FileNotFoundError):
+            return None
+        ok = isinstance(manifest, dict) and all(files.get(file) == size for file, size in manifest.items())
+        return manifest if ok else None
+
+    first = listed(0)
+    if first is None or not {STATE_FILE, MODEL_FILE, CONFIG_FILE} <= set(first):
+        return None
+    try:
+        state = TrainState.from_json(storage.read_bytes(join(uri, STATE_FILE)))
+    except (ValueError, TypeError, FileNotFoundError):
+        return None
+    if any(listed(rank) is None for rank in range(1, state.world_size)):
+        return None
+    return state
 
 
 def latest_checkpoint(run_dir: str, storage: Storage) -> tuple[str, TrainState] | None:
     """The complete checkpoint with the highest step under a run folder (``checkpoint_*`` folders)."""
     try:
-        uris = storage.list_files(run_dir)
+        sizes = storage.file_sizes(run_dir)
     except FileNotFoundError:
         return None
-    folders: dict[str, set[str]] = {}
     root = run_dir.rstrip("/")
-    for uri in uris:
-        relative = uri[len(root) + 1 :]
-        parts = relative.split("/")
-        if len(parts) >= 2 and parts[0].startswith("checkpoint_"):
-            folders.setdefault(parts[0], set()).add("/".join(parts[1:]))
-    best = None
-    for name, files in folders.items():
-        if STATE_FILE not in files:
-            continue
-        state = TrainState.from_json(storage.read_bytes(join(root, name, STATE_FILE)))
-        if is_complete(files, state) and (best is None or state.step > best[1].step):
-            best = (join(root, name), state)
-    return best
+    names = {uri[len(root) + 1:].split("/")[0] for uri in sizes}
+    for name in sorted((name for name in names if name.startswith("checkpoint_")), reverse=True):
+        uri = join(root, name)
+        state = complete_state(uri, _files_in(uri, sizes), storage)
+        if state is not None:
+            return uri, state
+    return None
 
 
 def checkpoint_at(uri: str, storage: Storage) -> tuple[str, TrainState]:
     """The checkpoint at ``uri`` (a ``checkpoint_*`` folder), which must be complete."""
     uri = uri.rstrip("/")
     try:
-        files = {file[len(uri) + 1 :] for file in storage.list_files(uri)}
-        state = TrainState.from_json(storage.read_bytes(join(uri, STATE_FILE)))
+        files = _files_in(uri, storage.file_sizes(uri))
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {uri}") from None
-    if not is_complete(files, state):
+    if STATE_FILE not in files:
+        raise FileNotFoundError(f"no checkpoint at {uri}")
+    state = complete_state(uri, files, storage)
+    if state is None:
         raise FileNotFoundError(f"the checkpoint at {uri} is incomplete (a rank's part or the model is missing)")
     return uri, state
 
@@ -123,16 +148,18 @@ def report_checkpoint(engine, state: TrainState, config: Config, rank: int, metr
     """
     import ray.train
 
-    state.deepspeed_tag = f"step{state.step}"
-    with tempfile.TemporaryDirectory() as scratch:
+    state.deepspeed_tag = f"step{state.step}-{state.world_size}w"   # the shards of one world size apart
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryDirectory() as work:
         folder = Path(scratch)
         engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=state.deepspeed_tag)
-        weights = _consolidated_weights(engine, folder / "consolidated")
+        weights = _consolidated_weights(engine, Path(work))
         if rank == 0:
             (folder / MODEL_FILE).write_bytes(weights)
             (folder / CONFIG_FILE).write_text(dump_config(config))
             (folder / STATE_FILE).write_text(state.to_json())
-        (folder / rank_marker(rank)).write_text("")
+        # Last: the marker lists this rank's files and sizes (``complete_state`` checks them).
+        files = {str(path.relative_to(folder)): path.stat().st_size for path in folder.rglob("*") if path.is_file()}
+        (folder / rank_marker(rank)).write_text(json.dumps(files, sort_keys=True))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                          checkpoint_dir_name=checkpoint_dir_name(state.step))
 
@@ -157,12 +184,12 @@ def restore_checkpoint(engine, found: tuple[str, TrainState], storage: Storage, 
     DeepSpeed's universal checkpoint format first (ZeRO shards are tied to the world size)."""
     uri, state = found
     with tempfile.TemporaryDirectory() as folder:
-        prefix = join(uri, DEEPSPEED_DIR)
+        tag = state.deepspeed_tag
+        prefix = join(uri, DEEPSPEED_DIR, tag)
         for file_uri in storage.list_files(prefix):
-            local = Path(folder) / file_uri[len(prefix) + 1 :]
+            local = Path(folder) / tag / file_uri[len(prefix) + 1 :]
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(storage.read_bytes(file_uri))
-        tag = state.deepspeed_tag
         if state.world_size != world_size:
             logger.info("checkpoint written by %d workers, resuming with %d: converting it to universal",
                         state.world_size, world_size)

@@ -12,6 +12,7 @@ every ``train.report_every`` steps. Rank 0 sends every step's metrics to the run
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 VAL_METRIC = "val/zeroshot_auc"
 FROZEN_TEXT_CACHE = 100_000  # pooled outputs of a frozen text tower kept per worker
+RECLAIM_MARGIN_S = 5.0   # kept free before a reclaim deadline, beyond a step and a checkpoint
 
 
 def train_loop(loop_config: dict) -> None:
@@ -61,32 +63,91 @@ def train_loop(loop_config: dict) -> None:
     if not resumed:
         validation = validate(engine, state)
     batches = training_batches(worker)
-    notified = False   # of a drain (reclaim notice) since this start
+    reclaim = Reclaim(worker, train.preemption_check_every)
+    resumed_from = state.step   # where this worker group started: every step says so
     while state.step < train.max_steps:
+        started = time.perf_counter()
         metrics = train_step(worker, engine, scheduler, state, batches)
         if metrics is None:
             logger.warning("the training stream ended at step %d of %d", state.step, train.max_steps)
             break
+        reclaim.step_s = time.perf_counter() - started
         last = state.step == train.max_steps
         validated = state.step % validate_every == 0 or last
         if validated:
             validation = validate(engine, state)
-        metrics.update(validation)
+        metrics.update(validation, resumed_from=resumed_from)
         checkpoint = state.step % train.checkpoint_every == 0 or last
-        if not checkpoint and not notified and state.step % train.preemption_check_every == 0:
-            # A barrier: every rank asks at the same steps. A node of the run is being drained (a reclaim
-            # notice): a checkpoint at this step now, once, and on until Ray restarts the workers.
-            notified = checkpoint = ray.train.get_preemption_info() is not None
-            if notified:
-                logger.warning("a node of this run is being drained: checkpoint at step %d now", state.step)
+        checkpoint = reclaim.check(state.step) or checkpoint
         if checkpoint:
+            started = time.perf_counter()
             log.step(metrics, checkpoint=join(loop_config["run_dir"], checkpoint_dir_name(state.step)))
             report_checkpoint(engine, state, worker.config, worker.rank, metrics)
+            reclaim.checkpoint_s = time.perf_counter() - started
+            if reclaim.holding and not last:
+                reclaim.hold(state.step)
         else:
             log.step(metrics)
             if validated or state.step % train.report_every == 0:
                 ray.train.report(metrics)
     log.close()
+
+
+class Reclaim:
+    """A reclaim notice as the training loop sees it: Ray draining a node of the run (``hlip-ray
+    spot-watch`` passed the cloud's notice on), read through ``ray.train.get_preemption_info()``.
+
+    On the notice every rank writes a checkpoint at once. Training then goes on while one more step and
+    a checkpoint still fit before the node's deadline (twice their last durations, plus
+    ``RECLAIM_MARGIN_S``); at the last step that fits, a last checkpoint, and the workers wait for Ray
+    to restart them without the node. The restart resumes from that checkpoint: no step is lost. A drain
+    without a deadline gets the first checkpoint and the wait at once.
+    """
+
+    def __init__(self, worker: Worker, every: int) -> None:
+        self.worker = worker
+        self.every = every
+        self.deadline: float | None = None   # epoch seconds; inf when the drain gave none
+        self.holding = False                 # the last checkpoint before the deadline is due or written
+        self.step_s = self.checkpoint_s = 0.0
+
+    def check(self, step: int) -> bool:
+        """Whether a checkpoint is due at ``step`` because of a reclaim. Every rank calls it at every
+        step and gets the same answer (both queries are collectives)."""
+        if self.deadline is None:
+            if step % self.every:
+                return False
+            info = ray.train.get_preemption_info()   # a barrier: every rank asks at the same steps
+            if info is None:
+                return False
+            self.deadline = info.deadline_ms / 1000 if info.deadline_ms else math.inf
+            left = self.deadline - time.time()
+            logger.warning("reclaim notice: node(s) %s of this run are being drained, %s left; checkpoint at "
+                           "step %d now", sorted(info.preempted_node_to_ranks),
+                           f"{left:.0f} s" if math.isfinite(left) else "no deadline", step)
+            self.holding = not self._another_step_fits()
+            return True
+        if not self.holding and not self._another_step_fits():
+            logger.warning("reclaim: the last step before the deadline; checkpoint at step %d", step)
+            self.holding = True
+            return True
+        return False
+
+    def _another_step_fits(self) -> bool:
+        """Whether a step and a checkpoint fit before the deadline, agreed by all ranks (the smallest
+        time left wins)."""
+        needed = 2 * (self.step_s + self.checkpoint_s) + RECLAIM_MARGIN_S
+        fits = torch.tensor([float(self.deadline - time.time() > needed)], device=self.worker.device)
+        if self.worker.world_size > 1:
+            torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
+        return bool(fits.item())
+
+    def hold(self, step: int) -> None:
+        """Wait, checkpoint written, until Ray restarts the workers (at the deadline, or sooner when the
+        node goes)."""
+        logger.warning("reclaim: checkpoint at step %d written; waiting for the restart", step)
+        while True:
+            time.sleep(1)
 
 
 @dataclass
@@ -181,6 +242,7 @@ def train_step(worker: Worker, engine, scheduler, state: TrainState, batches: It
     seconds = time.perf_counter() - started
     metrics = {
         "step": state.step,
+        "workers": worker.world_size,
         "epoch": state.epoch,
         "position": state.position,
         "loss": result.loss,

@@ -108,6 +108,9 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
     resources = {"CPU": 1, **({config.resources.trainer: 1} if config.resources.trainer else {}),
                  **({"GPU": 1} if train.use_gpu else {})}
     workers = tuple(train.num_workers) if isinstance(train.num_workers, list) else train.num_workers
+    # Read by Ray Train's controller, which takes them from the driver's environment.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(train.worker_start_timeout_s)
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = str(config.spot.poll_interval_s)
     filesystem, storage_path = storage.resolve(train.storage_path)
     trainer = TorchTrainer(
         train_loop,
@@ -121,7 +124,8 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
             "run_log": run_log,
             "validate": "val" in datasets,
         },
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=train.resize_check_interval_s),
         run_config=RunConfig(
             name=train.run_name,
             storage_path=storage_path,

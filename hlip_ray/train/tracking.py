@@ -39,7 +39,7 @@ def numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)   # restarted on its node if it crashes
 class RunLog:
     """The run's metrics on the driver's node: ``metrics.jsonl`` (one line per step), TensorBoard,
     and the progress lines the driver prints (``take_lines``)."""
@@ -61,7 +61,7 @@ class RunLog:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(self.log_dir / "tensorboard"))
         with open(self.log_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({**values, "checkpoint": checkpoint}) + "\n")
+            handle.write(json.dumps({**values, "time": round(at, 3), "checkpoint": checkpoint}) + "\n")
         step = int(values["step"])
         for key, value in values.items():
             self._writer.add_scalar(key, value, step)
