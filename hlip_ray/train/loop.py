@@ -3,10 +3,12 @@
 Read top to bottom: ``start`` builds the model and its DeepSpeed engine and resumes from the run's
 latest checkpoint; every global step then takes this worker's share of the global batch from
 ``get_dataset_shard("train")`` and runs the gradient-cache step (``train_step``); every
-``train.checkpoint_every`` steps (and at the last) all workers validate (zero-shot AUC, the
-evaluation code's own path) and write a checkpoint, and between those a flat report goes to Ray
-every ``train.report_every`` steps. Rank 0 sends every step's metrics to the run's log
-(``tracking.RunLog``: ``metrics.jsonl``, TensorBoard, the console's progress lines).
+``train.validate_every`` steps all workers validate (the evaluation code's own path), every
+``train.checkpoint_every`` steps they write a checkpoint (both also at the last step), and between
+those a flat report goes to Ray every ``train.report_every`` steps. ``Reclaim`` watches for a reclaim
+notice (a drain of a node of the run) and checkpoints before the node goes. Rank 0 sends every step's
+metrics to the run's log (``tracking.RunLog``: ``metrics.jsonl``, TensorBoard, the console's progress
+lines).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def train_loop(loop_config: dict) -> None:
             break
         reclaim.step_s = time.perf_counter() - started
         last = state.step == train.max_steps
-        validated = state.step % validate_every == 0 or last
+        # Under a reclaim notice only the steps and checkpoints that fit before the deadline run.
+        validated = last or (state.step % validate_every == 0 and reclaim.deadline is None)
         if validated:
             validation = validate(engine, state)
         metrics.update(validation, resumed_from=resumed_from)
