@@ -128,7 +128,7 @@ class Reclaim:
             logger.warning("reclaim notice: node(s) %s of this run are being drained, %s left; checkpoint at "
                            "step %d now", sorted(info.preempted_node_to_ranks),
                            f"{left:.0f} s" if math.isfinite(left) else "no deadline", step)
-            self.holding = not self._another_step_fits()
+            self.holding = not math.isfinite(self.deadline) or not self._another_step_fits()
             return True
         if not self.holding and not self._another_step_fits():
             logger.warning("reclaim: the last step before the deadline; checkpoint at step %d", step)
