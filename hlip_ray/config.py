@@ -318,6 +318,11 @@ class EvalConfig(_Section):
     """Label -> {"positive": [...], "negative": [...]} phrases for zero-shot prompts (JSON, local or
     s3://). null: validation and ``hlip-ray eval`` report the held-out contrastive loss and retrieval
     only (a corpus without labels)."""
+    grid: Triple | None = None
+    """Test-time input size (D, H, W) for ``hlip-ray eval``, ``embed`` and ``predict``: studies are decoded
+    from their raw files at this size (HLIP evaluates at 144 slices after training at 48); the position
+    embedding is resampled to it. null: the training size, ``data.grid``. Validation during training
+    always runs at ``data.grid``."""
 
 
 class ResourcesConfig(_Section):

@@ -53,3 +53,29 @@ def synthetic_corpus(root, studies: int, seed: int, val_fraction: float):
     rows = build_manifest(str(root / "raw"), Storage(), salt="hlip-ray", val_fraction=val_fraction)
     write_manifest(rows, str(root / "manifest.parquet"), Storage())
     return root
+
+
+TINY_MODEL = ["data.grid=[16,32,32]", "data.scans_per_study=2", "data.max_eval_scans=3", "data.windows=[[-20,140]]",
+              "model.embed_dim=24", "model.num_heads=2", "model.depth=3", "model.projection_dim=16",
+              "model.max_scan_slots=8", "model.text.context_length=32"]
+
+
+def tiny_run_checkpoint(folder: Path, text_dir: Path, *overrides: str, seed: int = 0):
+    """A run checkpoint folder of a tiny random model (``model.safetensors``, ``config.yaml``,
+    ``train_state.json``: what inference reads), without training; returns ``(folder, config)``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hlip_ray.config import dump_config, load_config
+    from hlip_ray.eval.trained_model import CONFIG_FILE, MODEL_FILE, STATE_FILE
+    from hlip_ray.model import build_model
+    from hlip_ray.train.checkpoints import TrainState
+
+    config = load_config(None, [*TINY_MODEL, f"model.text.name_or_path={text_dir}", *overrides])
+    torch.manual_seed(seed)
+    model = build_model(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: value.contiguous() for name, value in model.state_dict().items()}, str(folder / MODEL_FILE))
+    (folder / CONFIG_FILE).write_text(dump_config(config))
+    (folder / STATE_FILE).write_text(TrainState(step=1, seed=seed).to_json())
+    return folder, config

@@ -27,6 +27,18 @@ STATE_FILE = "train_state.json"
 HLIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
+def inference_config(config: Config) -> Config:
+    """``config`` as inference runs it: at the test-time size ``eval.grid`` where one is set. A shard cache
+    holds studies at the training size, so at another size studies are decoded from the manifest."""
+    if config.eval.grid is None or list(config.eval.grid) == list(config.data.grid):
+        return config
+    if not config.data.manifest:
+        raise ValueError(f"eval.grid {config.eval.grid} differs from data.grid {config.data.grid}: studies are "
+                         "decoded again at that size, which needs data.manifest (a shard cache holds the training size)")
+    return config.model_copy(update={"data": config.data.model_copy(update={"grid": list(config.eval.grid),
+                                                                             "shards": None})})
+
+
 def is_run_checkpoint(source: str, storage: Storage) -> bool:
     return storage.exists(join(source, STATE_FILE)) and storage.exists(join(source, MODEL_FILE))
 
