@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hlip_ray.config import ConfigError, config_reference, dump_config, load_config
@@ -35,16 +36,30 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 
 def _manifest_command(args: argparse.Namespace) -> int:
+    """``--layout folders``: a folder per study, hash split. ``--layout ct-rate``: CT-RATE's published layout,
+    its own split and labels, and its 18-label vocabulary written beside the manifest."""
     from hlip_ray.data.manifest import build_manifest, write_manifest
+    from hlip_ray.data.storage import is_s3, join
 
     config = load_config(args.config, args.overrides)
     storage = _storage(config)
-    rows = build_manifest(args.root, storage, salt=config.data.split_salt, val_fraction=config.data.val_fraction)
+    vocabulary = None
+    if args.layout == "ct-rate":
+        from hlip_ray.data.ct_rate import build_ct_rate_manifest, vocabulary_json
+
+        rows = build_ct_rate_manifest(args.root, storage, log=lambda line: print(line, file=sys.stderr, flush=True))
+        folder = args.out.rsplit("/", 1)[0] if is_s3(args.out) else os.path.dirname(os.path.abspath(args.out))
+        vocabulary = join(folder, "vocabulary.json")
+    else:
+        rows = build_manifest(args.root, storage, salt=config.data.split_salt, val_fraction=config.data.val_fraction)
     write_manifest(rows, args.out, storage)
     splits: dict[str, int] = {}
     for row in rows:
         splits[row.split] = splits.get(row.split, 0) + 1
     print(f"wrote {len(rows)} studies to {args.out}: {splits}")
+    if vocabulary:
+        storage.write_bytes(vocabulary, vocabulary_json())
+        print(f"wrote the 18-label vocabulary to {vocabulary} (eval.vocabulary)")
     return 0
 
 
@@ -94,26 +109,102 @@ def _tune_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_command(args: argparse.Namespace) -> int:
-    """A run checkpoint brings its config (model, preprocessing, data, vocabulary); overrides apply on top."""
-    import json
-
-    from hlip_ray import ray_runtime
+def _trained_model_config(args: argparse.Namespace, overrides: list[str]):
+    """``(checkpoint, config, storage)`` of a command that uses a trained model: ``--checkpoint`` (else
+    ``eval.checkpoint``); a run checkpoint brings its config (model, preprocessing, data, vocabulary) and
+    ``overrides`` apply on top; studies are decoded at ``eval.grid`` where one is set."""
     from hlip_ray.config import apply_overrides
-    from hlip_ray.eval.run import evaluate_split
-    from hlip_ray.eval.trained_model import is_run_checkpoint, load_model, read_config
+    from hlip_ray.eval.trained_model import inference_config, is_run_checkpoint, read_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, overrides)
     checkpoint = args.checkpoint or config.eval.checkpoint
     if not checkpoint:
         raise ValueError("name a model: --checkpoint (a run checkpoint folder or URI, or an HLIP model file)")
     storage = _storage(config)
     if is_run_checkpoint(checkpoint, storage):
-        config = apply_overrides(read_config(checkpoint, storage), args.overrides, checkpoint)
+        config = apply_overrides(read_config(checkpoint, storage), overrides, checkpoint)
+    return checkpoint, inference_config(config), storage
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    import json
+
+    from hlip_ray import ray_runtime
+    from hlip_ray.eval.report import markdown
+    from hlip_ray.eval.run import evaluate_split
+    from hlip_ray.eval.trained_model import load_model
+
+    overrides = [*args.overrides, *([f"data.manifest={args.manifest}"] if args.manifest else [])]
+    checkpoint, config, storage = _trained_model_config(args, overrides)
     model, _ = load_model(checkpoint, storage, config)
     ray_runtime.connect()
-    report = evaluate_split(model, config, split=args.split)
-    print(json.dumps({"checkpoint": checkpoint, **report}))
+    report = evaluate_split(model, config, split=args.split, checkpoint=checkpoint, out=args.out,
+                            interpret=args.interpret)
+    print(markdown(report))
+    if args.out:
+        print(f"wrote report.json, report.md and the ROC curves to {args.out}\n")
+    print(json.dumps(report))
+    return 0
+
+
+def _embed_command(args: argparse.Namespace) -> int:
+    from hlip_ray import ray_runtime
+    from hlip_ray.eval.embed import embed_archive, summary_lines
+
+    checkpoint, config, storage = _trained_model_config(args, [*args.overrides, f"data.manifest={args.manifest}"])
+    ray_runtime.connect()
+    summary = embed_archive(args.manifest, checkpoint, config, storage, args.out, data_root=args.data_root)
+    print("\n".join(summary_lines(summary)))
+    return 0
+
+
+def _predict_command(args: argparse.Namespace) -> int:
+    """One local study, no Ray: decoded at eval.grid (else data.grid), scored for --labels."""
+    import json
+
+    from hlip_ray.eval.predict import parse_labels, read_study, score_table, summary, zero_shot_scores
+    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.eval.zeroshot import load_vocabulary
+    from hlip_ray.text_source import load_tokenizer
+
+    checkpoint, config, storage = _trained_model_config(args, args.overrides)
+    vocabulary = None
+    if config.eval.vocabulary:
+        vocabulary = load_vocabulary(storage.read_bytes(config.eval.vocabulary), config.eval.vocabulary)
+    labels = parse_labels(args.labels, vocabulary)
+    study = read_study(args.study, config, storage)
+    model, _ = load_model(checkpoint, storage, config)
+    scores = zero_shot_scores(model.eval(), study, labels, vocabulary,
+                              load_tokenizer(config.model.text.name_or_path), config.model.text.context_length,
+                              config.eval.templates)
+    print(score_table(scores))
+    if args.interpret:
+        import torch
+
+        from hlip_ray.eval.predict import prompt_vocabulary
+        from hlip_ray.eval.relevance import relevance_figures
+        from hlip_ray.eval.zeroshot import class_embeddings
+
+        classes = class_embeddings(model, load_tokenizer(config.model.text.name_or_path),
+                                   prompt_vocabulary(labels, vocabulary), config.model.text.context_length,
+                                   config.eval.templates)
+        pixels = torch.from_numpy(study.pixels)[None]
+        written = relevance_figures(model, pixels, torch.ones(pixels.shape[:2], dtype=torch.bool),
+                                    {label: classes[label] for label in labels}, args.interpret,
+                                    [os.path.basename(os.path.normpath(args.study))])
+        print(f"relevance maps: {', '.join(str(path) for path in written)}")
+    print(json.dumps(summary(args.study, checkpoint, config, study, scores)))
+    return 0
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    from hlip_ray.eval.export import export_model
+    from hlip_ray.eval.trained_model import load_model
+
+    checkpoint, config, storage = _trained_model_config(args, args.overrides)
+    model, _ = load_model(checkpoint, storage, config)
+    for uri in export_model(model, config, args.format, args.out, storage):
+        print(f"wrote {uri}")
     return 0
 
 
@@ -166,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_synth_command)
 
     manifest = with_config(commands.add_parser("manifest", help="build a manifest from a folder listing"))
-    manifest.add_argument("--root", required=True, help="root/<study>/<scan>/... folder or s3:// prefix")
+    manifest.add_argument("--root", required=True, help="root/<study>/<scan>/... folder or s3:// prefix "
+                                                        "(--layout ct-rate: the folder holding CT-RATE's dataset/)")
+    manifest.add_argument("--layout", choices=["folders", "ct-rate"], default="folders",
+                          help="folders: a folder per study, split by a salted hash of the patient; ct-rate: the "
+                               "public CT-RATE benchmark's layout, its split and 18 labels, and vocabulary.json "
+                               "written beside --out")
     manifest.add_argument("--out", required=True, help="manifest .parquet or .jsonl (local or s3://)")
     manifest.set_defaults(run=_manifest_command)
 
@@ -190,10 +286,50 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue the interrupted sweep named tune.name under tune.storage_path")
     tune.set_defaults(run=_tune_command)
 
-    evaluate = with_config(commands.add_parser("eval", help="zero-shot AUC of a trained model on a split"))
+    evaluate = with_config(commands.add_parser(
+        "eval", help="a trained model on a split: zero-shot AUC with CIs, thresholds, linear probe, retrieval"))
     evaluate.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file")
     evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--manifest", help="the studies' manifest (local or s3://): short for data.manifest=...")
+    evaluate.add_argument("--out", help="folder or s3:// prefix for report.json, report.md and ROC curves (PNG)")
+    evaluate.add_argument("--interpret", metavar="DIR",
+                          help="also draw each study's relevance maps (PNG overlays on its most relevant slices), one "
+                               "figure per study and label it is positive for, into the local folder DIR")
     evaluate.set_defaults(run=_eval_command)
+
+    embed = with_config(commands.add_parser(
+        "embed", help="embed every study of a manifest with a trained model into Parquet files (resumable)"))
+    embed.add_argument("--checkpoint", required=True, help="a run checkpoint (folder or URI) or an HLIP model file")
+    embed.add_argument("--manifest", required=True, help="the studies to embed, every split (local or s3://)")
+    embed.add_argument("--out", required=True,
+                       help="folder or s3:// prefix for the embeddings (OUT/embeddings/*.parquet), the quarantine "
+                            "and the summary. Into a folder that holds embeddings of the same checkpoint, embed "
+                            "resumes: studies written there are not decoded again")
+    embed.add_argument("--data-root", help="data root of an HLIP JSON manifest")
+    embed.set_defaults(run=_embed_command)
+
+    predict = commands.add_parser(
+        "predict", help="zero-shot scores of one local study (a folder of DICOM series and/or NIfTI files)",
+        description="Options first, or overrides right after STUDY_DIR: "
+                    "hlip-ray predict --checkpoint C --labels 'mass,hemorrhage' STUDY_DIR eval.grid=[96,224,224]")
+    predict.add_argument("study", metavar="STUDY_DIR", help="the study folder (local)")
+    with_config(predict)
+    predict.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file "
+                                              "(default: eval.checkpoint)")
+    predict.add_argument("--labels", help="comma-separated labels to score (default: every label of eval.vocabulary)")
+    predict.add_argument("--interpret", metavar="DIR",
+                         help="also draw the study's relevance map for each label (PNG) into the local folder DIR")
+    predict.set_defaults(run=_predict_command)
+
+    export = with_config(commands.add_parser(
+        "export", help="write a trained model in HLIP's released layout (open_clip), as .pt or safetensors"))
+    export.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file "
+                                             "(default: eval.checkpoint)")
+    export.add_argument("--format", choices=["hlip", "safetensors"], required=True,
+                        help="hlip: one torch file {'state_dict': ...} (--out FILE.pt); safetensors: a folder of "
+                             "model.safetensors, config.yaml and open_clip_config.json (--out DIR)")
+    export.add_argument("--out", required=True, help="the file or folder to write (local or s3://)")
+    export.set_defaults(run=_export_command)
 
     watch = with_config(commands.add_parser(
         "spot-watch", help="on a spot instance's reclaim notice, drain this Ray node (training checkpoints at once)"))

@@ -323,6 +323,42 @@ class EvalConfig(_Section):
     from their raw files at this size (HLIP evaluates at 144 slices after training at 48); the position
     embedding is resampled to it. null: the training size, ``data.grid``. Validation during training
     always runs at ``data.grid``."""
+    templates: list[str] = ["{finding}."]
+    """Sentence templates of a label's own phrase in its zero-shot prompts: ``{finding}`` is replaced by
+    the phrase (e.g. ``This study shows: {finding}.``) and the sentence's first letter capitalised; every
+    template gives its own prompts, all averaged into the class embedding. Validation uses them too."""
+    bootstrap_samples: int = Field(1000, ge=0)
+    """Bootstrap resamples of the studies for the 95% confidence intervals of ``hlip-ray eval``'s AUCs
+    (one resample for every label, so the macro interval is of the macro mean); 0: no intervals."""
+    threshold_split: str | None = None
+    """The split whose studies choose each label's decision threshold (the ROC's Youden point) for
+    ``hlip-ray eval``'s balanced accuracy and F1, e.g. ``val`` when evaluating ``test``; null: the
+    evaluated split itself (an optimistic figure)."""
+    probe_folds: int = Field(5, ge=2)
+    """Stratified cross-validation folds of ``hlip-ray eval``'s linear probe (logistic regression on the
+    frozen study embeddings); a label with fewer positives or negatives than this is skipped."""
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_name_the_finding(cls, templates: list[str]) -> list[str]:
+        if not templates:
+            raise ValueError("at least one template is needed, e.g. ['{finding}.']")
+        for template in templates:
+            if "{finding}" not in template:
+                raise ValueError(f"template {template!r} does not contain {{finding}} (where a label's phrase goes)")
+        return templates
+
+
+class EmbedConfig(_Section):
+    """Archive embedding (``hlip-ray embed``): Ray Data actors that each load the model once and encode
+    the studies that CPU tasks decode (``data.decode_concurrency``, ``resources.data``)."""
+
+    concurrency: int = Field(1, gt=0)
+    """Embedding actors at a time, each with its own copy of the model."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per embedding actor (1: a GPU each; 0.5: two actors share one); 0: the actors run on CPU."""
+    batch_size: int = Field(8, gt=0)
+    """Studies per forward pass of an embedding actor."""
 
 
 class ResourcesConfig(_Section):
@@ -401,6 +437,8 @@ class Config(_Section):
     """Training (``train.*``)."""
     eval: EvalConfig = EvalConfig()
     """Evaluation (``eval.*``)."""
+    embed: EmbedConfig = EmbedConfig()
+    """Archive embedding (``embed.*``)."""
     tune: TuneConfig = TuneConfig()
     """Sweeps (``tune.*``)."""
     spot: SpotConfig = SpotConfig()

@@ -55,6 +55,17 @@ def synthetic_corpus(root, studies: int, seed: int, val_fraction: float):
     return root
 
 
+def preprocessed_shards(root, *overrides: str) -> Path:
+    """``root/manifest.parquet`` preprocessed into ``root/shards`` (Ray must be initialised) under the config
+    ``overrides`` give; returns the folder. Runs that read shards spend no time decoding raw DICOM."""
+    from hlip_ray import cli
+
+    out = Path(root) / "shards"
+    assert cli.main(["preprocess", "--manifest", str(Path(root) / "manifest.parquet"), "--out", str(out),
+                     *overrides]) == 0
+    return out
+
+
 TINY_MODEL = ["data.grid=[16,32,32]", "data.scans_per_study=2", "data.max_eval_scans=3", "data.windows=[[-20,140]]",
               "model.embed_dim=24", "model.num_heads=2", "model.depth=3", "model.projection_dim=16",
               "model.max_scan_slots=8", "model.text.context_length=32"]

@@ -50,4 +50,5 @@ def test_demo_runs_end_to_end_and_ends_with_its_figures(ray_session, tmp_path, c
     assert figures["train_steps"] == 2 and figures["val_studies"] > 0 and figures["train_studies_per_s"] > 0
     assert Path(figures["checkpoint"]).joinpath("model.safetensors").is_file()
     assert (out / "loss_curve.png").stat().st_size > 0
+    assert (out / "eval" / "roc_curves.png").stat().st_size > 0 and (out / "eval" / "report.md").is_file()
     assert len((out / "demo" / "metrics.jsonl").read_text().splitlines()) == 2

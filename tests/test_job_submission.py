@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.helpers import synthetic_corpus
+from tests.helpers import preprocessed_shards, synthetic_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -91,14 +91,16 @@ def _ray_job(address: str, env: dict, command: str, *args: str, timeout: float =
 
 
 @pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    """A small synthetic corpus and its manifest, where the head's jobs read them."""
-    return synthetic_corpus(tmp_path_factory.mktemp("smoke"), studies=24, seed=3, val_fraction=0.25)
+def smoke_data(tmp_path_factory, ray_session):
+    """A small synthetic corpus preprocessed into shards, where the head's jobs read them."""
+    root = synthetic_corpus(tmp_path_factory.mktemp("smoke"), studies=24, seed=3, val_fraction=0.25)
+    preprocessed_shards(root, "--config", str(REPO_ROOT / "jobs" / "configs" / "smoke.yaml"))
+    return root
 
 
 def _train_entrypoint(data: Path, *overrides: str) -> list[str]:
     return ["--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/train.py",
-            "--config", "jobs/configs/smoke.yaml", f"data.manifest={data / 'manifest.parquet'}",
+            "--config", "jobs/configs/smoke.yaml", f"data.shards={data / 'shards'}",
             f"eval.vocabulary={data / 'raw' / 'vocabulary.json'}", f"train.storage_path={data / 'runs'}",
             f"train.log_dir={data / 'logs'}", *overrides]
 

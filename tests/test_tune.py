@@ -27,7 +27,7 @@ import pytest
 from hlip_ray.config import ConfigError, load_config
 from hlip_ray.tune.space import load_space
 from tests.conftest import REPO_ROOT
-from tests.helpers import synthetic_corpus
+from tests.helpers import preprocessed_shards, synthetic_corpus
 
 SMOKE = str(REPO_ROOT / "jobs" / "configs" / "smoke.yaml")
 
@@ -87,12 +87,15 @@ def test_a_space_is_checked_whole_before_any_trial_starts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthetic_corpus(tmp_path_factory.mktemp("tune"), studies=32, seed=5, val_fraction=0.4)
+def corpus(tmp_path_factory, ray_session):
+    """32 synthetic studies, preprocessed once into shards: the trials spend no time decoding DICOM."""
+    root = synthetic_corpus(tmp_path_factory.mktemp("tune"), studies=32, seed=5, val_fraction=0.4)
+    preprocessed_shards(root, "--config", SMOKE)
+    return root
 
 
 def _data(corpus: Path) -> list[str]:
-    return [f"data.manifest={corpus / 'manifest.parquet'}", f"eval.vocabulary={corpus / 'raw' / 'vocabulary.json'}",
+    return [f"data.shards={corpus / 'shards'}", f"eval.vocabulary={corpus / 'raw' / 'vocabulary.json'}",
             f"tune.storage_path={corpus / 'sweeps'}", f"train.log_dir={corpus / 'logs'}"]
 
 

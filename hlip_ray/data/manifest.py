@@ -279,55 +279,12 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
             by_study[relative.split("/", 1)[0]].append(uri)
     rows, not_utf8, empty = [], 0, []
     for study_id in sorted(by_study):
-        files = by_study[study_id]
-        study_dir = join(root, study_id)
-        dicom_files: dict[str, list[str]] = defaultdict(list)  # scan folder ("" for the study folder) -> uris
-        scans, report, meta = [], None, {}
-        for uri in files:
-            relative = uri[len(study_dir) + 1 :]
-            parts = relative.split("/")
-            if parts[0] == MASKS_DIR:
-                continue
-            if relative == "report.txt":
-                report, fell_back = decode_report(storage.read_bytes(uri))
-                not_utf8 += fell_back
-            elif relative == "labels.json":
-                try:
-                    meta = json.loads(storage.read_bytes(uri))
-                except ValueError as error:
-                    raise ManifestError(f"{uri}: not JSON ({error})") from None
-            elif uri.endswith(NIFTI_SUFFIXES):
-                name = parts[-1].removesuffix(".gz").removesuffix(".nii") if len(parts) == 1 else parts[0]
-                scans.append(ScanRef(name, uri, "nifti"))
-            elif is_dicom_name(parts[-1]):
-                dicom_files[parts[0] if len(parts) > 1 else ""].append(uri)
-        if "" in dicom_files:
-            scans.append(ScanRef(study_id, study_dir, "dicom"))
-        else:
-            scans += [ScanRef(name, join(study_dir, name), "dicom") for name in dicom_files]
-        if not scans:
+        row, fell_back = study_row(study_id, join(root, study_id), by_study[study_id], storage, salt, val_fraction)
+        not_utf8 += fell_back
+        if row is None:
             empty.append(study_id)
-            continue
-        patient_key, modality = study_id, meta.get("modality")
-        candidates = [uri for folder in sorted(dicom_files) for uri in dicom_files[folder]]
-        for uri in candidates[:HEADER_READS]:
-            try:
-                patient_id, header_modality = dicom_header(storage.read_bytes(uri))
-            except FileNotFoundError:  # gone since the listing
-                continue
-            if patient_id or header_modality:
-                patient_key = patient_id or study_id  # goes no further than the split below
-                modality = modality or header_modality
-                break
-        scans.sort(key=lambda scan: scan.name)
-        rows.append(StudyRow(
-            study_id=study_id,
-            report=report or "",
-            modality=modality.upper() if modality and modality.upper() in MODALITIES else "MR",
-            scans=scans,
-            split=patient_split(patient_key, salt, val_fraction),
-            labels=checked_labels(meta.get("labels") or {}, join(study_dir, "labels.json")),
-        ))
+        else:
+            rows.append(row)
     if not_utf8:
         logger.warning("%d of %d reports were not UTF-8 and were read as CP1252 (older RIS exports)",
                        not_utf8, len(rows))
@@ -335,3 +292,54 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
         logger.warning("%d study folder(s) under %s hold no DICOM or NIfTI file and were left out: %s%s",
                        len(empty), root, ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
     return rows
+
+
+def study_row(study_id: str, study_dir: str, files: list[str], storage: Storage, salt: str,
+              val_fraction: float = 0.2) -> tuple[StudyRow | None, bool]:
+    """The row of one study folder from its listed ``files`` (``build_manifest``'s rules), or None when
+    it holds no DICOM or NIfTI file; and whether its report was read as CP1252 (not UTF-8)."""
+    dicom_files: dict[str, list[str]] = defaultdict(list)  # scan folder ("" for the study folder) -> uris
+    scans, report, meta, fell_back = [], None, {}, False
+    for uri in files:
+        relative = uri[len(study_dir) + 1 :]
+        parts = relative.split("/")
+        if parts[0] == MASKS_DIR:
+            continue
+        if relative == "report.txt":
+            report, fell_back = decode_report(storage.read_bytes(uri))
+        elif relative == "labels.json":
+            try:
+                meta = json.loads(storage.read_bytes(uri))
+            except ValueError as error:
+                raise ManifestError(f"{uri}: not JSON ({error})") from None
+        elif uri.endswith(NIFTI_SUFFIXES):
+            name = parts[-1].removesuffix(".gz").removesuffix(".nii") if len(parts) == 1 else parts[0]
+            scans.append(ScanRef(name, uri, "nifti"))
+        elif is_dicom_name(parts[-1]):
+            dicom_files[parts[0] if len(parts) > 1 else ""].append(uri)
+    if "" in dicom_files:
+        scans.append(ScanRef(study_id, study_dir, "dicom"))
+    else:
+        scans += [ScanRef(name, join(study_dir, name), "dicom") for name in dicom_files]
+    if not scans:
+        return None, fell_back
+    patient_key, modality = study_id, meta.get("modality")
+    candidates = [uri for folder in sorted(dicom_files) for uri in dicom_files[folder]]
+    for uri in candidates[:HEADER_READS]:
+        try:
+            patient_id, header_modality = dicom_header(storage.read_bytes(uri))
+        except FileNotFoundError:  # gone since the listing
+            continue
+        if patient_id or header_modality:
+            patient_key = patient_id or study_id  # goes no further than the split below
+            modality = modality or header_modality
+            break
+    scans.sort(key=lambda scan: scan.name)
+    return StudyRow(
+        study_id=study_id,
+        report=report or "",
+        modality=modality.upper() if modality and modality.upper() in MODALITIES else "MR",
+        scans=scans,
+        split=patient_split(patient_key, salt, val_fraction),
+        labels=checked_labels(meta.get("labels") or {}, join(study_dir, "labels.json")),
+    ), fell_back

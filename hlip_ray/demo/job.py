@@ -5,7 +5,8 @@
 3. decode and preprocess it into Parquet shards on Ray Data CPU workers;
 4. train a small hierarchical CLIP with 2 Ray Train workers, DeepSpeed ZeRO-2 and the exact
    gradient cache (checkpoints on S3);
-5. evaluate zero-shot on the held-out studies beside a mean-intensity baseline;
+5. evaluate on the held-out studies (``hlip-ray eval``'s report: zero-shot AUC with bootstrap intervals
+   beside a mean-intensity baseline, thresholds, a linear probe, retrieval; ROC curves);
 6. print a summary; the last line is one JSON object of the figures.
 """
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         connected = ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers))
         preprocess(rows, config, clock)
         trained = train(config, out, clock)
-        report = evaluate(config, trained["checkpoint"], out / "checkpoint")
+        report = evaluate(config, trained["checkpoint"], out / "checkpoint", out / "eval")
         if connected:
             ray.shutdown()
     return summarise(report, trained, config, out, clock)
@@ -154,9 +155,9 @@ def train(config, out: Path, clock: Clock) -> dict:
     return trained
 
 
-def evaluate(config, checkpoint_uri: str, checkpoint: Path) -> dict:
-    """Zero-shot on the held-out split, from a local copy of the final checkpoint (the bucket lives
-    only as long as this job)."""
+def evaluate(config, checkpoint_uri: str, checkpoint: Path, report_dir: Path) -> dict:
+    """``hlip-ray eval`` of the held-out split, from a local copy of the final checkpoint (the bucket lives
+    only as long as this job); its report (JSON, Markdown, ROC curves) in ``report_dir``."""
     from hlip_ray.data.storage import Storage
     from hlip_ray.eval.run import evaluate_split
     from hlip_ray.eval.trained_model import load_model
@@ -167,23 +168,28 @@ def evaluate(config, checkpoint_uri: str, checkpoint: Path) -> dict:
         if relative and not relative.endswith("/"):   # not the folder marker object
             storage.write_bytes(str(checkpoint / relative), storage.read_bytes(uri))
     model, _ = load_model(str(checkpoint), Storage())
-    return evaluate_split(model, config, split="val")
+    return evaluate_split(model, config, split="val", checkpoint=str(checkpoint), out=str(report_dir))
 
 
 def summarise(report: dict, trained: dict, config, out: Path, clock: Clock) -> dict:
     """The readable summary, then one JSON line of the figures (the last line)."""
+    from hlip_ray.eval.report import markdown
+
     plot = plot_loss(out / config.train.run_name / "metrics.jsonl", out / "loss_curve.png")
     baseline = report["baseline"]
-    for name, result in (("zero-shot", report), ("mean-intensity baseline", baseline)):
-        per_label = ", ".join(f"{label} {auc:.3f}" for label, auc in result["per_label"].items())
-        print(f"{name} on {report['studies']} held-out studies: macro AUC {result['macro_auc']:.3f} ({per_label})")
+    print(markdown(report))
     logs = out / config.train.run_name
-    print(f"metrics: {logs}/metrics.jsonl, TensorBoard: {logs}/tensorboard, loss curve: {plot}")
+    print(f"metrics: {logs}/metrics.jsonl, TensorBoard: {logs}/tensorboard, loss curve: {plot}, "
+          f"evaluation report and ROC curves: {out / 'eval'}")
     steps = int(trained["metrics"].get("step", 0))
     figures = {
         "zeroshot_macro_auc": round(report["macro_auc"], 4),
         "zeroshot_auc_per_label": {label: round(auc, 4) for label, auc in report["per_label"].items()},
+        "zeroshot_macro_auc_ci": [round(report["auc_ci"]["macro"][end], 4) for end in ("low", "high")]
+        if "auc_ci" in report else None,
         "baseline_auc": round(baseline["macro_auc"], 4),
+        "linear_probe_macro_auc": round(report["linear_probe"]["macro_auc"], 4) if "linear_probe" in report else None,
+        "retrieval_r@1": round(report["retrieval"].get("r@1", float("nan")), 4),
         "val_studies": report["studies"],
         "train_steps": steps,
         "train_studies_per_s": round(steps * config.train.global_batch_size / trained["train_s"], 3),

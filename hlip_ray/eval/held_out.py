@@ -8,7 +8,9 @@
   labels: per-label and macro ROC AUC, beside the mean-intensity baseline.
 
 So a corpus of studies and reports without a label anywhere is validated too (loss and retrieval).
-``hlip-ray eval`` (``run.py``) calls it in one process; validation during training on every worker,
+``evaluate`` is ``encode`` then ``summarize``: ``hlip-ray eval`` (``run.py``) calls the two in one process
+(keeping the embeddings for its further figures, ``metrics.py``); validation during training calls
+``evaluate`` on every worker,
 each encoding a share of the batches, with the trainer's gather bringing the parts together so that
 every worker returns the same report.
 """
@@ -16,12 +18,14 @@ every worker returns the same report.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from hlip_ray.eval.zeroshot import (
+    DEFAULT_TEMPLATES,
     auc_report,
     class_embeddings,
     label_dicts,
@@ -34,11 +38,25 @@ from hlip_ray.model.contrastive import contrastive_loss
 RECALL_AT = (1, 5, 10)
 
 
+@dataclass
+class Encoded:
+    """A held-out set as the model sees it, row ``i`` of each tensor one study (on the CPU)."""
+
+    study: torch.Tensor
+    """``[N, P]`` study embeddings."""
+    report: torch.Tensor
+    """``[N, P]`` embeddings of the studies' own reports."""
+    intensity: torch.Tensor
+    """``[N]`` mean intensity (the baseline's score)."""
+    labels: torch.Tensor
+    """``[N, L]`` int8: label ``l`` of the vocabulary's order, -1 where a study lacks it."""
+
+
 def evaluate(model, batches: Iterable[dict], *, vocabulary: dict | None = None, tokenizer=None,
-             context_length: int = 128, share: tuple[int, int] = (0, 1),
+             context_length: int = 128, templates: Sequence[str] = DEFAULT_TEMPLATES, share: tuple[int, int] = (0, 1),
              gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict:
     """``{"studies", "loss", "retrieval": {...}}`` of ``model`` on the studies of ``batches``, and with a
-    ``vocabulary`` also ``"macro_auc", "per_label", "baseline"``.
+    ``vocabulary`` also ``"macro_auc", "per_label", "baseline"`` (prompts through ``templates``).
 
     ``batches``: collated study batches (``pixels [B, K, C, D, H, W]``, ``scan_mask [B, K]``,
     ``input_ids``, ``attention_mask``, ``labels``). Under data parallelism every worker passes the whole
@@ -46,8 +64,18 @@ def evaluate(model, batches: Iterable[dict], *, vocabulary: dict | None = None, 
     workers' ``[n_r, ...]`` tensors in rank order) brings the parts together. The caller sets the
     model's mode (``eval()``).
     """
-    rank, world_size = share
     names = list(vocabulary or {})
+    encoded = encode(model, batches, names, share=share, gather=gather)
+    classes = None
+    if vocabulary and (encoded.labels >= 0).any():
+        classes = class_embeddings(model, tokenizer, vocabulary, context_length, templates)
+    return summarize(model, encoded, names, classes)
+
+
+def encode(model, batches: Iterable[dict], names: Sequence[str], *, share: tuple[int, int] = (0, 1),
+           gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> Encoded:
+    """The studies of ``batches`` (``evaluate``'s arguments) encoded, with labels ``names`` read off."""
+    rank, world_size = share
     device = next(model.parameters()).device
     width = model.visual_proj.out_features
     parts: dict[str, list[torch.Tensor]] = {
@@ -67,7 +95,13 @@ def evaluate(model, batches: Iterable[dict], *, vocabulary: dict | None = None, 
     joined = {key: torch.cat(values) for key, values in parts.items()}
     if gather is not None:
         joined = {key: torch.cat(gather(value)) for key, value in joined.items()}
-    study, report, intensity, labels = (joined[key].cpu() for key in ("study", "report", "intensity", "labels"))
+    return Encoded(**{key: value.cpu() for key, value in joined.items()})
+
+
+def summarize(model, encoded: Encoded, names: Sequence[str], classes: dict[str, torch.Tensor] | None) -> dict:
+    """``evaluate``'s report of an encoded set; ``classes``: the vocabulary's class embeddings
+    (``zeroshot.class_embeddings``), None without a vocabulary or without a labelled study."""
+    study, report = encoded.study, encoded.report
     out: dict = {"studies": len(study), "loss": float("nan"), "retrieval": {}}
     if len(study) > 2:   # a smaller set ranks nothing
         with torch.no_grad():
@@ -75,8 +109,8 @@ def evaluate(model, batches: Iterable[dict], *, vocabulary: dict | None = None, 
             out["loss"] = float(contrastive_loss(model.loss_type, study, report, model.scale().cpu(),
                                                  None if bias is None else bias.cpu()))
         out["retrieval"] = retrieval_report(study, report)
-    if vocabulary:
-        out.update(_zeroshot(model, study, intensity, labels, names, vocabulary, tokenizer, context_length))
+    if names:
+        out.update(_zeroshot(encoded, names, classes))
     return out
 
 
@@ -99,13 +133,12 @@ def retrieval_report(study: torch.Tensor, report: torch.Tensor, ks: tuple[int, .
     return out
 
 
-def _zeroshot(model, study, intensity, labels, names, vocabulary, tokenizer, context_length) -> dict:
-    studies = label_dicts(labels, names)
-    if not any(studies):
+def _zeroshot(encoded: Encoded, names: Sequence[str], classes: dict[str, torch.Tensor] | None) -> dict:
+    studies = label_dicts(encoded.labels, names)
+    if classes is None:
         nothing = {"macro_auc": math.nan, "per_label": {}, "studies": len(studies)}
         return {"macro_auc": math.nan, "per_label": {}, "baseline": nothing}
-    classes = class_embeddings(model, tokenizer, vocabulary, context_length)
-    out = auc_report(zeroshot_scores(study, classes), studies)
-    out["baseline"] = auc_report({name: intensity.numpy() for name in names}, studies)
+    out = auc_report(zeroshot_scores(encoded.study, classes), studies)
+    out["baseline"] = auc_report({name: encoded.intensity.numpy() for name in names}, studies)
     out.pop("studies", None)
     return out

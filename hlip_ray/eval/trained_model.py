@@ -32,11 +32,11 @@ def inference_config(config: Config) -> Config:
     holds studies at the training size, so at another size studies are decoded from the manifest."""
     if config.eval.grid is None or list(config.eval.grid) == list(config.data.grid):
         return config
-    if not config.data.manifest:
+    if config.data.shards and not config.data.manifest:
         raise ValueError(f"eval.grid {config.eval.grid} differs from data.grid {config.data.grid}: studies are "
-                         "decoded again at that size, which needs data.manifest (a shard cache holds the training size)")
-    return config.model_copy(update={"data": config.data.model_copy(update={"grid": list(config.eval.grid),
-                                                                             "shards": None})})
+                         "decoded again at that size from data.manifest (data.shards holds the training size)")
+    data = config.data.model_copy(update={"grid": list(config.eval.grid), "shards": None})
+    return config.model_copy(update={"data": data})
 
 
 def is_run_checkpoint(source: str, storage: Storage) -> bool:

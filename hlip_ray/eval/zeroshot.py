@@ -11,8 +11,10 @@ label's phrases, then one sentence for every other label, all of them negative i
 positive in its twin. The other labels are so balanced between the label's positive and negative
 prompts, and the difference of the two sides is the label's own direction: a lone phrase
 ("An acute ischemic stroke.") also lies along the findings it shares words and meaning with (a
-hemorrhage), and scores them as the label. The prompts of each side are averaged into a class
-embedding, and a study's score for the label is the difference of its similarity to the two (the
+hemorrhage), and scores them as the label. The label's own sentence is written through each template
+(``eval.templates``, ``{finding}`` standing for the phrase; the default ``{finding}.`` is the bare phrase
+as a sentence), and every template gives its own prompts. The prompts of each side are averaged into a
+class embedding, and a study's score for the label is the difference of its similarity to the two (the
 logit of the two-way softmax up to the temperature). AUC is computed per label over the studies
 that carry the label; the macro AUC is their mean.
 
@@ -27,6 +29,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+DEFAULT_TEMPLATES = ("{finding}.",)
+"""The label's phrase as a sentence of its own: the prompts of ``prompt``."""
 
 
 def load_vocabulary(data: bytes | str, where: str = "vocabulary") -> dict[str, dict[str, list[str]]]:
@@ -45,33 +50,41 @@ def load_vocabulary(data: bytes | str, where: str = "vocabulary") -> dict[str, d
     return vocabulary
 
 
-def prompt(phrase: str) -> str:
-    """A phrase as a report sentence: ``no acute infarct`` -> ``No acute infarct.``"""
-    phrase = phrase.strip().rstrip(".")
-    return phrase[:1].upper() + phrase[1:] + "."
+def prompt(phrase: str, template: str = DEFAULT_TEMPLATES[0]) -> str:
+    """A phrase as a report sentence through ``template`` (``{finding}`` stands for the phrase, its final
+    period dropped), first letter capitalised: ``no acute infarct`` -> ``No acute infarct.``;
+    with ``This study shows: {finding}.`` -> ``This study shows: no acute infarct.``"""
+    sentence = template.replace("{finding}", phrase.strip().rstrip("."))
+    return sentence[:1].upper() + sentence[1:]
 
 
-def label_prompts(vocabulary: dict, label: str, side: str) -> list[str]:
-    """The report-like prompts of one side (``positive`` or ``negative``) of ``label`` (module docstring)."""
+def label_prompts(vocabulary: dict, label: str, side: str,
+                  templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
+    """The report-like prompts of one side (``positive`` or ``negative``) of ``label`` (module docstring):
+    ``2 * len(templates) * len(phrases)`` of them."""
     others = [other for other in vocabulary if other != label]
     prompts = []
-    for index, phrase in enumerate(vocabulary[label][side]):
-        for others_side in ("negative", "positive"):
-            sentences = [prompt(phrase)] + [
-                prompt(vocabulary[other][others_side][index % len(vocabulary[other][others_side])]) for other in others
-            ]
-            prompts.append(" ".join(sentences))
+    for template in templates:
+        for index, phrase in enumerate(vocabulary[label][side]):
+            for others_side in ("negative", "positive"):
+                sentences = [prompt(phrase, template)] + [
+                    prompt(vocabulary[other][others_side][index % len(vocabulary[other][others_side])])
+                    for other in others
+                ]
+                prompts.append(" ".join(sentences))
     return prompts
 
 
 @torch.no_grad()
-def class_embeddings(model, tokenizer, vocabulary: dict, context_length: int) -> dict[str, torch.Tensor]:
-    """``label -> [2, P]``: the normalised mean embedding of its negative (row 0) and positive (row 1) prompts."""
+def class_embeddings(model, tokenizer, vocabulary: dict, context_length: int,
+                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict[str, torch.Tensor]:
+    """``label -> [2, P]``: the normalised mean embedding of its negative (row 0) and positive (row 1) prompts
+    (``label_prompts`` through ``templates``)."""
     out = {}
     for label in vocabulary:
         rows = []
         for side in ("negative", "positive"):
-            tokens = tokenizer(label_prompts(vocabulary, label, side), padding="max_length", truncation=True,
+            tokens = tokenizer(label_prompts(vocabulary, label, side, templates), padding="max_length", truncation=True,
                                max_length=context_length, return_tensors="pt")
             embeddings = model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float()
             rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))

@@ -294,7 +294,7 @@ class Validation:
         try:
             with full_parameters(engine, config.train.zero_stage):
                 report = evaluate(model, batches, vocabulary=self.vocabulary, tokenizer=self.tokenizer,
-                                  context_length=config.model.text.context_length,
+                                  context_length=config.model.text.context_length, templates=config.eval.templates,
                                   share=(worker.rank, worker.world_size), gather=gather_global)
         finally:
             model.train()

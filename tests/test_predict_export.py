@@ -1,0 +1,185 @@
+"""``hlip-ray export`` (HLIP's released layout, read back by from_hlip_checkpoint) and ``hlip-ray predict``
+(one local study of real DICOM and NIfTI files, zero-shot scores)."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom.data
+import pytest
+import torch
+
+from hlip_ray import cli
+from hlip_ray.data.storage import Storage
+from hlip_ray.eval.trained_model import load_model
+from hlip_ray.model import from_hlip_checkpoint
+from tests.helpers import tiny_bert_dir, tiny_run_checkpoint
+
+PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
+REBUILD_KEYS = ("attention_layout", "num_heads", "pixel_mean", "pixel_std", "text_name_or_path")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run checkpoint, its text tower folder and the model it holds."""
+    root = tmp_path_factory.mktemp("predict-export")
+    text_dir = tiny_bert_dir(root)
+    folder, _ = tiny_run_checkpoint(root / "run", text_dir)
+    model, config = load_model(str(folder), Storage())
+    return folder, text_dir, model.eval(), config
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A study folder as a PACS export holds it: a 15-frame DICOM volume, a localizer series (skipped), a
+    NIfTI volume, and a stray text file."""
+    import nibabel.tests
+
+    folder = tmp_path_factory.mktemp("studies") / "study-1"
+    (folder / "dose").mkdir(parents=True)
+    shutil.copy(PYDICOM_FILES / "rtdose.dcm", folder / "dose" / "IM0001.dcm")
+    shutil.copytree(PYDICOM_FILES / "dicomdirtests" / "98892003" / "MR700", folder / "scout")
+    shutil.copy(Path(nibabel.tests.__file__).parent / "data" / "anatomical.nii", folder / "t1.nii")
+    (folder / "notes.txt").write_text("exported by the PACS")
+    return folder
+
+
+def _embeddings(model, text_ids):
+    torch.manual_seed(3)
+    pixels = torch.randint(0, 256, (2, 3, 1, 16, 32, 32), dtype=torch.uint8)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    with torch.no_grad():
+        return model.encode_study(pixels, mask), model.encode_text(text_ids, torch.ones_like(text_ids))
+
+
+def test_hlip_export_reads_back_to_the_same_embeddings(run, tmp_path, capsys):
+    folder, text_dir, model, config = run
+    out = tmp_path / "model.pt"
+    assert cli.main(["export", "--checkpoint", str(folder), "--format", "hlip", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    state = torch.load(out, weights_only=True)["state_dict"]
+    assert state["logit_scale"].shape == ()
+    assert {"visual.trunk.patch_embed.proj.weight", "visual.trunk.spatial_posemb", "visual.trunk.sequential_posemb",
+            "visual.head.proj.weight", "text.proj.weight"} <= set(state)
+    assert not [key for key in state if key.startswith(("visual.patch_embed", "visual_proj", "visual.blocks"))]
+
+    loaded = from_hlip_checkpoint(out, attention_layout=config.model.attention_layout, num_heads=2,
+                                  pixel_mean=[0.5], pixel_std=[0.5], text_name_or_path=str(text_dir)).eval()
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 2053, 3430, 102]])
+    for original, read_back in zip(_embeddings(model, ids), _embeddings(loaded, ids)):
+        torch.testing.assert_close(read_back, original, rtol=0, atol=0)
+    assert loaded.scale() == model.scale()
+
+
+def test_safetensors_export_is_a_folder_that_loads_back(run, tmp_path):
+    from hlip_ray.config import load_config
+
+    folder, _, model, config = run
+    out = tmp_path / "export"
+    assert cli.main(["export", "--checkpoint", str(folder), "--format", "safetensors", "--out", str(out)]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["config.yaml", "model.safetensors", "open_clip_config.json"]
+    described = json.loads((out / "open_clip_config.json").read_text())
+    assert described["model_cfg"]["embed_dim"] == 16
+    assert described["model_cfg"]["text_cfg"]["hf_pooler_type"] == "cls_last_hidden_state_pooler"
+    assert described["hlip"]["grid"] == [16, 32, 32] and described["hlip"]["patch_size"] == [8, 16, 16]
+    assert described["hlip"]["attention_layout"] == ["scan", "scan", "study"]
+    written = load_config(out / "config.yaml")
+    assert (written.model.embed_dim, written.model.num_heads, written.data.grid) == (24, 2, [16, 32, 32])
+
+    loaded = from_hlip_checkpoint(out / "model.safetensors",
+                                  **{key: described["hlip"][key] for key in REBUILD_KEYS}).eval()
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    for original, read_back in zip(_embeddings(model, ids), _embeddings(loaded, ids)):
+        torch.testing.assert_close(read_back, original, rtol=0, atol=0)
+
+
+def test_export_of_an_hlip_release_gives_back_its_keys_and_tensors(hlip_reference, tmp_path):
+    release = hlip_reference / "multiscan_h3.pt"
+    out = tmp_path / "again.pt"
+    assert cli.main(["export", "--checkpoint", str(release), "--format", "hlip", "--out", str(out),
+                     "model.attention_layout=h3"]) == 0
+    original = {key.removeprefix("module."): value
+                for key, value in torch.load(release, weights_only=True)["state_dict"].items()}
+    exported = torch.load(out, weights_only=True)["state_dict"]
+    assert sorted(exported) == sorted(original)
+    for key, value in original.items():
+        assert exported[key].dtype == value.dtype and torch.equal(exported[key], value), key
+
+
+def test_export_refuses_an_output_of_the_wrong_kind(run, tmp_path, capsys):
+    folder = str(run[0])
+    assert cli.main(["export", "--checkpoint", folder, "--format", "hlip", "--out", str(tmp_path / "m.json")]) == 2
+    assert "--format hlip writes one torch file" in capsys.readouterr().err
+    assert cli.main(["export", "--checkpoint", folder, "--format", "safetensors",
+                     "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "writes a folder" in capsys.readouterr().err
+
+
+def _predict(capsys, checkpoint, study, *extra, options=()):
+    code = cli.main(["predict", "--checkpoint", str(checkpoint), "--labels", "mass, hemorrhage", *options, str(study),
+                     *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out, json.loads(captured.out.strip().splitlines()[-1])
+
+
+def test_predict_scores_a_folder_of_dicom_and_nifti_scans(run, study, tmp_path, capsys):
+    folder, _, model, _ = run
+    vocabulary = tmp_path / "vocabulary.json"
+    vocabulary.write_text(json.dumps({
+        "hemorrhage": {"positive": ["acute hemorrhage"], "negative": ["no hemorrhage"]},
+        "edema": {"positive": ["vasogenic edema"], "negative": ["no edema"]}}))
+    out, result = _predict(capsys, folder, study, f"eval.vocabulary={vocabulary}")
+
+    assert result["scans"] == ["dose", "t1"]
+    assert result["input_shape"] == [2, 1, 16, 32, 32]
+    assert [(skip["scan"], skip["reason"]) for skip in result["skipped"]] == [("scout", "localizer")]
+    assert "skipped scout: localizer" in out
+    scores = result["scores"]
+    assert list(scores) == ["mass", "hemorrhage"]
+    assert scores["hemorrhage"]["prompts"] == "vocabulary" and scores["mass"]["prompts"] == "default"
+    with torch.no_grad():
+        scale = float(model.scale())
+    for score in scores.values():
+        assert 0 < score["probability"] < 1
+        assert score["probability"] == pytest.approx(1 / (1 + math.exp(-scale * score["difference"])))
+    table = out.splitlines()
+    header = next(index for index, line in enumerate(table) if line.startswith("label"))
+    assert table[header + 1].split()[:3] == ["mass", f"{scores['mass']['probability']:.3f}",
+                                             f"{scores['mass']['difference']:+.4f}"]
+    assert table[header + 2].startswith("hemorrhage")
+
+
+def test_predict_decodes_at_the_test_time_grid_and_draws_relevance_maps(run, study, tmp_path, capsys):
+    _, first = _predict(capsys, run[0], study)
+    printed, result = _predict(capsys, run[0], study, "eval.grid=[24,48,48]", options=["--interpret", str(tmp_path)])
+    assert result["input_shape"] == [2, 1, 24, 48, 48] and result["grid"] == [24, 48, 48]
+    maps = sorted(path.name for path in tmp_path.glob("*.png"))
+    assert len(maps) == 2 and all(path.read_bytes().startswith(b"\x89PNG") for path in tmp_path.glob("*.png"))
+    assert "relevance maps: " in printed
+    assert first["input_shape"] == [2, 1, 16, 32, 32]
+    differences = [[result["scores"][label]["difference"] for label in result["scores"]] for result in (first, result)]
+    assert not np.allclose(*differences)   # the encoder saw another input (its position embedding resampled)
+
+
+def test_predict_names_the_folder_when_nothing_in_it_is_usable(run, tmp_path, capsys):
+    folder = str(run[0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "IM0001").write_bytes(b"not a DICOM file at all" * 20)
+    (junk / "scan.nii.gz").write_bytes(b"neither a NIfTI file")
+    (junk / "notes.txt").write_text("no image here")
+
+    for where, message in ((empty, "no DICOM or NIfTI file"), (tmp_path / "missing", "no such study folder"),
+                           (junk, "no readable scan")):
+        assert cli.main(["predict", "--checkpoint", folder, "--labels", "mass", str(where)]) == 2
+        captured = capsys.readouterr()
+        assert f"hlip-ray: {where}: {message}" in captured.err
+    assert "skipped junk: unsupported_format" in captured.out
+    assert "skipped scan.nii.gz: corrupt" in captured.out
+    assert cli.main(["predict", "--checkpoint", folder, "--labels", " , ", str(junk)]) == 2
+    assert "no label in it" in capsys.readouterr().err
