@@ -13,7 +13,6 @@ import pytest
 
 from hlip_ray import spot
 from hlip_ray.demo.spot_drill import (
-    DRILL_GLOBAL_BATCH,
     LocalSpotCluster,
     MetadataServer,
     TrainingRun,
@@ -24,6 +23,11 @@ from hlip_ray.demo.spot_drill import (
 
 MAX_STEPS = 80
 CHECKPOINT_EVERY = 5
+# Studies per step: steps slow enough that the 80 hold the four events however fast this machine takes
+# them (at 4 studies a step, 0.3 s, the notice window and a node's return took every step left). More
+# steps are no cure: at 100 the two runs' weights differed beyond the tolerance below (sums in another
+# order at 1 worker add up over the steps).
+GLOBAL_BATCH = 12
 
 
 @pytest.fixture
@@ -75,7 +79,8 @@ def test_a_run_through_reclaims_kills_and_lost_nodes_loses_no_step_to_a_notice_a
     root = write_drill_corpus(tmp_path, studies=16)
     cluster = LocalSpotCluster(trainer_nodes=2)
     try:
-        common = [f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.max_failures=2"]
+        common = [f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.max_failures=2",
+                  f"train.global_batch_size={GLOBAL_BATCH}"]
         reference = TrainingRun(cluster.address, drill_overrides(root, "reference", *common, "train.num_workers=2"),
                                 root / "logs" / "reference").start()
         assert reference.finish(300) == 0, reference.output[-3000:]
@@ -115,7 +120,7 @@ def test_a_run_through_reclaims_kills_and_lost_nodes_loses_no_step_to_a_notice_a
     # Every step the run kept read the next studies of the data order.
     kept = {int(step["step"]): step for step in run.steps()}   # a redone step's last run is the one kept
     assert sorted(kept) == list(range(1, MAX_STEPS + 1))
-    assert all(kept[s]["position"] == s * DRILL_GLOBAL_BATCH and kept[s]["positions_in_order"] for s in kept)
+    assert all(kept[s]["position"] == s * GLOBAL_BATCH and kept[s]["positions_in_order"] for s in kept)
     # The same weights as the run nothing happened to (fp32; sums in another order at 1 worker).
     import torch
 
