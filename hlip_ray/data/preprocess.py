@@ -19,7 +19,7 @@ from collections import defaultdict
 
 from hlip_ray.config import Config, ConfigError
 from hlip_ray.data.manifest import StudyRow
-from hlip_ray.data.quarantine import QUARANTINE_FILE
+from hlip_ray.data.quarantine import QUARANTINE_FILE, run_records
 from hlip_ray.data.shards import SHARDS_DIR, SUMMARY_FILE, index_files, read_index, shard_files, write_index
 from hlip_ray.data.storage import Storage, join
 from hlip_ray.data.streams import study_records
@@ -60,7 +60,7 @@ def write_shards(rows: list[StudyRow], config: Config, storage: Storage, out: st
                           f"({damaged[0][1]})")
     manifest_ids = {row.study_id for row in rows}
     index += [row for row in new if row["study_id"] not in done]
-    records = _quarantine_records(out, storage, quarantine_log, keep={row["study_id"] for row in index} - {
+    records = run_records(out, storage, quarantine_log, keep={row["study_id"] for row in index} - {
         row.study_id for row in todo})
     storage.write_bytes(join(out, QUARANTINE_FILE), "".join(json.dumps(r) + "\n" for r in records).encode())
     write_index(out, storage, index)   # the commit
@@ -129,20 +129,6 @@ def committed_index(out: str, storage: Storage) -> tuple[list[dict], dict]:
     if taken:
         logger.info("taking up %d studies an interrupted run wrote", len(taken))
     return index + taken, {"taken_up": len(taken), "removed": [join(out, SHARDS_DIR, name) for name, _ in damaged]}
-
-
-def _quarantine_records(out: str, storage: Storage, log, keep: set[str]) -> list[dict]:
-    """This run's quarantine records, after the earlier runs' records of studies this run did not
-    decode again (notes on studies written before)."""
-    import ray
-
-    earlier = []
-    try:
-        lines = storage.read_bytes(join(out, QUARANTINE_FILE)).decode().splitlines()
-        earlier = [record for record in map(json.loads, filter(None, lines)) if record.get("study_id") in keep]
-    except FileNotFoundError:
-        pass
-    return earlier + ray.get(log.records_list.remote())
 
 
 def _by_reason(records: list[dict], studies: set[str]) -> dict[str, dict]:

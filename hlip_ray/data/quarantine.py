@@ -92,3 +92,16 @@ def write_quarantine(log, out_dir: str, storage: Storage) -> dict[str, int]:
     for record in records:
         counts[record["reason"]] = counts.get(record["reason"], 0) + 1
     return counts
+
+
+def run_records(out: str, storage: Storage, log, keep: set[str]) -> list[dict]:
+    """The records of ``out/quarantine.jsonl`` to write after a run that resumed into ``out``: the earlier
+    runs' records of the studies in ``keep`` (written before and not decoded again, e.g. files left out of
+    their scans), then this run's from ``log`` (a ``QuarantineLog``)."""
+    earlier = []
+    try:
+        lines = storage.read_bytes(join(out, QUARANTINE_FILE)).decode().splitlines()
+        earlier = [record for record in map(json.loads, filter(None, lines)) if record.get("study_id") in keep]
+    except FileNotFoundError:
+        pass
+    return earlier + ray.get(log.records_list.remote())

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from hlip_ray.config import Config, ConfigError
 from hlip_ray.data.manifest import read_manifest
-from hlip_ray.data.quarantine import QUARANTINE_FILE, create_quarantine_log
+from hlip_ray.data.quarantine import QUARANTINE_FILE, create_quarantine_log, run_records
 from hlip_ray.data.storage import Storage, join
 from hlip_ray.eval.trained_model import HLIP_SUFFIXES, MODEL_FILE, STATE_FILE, inference_config, is_run_checkpoint
 
@@ -221,7 +221,7 @@ def embed_archive(manifest: str, checkpoint: str, config: Config, storage: Stora
                 print(f"embed: {len(embedded)} of {len(todo)} studies embedded, {writer.written} written "
                       f"({len(embedded) / seconds:.2f} studies/s)", flush=True)
     writer.close()
-    records = _quarantine_records(out, storage, quarantine_log, keep=done)
+    records = run_records(out, storage, quarantine_log, keep=done)
     storage.write_bytes(join(out, QUARANTINE_FILE), "".join(json.dumps(r) + "\n" for r in records).encode())
     quarantine_log.close.remote()
     quarantined = {row.study_id for row in todo} - embedded
@@ -250,20 +250,6 @@ def _check_output(out: str, storage: Storage, model_id: str, checkpoint_sha256: 
         storage.write_bytes(join(out, SUMMARY_FILE), json.dumps(status, indent=2).encode())
     except OSError as error:
         raise ConfigError(f"--out {out}: cannot be written ({error})") from None
-
-
-def _quarantine_records(out: str, storage: Storage, log, keep: set[str]) -> list[dict]:
-    """The earlier runs' quarantine records of studies embedded before (files left out of their scans),
-    then this run's."""
-    import ray
-
-    earlier = []
-    try:
-        lines = storage.read_bytes(join(out, QUARANTINE_FILE)).decode().splitlines()
-        earlier = [record for record in map(json.loads, filter(None, lines)) if record.get("study_id") in keep]
-    except FileNotFoundError:
-        pass
-    return earlier + ray.get(log.records_list.remote())
 
 
 def _by_reason(records: list[dict], studies: set[str]) -> dict[str, dict[str, Any]]:
