@@ -80,13 +80,14 @@ def class_embeddings(model, tokenizer, vocabulary: dict, context_length: int,
                      templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict[str, torch.Tensor]:
     """``label -> [2, P]``: the normalised mean embedding of its negative (row 0) and positive (row 1) prompts
     (``label_prompts`` through ``templates``)."""
+    device = next(model.parameters()).device   # the prompts go where the model is (a GPU worker's validation)
     out = {}
     for label in vocabulary:
         rows = []
         for side in ("negative", "positive"):
             tokens = tokenizer(label_prompts(vocabulary, label, side, templates), padding="max_length", truncation=True,
                                max_length=context_length, return_tensors="pt")
-            embeddings = model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float()
+            embeddings = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
             rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
         out[label] = torch.stack(rows)
     return out
