@@ -162,7 +162,15 @@ def _predict_command(args: argparse.Namespace) -> int:
     """One local study, no Ray: decoded at eval.grid (else data.grid), scored for --labels."""
     import json
 
-    from hlip_ray.eval.predict import parse_labels, read_study, score_table, summary, zero_shot_scores
+    from hlip_ray.eval.predict import (
+        label_classes,
+        parse_labels,
+        read_study,
+        relevance_figures,
+        score_table,
+        summary,
+        zero_shot_scores,
+    )
     from hlip_ray.eval.trained_model import load_model
     from hlip_ray.eval.zeroshot import load_vocabulary
     from hlip_ray.text_source import load_tokenizer
@@ -174,24 +182,13 @@ def _predict_command(args: argparse.Namespace) -> int:
     labels = parse_labels(args.labels, vocabulary)
     study = read_study(args.study, config, storage)
     model, _ = load_model(checkpoint, storage, config)
-    scores = zero_shot_scores(model.eval(), study, labels, vocabulary,
-                              load_tokenizer(config.model.text.name_or_path), config.model.text.context_length,
-                              config.eval.templates)
+    classes = label_classes(model.eval(), labels, vocabulary, load_tokenizer(config.model.text.name_or_path),
+                            config.model.text.context_length, config.eval.templates)
+    scores = zero_shot_scores(model, study, classes, vocabulary)
     print(score_table(scores))
     if args.interpret:
-        import torch
-
-        from hlip_ray.eval.predict import prompt_vocabulary
-        from hlip_ray.eval.relevance import relevance_figures
-        from hlip_ray.eval.zeroshot import class_embeddings
-
-        classes = class_embeddings(model, load_tokenizer(config.model.text.name_or_path),
-                                   prompt_vocabulary(labels, vocabulary), config.model.text.context_length,
-                                   config.eval.templates)
-        pixels = torch.from_numpy(study.pixels)[None]
-        written = relevance_figures(model, pixels, torch.ones(pixels.shape[:2], dtype=torch.bool),
-                                    {label: classes[label] for label in labels}, args.interpret,
-                                    [os.path.basename(os.path.normpath(args.study))])
+        written = relevance_figures(model, study, classes, args.interpret,
+                                    os.path.basename(os.path.normpath(args.study)))
         print(f"relevance maps: {', '.join(str(path) for path in written)}")
     print(json.dumps(summary(args.study, checkpoint, config, study, scores)))
     return 0

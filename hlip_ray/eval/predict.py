@@ -122,26 +122,49 @@ def _relative(uri: str, study_dir: str) -> str:
 
 
 @torch.no_grad()
-def zero_shot_scores(model, study: StudyInput, labels: list[str], vocabulary: dict | None, tokenizer,
-                     context_length: int, templates) -> dict[str, dict]:
-    """``label -> {"probability", "difference", "prompts"}`` of the study (module docstring); ``prompts`` is
-    ``vocabulary`` or ``default`` (``{label}`` / ``no {label}``)."""
-    from hlip_ray.eval.zeroshot import class_embeddings, zeroshot_scores
+def label_classes(model, labels: list[str], vocabulary: dict | None, tokenizer, context_length: int,
+                  templates) -> dict[str, torch.Tensor]:
+    """``label -> [2, P]`` class embeddings of the labels asked (``zeroshot.class_embeddings`` over
+    ``prompt_vocabulary``)."""
+    from hlip_ray.eval.zeroshot import class_embeddings
 
     if model.text is None:
         raise ValueError("the model has no text tower (an HLIP model file without text.* weights): zero-shot "
                          "prompts need one")
-    device = next(model.parameters()).device
-    pixels = torch.from_numpy(study.pixels)[None].to(device)                 # [1, K, C, D, H, W]
-    scan_mask = torch.ones(pixels.shape[:2], dtype=torch.bool, device=device)
-    embedding = model.encode_study(pixels, scan_mask).float()
     classes = class_embeddings(model, tokenizer, prompt_vocabulary(labels, vocabulary), context_length, templates)
-    differences = zeroshot_scores(embedding, {label: classes[label] for label in labels})
+    return {label: classes[label] for label in labels}
+
+
+def _model_input(model, study: StudyInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixels [1, K, C, D, H, W]`` and ``scan_mask [1, K]`` of the study, on the model's device."""
+    device = next(model.parameters()).device
+    pixels = torch.from_numpy(study.pixels)[None].to(device)
+    return pixels, torch.ones(pixels.shape[:2], dtype=torch.bool, device=device)
+
+
+@torch.no_grad()
+def zero_shot_scores(model, study: StudyInput, classes: dict[str, torch.Tensor],
+                     vocabulary: dict | None) -> dict[str, dict]:
+    """``label -> {"probability", "difference", "prompts"}`` of the study for each label of ``classes``
+    (``label_classes``; module docstring); ``prompts`` is ``vocabulary`` or ``default`` (``{label}`` /
+    ``no {label}``)."""
+    from hlip_ray.eval.zeroshot import zeroshot_scores
+
+    embedding = model.encode_study(*_model_input(model, study)).float()
+    differences = zeroshot_scores(embedding, classes)
     scale = float(model.scale())
     return {label: {"probability": float(torch.sigmoid(torch.tensor(scale * float(differences[label][0])))),
                     "difference": float(differences[label][0]),
                     "prompts": "vocabulary" if label in (vocabulary or {}) else "default"}
-            for label in labels}
+            for label in classes}
+
+
+def relevance_figures(model, study: StudyInput, classes: dict[str, torch.Tensor], out_dir: str,
+                      study_id: str) -> list:
+    """The study's relevance figure for each label of ``classes`` in ``out_dir`` (``relevance.py``)."""
+    from hlip_ray.eval import relevance
+
+    return relevance.relevance_figures(model, *_model_input(model, study), classes, out_dir, [study_id])
 
 
 def score_table(scores: dict[str, dict]) -> str:
