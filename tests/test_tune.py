@@ -102,8 +102,11 @@ def _data(corpus: Path) -> list[str]:
 @pytest.mark.slow
 def test_a_sweep_stops_trailing_trials_early_and_writes_results_whose_best_config_builds(corpus, ray_session):
     space = _space(corpus, "model.attention_layout: {grid: [h2, full]}\ntrain.global_batch_size: {grid: [8, 16]}\n")
+    # One worker per trial (a worker group starts in about 30 s on 2 cores); the gradient cache's chunks
+    # are what the global batch changes, as with more workers.
     run = _tune("--space", space, "--config", SMOKE, *_data(corpus), "tune.name=layouts", "tune.grace_period=6",
-                "tune.reduction_factor=2", address=ray_session.get_runtime_context().gcs_address)
+                "tune.reduction_factor=2", "train.num_workers=1", "train.chunk_size=4",
+                address=ray_session.get_runtime_context().gcs_address)
     output, _ = run.communicate(timeout=900)
     assert run.returncode == 0, output[-6000:]
     folder = corpus / "sweeps" / "layouts"
@@ -157,6 +160,7 @@ def test_a_sweep_on_s3_whose_driver_is_killed_resumes_without_rerunning_finished
     space = _space(corpus, "data.scans_per_study: {grid: [1, 2]}\n")
     args = ["--space", space, "--config", SMOKE, *_data(corpus), f"tune.storage_path={bucket}/sweeps",
             f"storage.endpoint_url={s3_endpoint}", "tune.name=resumed", "tune.scheduler=fifo", "train.max_steps=6",
+            "train.num_workers=1", "train.chunk_size=4",
             "train.checkpoint_every=3", "tune.grace_period=3", "tune.max_concurrent_trials=1"]
     address = ray_session.get_runtime_context().gcs_address
     run = _tune(*args, address=address, start_new_session=True)
