@@ -28,6 +28,10 @@ CHECKPOINT_EVERY = 5
 # steps are no cure: at 100 the two runs' weights differed beyond the tolerance below (sums in another
 # order at 1 worker add up over the steps).
 GLOBAL_BATCH = 12
+# The reclaim notice's lead: room for the notice's checkpoint and then at least one more step and checkpoint
+# (a step and a checkpoint twice over, plus the 5 s margin). At 10 s a run that saw the notice 2-3 s late
+# had no room left and rightly held at once, so the train-on path went untested.
+NOTICE_S = 15
 
 
 @pytest.fixture
@@ -89,7 +93,7 @@ def test_a_run_through_reclaims_kills_and_lost_nodes_loses_no_step_to_a_notice_a
                           root / "logs" / "elastic").start()
         run.wait_for(lambda steps: len(steps) >= 3, 180, "step 3")
         reclaimed = cluster.trainers[1]
-        deadline = cluster.reclaim(reclaimed, 10)
+        deadline = cluster.reclaim(reclaimed, NOTICE_S)
         assert "node drained" in cluster.watcher_output(reclaimed)
         time.sleep(max(0.0, deadline - time.time()))
         cluster.remove_node(reclaimed)                                                   # 1
