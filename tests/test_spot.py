@@ -29,8 +29,8 @@ CHECKPOINT_EVERY = 5
 # order at 1 worker add up over the steps).
 GLOBAL_BATCH = 12
 # The reclaim notice's lead: room for the notice's checkpoint and then at least one more step and checkpoint
-# (a step and a checkpoint twice over, plus the 5 s margin). At 10 s a run that saw the notice 2-3 s late
-# had no room left and rightly held at once, so the train-on path went untested.
+# (a step and a checkpoint twice over, plus the 5 s margin). At 10 s a run that took the notice a few
+# steps after it was given had no room left and rightly held at once, so the train-on path went untested.
 NOTICE_S = 15
 
 

@@ -102,8 +102,8 @@ def _data(corpus: Path) -> list[str]:
 @pytest.mark.slow
 def test_a_sweep_stops_trailing_trials_early_and_writes_results_whose_best_config_builds(corpus, ray_session):
     space = _space(corpus, "model.attention_layout: {grid: [h2, full]}\ntrain.global_batch_size: {grid: [8, 16]}\n")
-    # One worker per trial (a worker group starts in about 30 s on 2 cores); the gradient cache's chunks
-    # are what the global batch changes, as with more workers.
+    # One worker per trial (fewer processes to start on 2 cores); the gradient cache's chunks are what
+    # the global batch changes, as with more workers.
     run = _tune("--space", space, "--config", SMOKE, *_data(corpus), "tune.name=layouts", "tune.grace_period=6",
                 "tune.reduction_factor=2", "train.num_workers=1", "train.chunk_size=4",
                 address=ray_session.get_runtime_context().gcs_address)
