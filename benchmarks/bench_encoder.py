@@ -7,7 +7,11 @@ Figures, all measured side by side in one run (timings interleaved over repeats,
 2. peak training-step memory h2 / full, with the default (fused) and the math SDPA kernel;
 3. a batch of studies with 1..K real scans (P(n) ~ 1/n): the masked encoder, which tokenises
    only real scans, against HLIP's repeat fill (every slot filled by repeating the study's own
-   scans): useful-token throughput and peak-memory ratios.
+   scans): useful-token throughput and peak-memory ratios;
+4. the h2 step's FLOPs (PyTorch's FLOP counter) and, on cuda, its model FLOPs utilisation (MFU,
+   against ``--peak-tflops``, by default the device's dense bf16 peak by name); and the h2 step
+   with flash-attn's varlen kernel (``model.attention_backend=flash_varlen``) beside the default
+   sdpa buckets where flash-attn can be imported (``"flash_attn": "unavailable"`` otherwise).
 
 Memory: on cuda the growth of ``max_memory_allocated`` over the memory allocated before the
 step; on cpu the growth of peak RSS (``ru_maxrss``) during one step, each measurement in a
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import timm
 import torch
-from measure import MIB, current_rss_bytes, device_name, log, maxrss_bytes, ratio, sync
+from measure import MIB, current_rss_bytes, device_name, log, maxrss_bytes, mfu, peak_bf16_tflops, ratio, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hlip_ray.layouts import expand_layout
@@ -54,6 +58,7 @@ def build_case(case: dict, device: torch.device):
         attention_levels=expand_layout(case["layout"], case["depth"]),
         embed_dim=case["embed_dim"],
         num_heads=case["heads"],
+        attention_backend=case.get("backend", "sdpa"),
     ).to(device).train()
     counts, slots = case["scan_counts"], case["slots"]
     gen = torch.Generator().manual_seed(case["seed"] + 1)
@@ -92,6 +97,24 @@ def timed_step(model, batch, case: dict, device: torch.device) -> float:
     train_step(model, batch, case, device)
     sync(device)
     return time.perf_counter() - start
+
+
+def step_flops(model, batch, case: dict, device: torch.device) -> float:
+    """FLOPs of one training step as PyTorch's FLOP counter sees them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, batch, case, device)
+    return float(counter.get_total_flops())
+
+
+def flash_attn_version() -> str | None:
+    """flash-attn's version where it can be imported (the ``gpu`` extra), else None."""
+    try:
+        import flash_attn
+    except Exception:  # ImportError, or a build that does not match this torch
+        return None
+    return getattr(flash_attn, "__version__", "unknown")
 
 
 def measure_step_memory(case: dict, device: torch.device) -> dict:
@@ -152,7 +175,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mixed-batch", type=int, default=8, help="studies, masked vs repeat fill")
     parser.add_argument("--mixed-slots", type=int, default=8, help="K: scan slots per study")
     parser.add_argument("--repeats", type=int, help="timed steps per case (default: 3 cpu, 10 cuda)")
-    parser.add_argument("--mem-repeats", type=int, default=1, help="memory measurements per case")
+    parser.add_argument("--mem-repeats", type=int, default=1, help="memory measurements per case (0: none)")
+    parser.add_argument("--peak-tflops", type=float, help="device peak bf16 TFLOPS for MFU (default: by name)")
+    parser.add_argument("--flash", choices=("auto", "off"), default="auto",
+                        help="auto: time h2 with flash-attn's varlen kernel too, on cuda where flash-attn imports")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 autocast on cuda, fp32 on cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -168,8 +194,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_cases(args) -> tuple[dict, dict, list[int]]:
-    """Timing cases, memory cases (name -> case dict) and the drawn scan counts."""
+def make_cases(args, flash: bool = False) -> tuple[dict, dict, list[int]]:
+    """Timing cases, memory cases (name -> case dict) and the drawn scan counts; ``flash``: with
+    ``h2_flash_varlen``, h2 on flash-attn's varlen kernel."""
     common = {"patch": list(args.patch), "embed_dim": args.embed_dim, "depth": args.depth,
               "heads": args.heads, "bf16": args.bf16, "seed": args.seed, "kernel": "default"}
     layout = {**common, "grid": list(args.grid), "slots": args.scans, "fill": "mask",
@@ -187,6 +214,8 @@ def make_cases(args) -> tuple[dict, dict, list[int]]:
         "masked": {**mixed, "fill": "mask"},
         "repeat_fill": {**mixed, "fill": "repeat"},
     }
+    if flash:
+        timing["h2_flash_varlen"] = {**timing["h2"], "backend": "flash_varlen"}
     memory = {name: timing[name] for name in ("h2", "full", "masked", "repeat_fill")}
     memory["h2_math"] = {**timing["h2"], "kernel": "math"}
     memory["full_math"] = {**timing["full"], "kernel": "math"}
@@ -207,7 +236,8 @@ def main(argv=None) -> None:
         return
     wall = time.perf_counter()
     torch.manual_seed(args.seed)
-    timing_cases, memory_cases, counts = make_cases(args)
+    flash_version = flash_attn_version() if device.type == "cuda" and args.flash == "auto" else None
+    timing_cases, memory_cases, counts = make_cases(args, flash=flash_version is not None)
 
     # Memory first: a cpu child's ru_maxrss starts at its parent's peak RSS (the kernel carries
     # it over exec), so the children are started while this process is still small.
@@ -220,7 +250,7 @@ def main(argv=None) -> None:
     peak_mib = {}
     for name, results in measured.items():
         values = [result["peak_bytes"] for result in results]
-        peak_mib[name] = None if None in values else round(statistics.median(values) / MIB, 1)
+        peak_mib[name] = None if None in values or not values else round(statistics.median(values) / MIB, 1)
     gaps = [result.get("baseline_gap") or 0 for results in measured.values() for result in results]
 
     # Timings: one untimed warm-up step per case, then every repeat runs all cases, starting
@@ -237,6 +267,8 @@ def main(argv=None) -> None:
         log(f"repeat {repeat + 1}/{args.repeats}: "
             + ", ".join(f"{name} {seconds[name][-1]:.3f}s" for name in names))
     step_s = {name: statistics.median(values) for name, values in seconds.items()}
+    h2_flops = step_flops(*built["h2"], timing_cases["h2"], device)
+    h2_mfu = mfu(h2_flops, step_s["h2"], peak_bf16_tflops(device, args.peak_tflops))
 
     tokens_per_scan = int(np.prod([g // p for g, p in zip(args.mixed_grid, args.patch)]))
     useful_tokens = sum(counts) * tokens_per_scan
@@ -269,6 +301,10 @@ def main(argv=None) -> None:
         "peak_step_mib": peak_mib,
         "mem_ratio_h2_vs_full": ratio(peak_mib["h2"], peak_mib["full"]),
         "mem_ratio_h2_vs_full_math": ratio(peak_mib["h2_math"], peak_mib["full_math"]),
+        "tflop_per_step_h2": float(f"{h2_flops / 1e12:.4g}"),
+        "mfu_h2": h2_mfu,
+        "flash_attn": flash_version or "unavailable",
+        "time_ratio_h2_flash_varlen_vs_sdpa": ratio(step_s.get("h2_flash_varlen"), step_s["h2"]),
         "scan_counts": counts,
         "useful_tokens": useful_tokens,
         "repeat_fill_tokens": args.mixed_batch * args.mixed_slots * tokens_per_scan,

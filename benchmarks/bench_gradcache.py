@@ -48,7 +48,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from measure import MIB, current_rss_bytes, device_name, log, peak_rss_bytes, ratio, reset_peak_rss, sync
+from measure import (
+    MIB,
+    current_rss_bytes,
+    device_name,
+    log,
+    mfu,
+    peak_bf16_tflops,
+    peak_rss_bytes,
+    ratio,
+    reset_peak_rss,
+    sync,
+)
 
 from hlip_ray.config import load_config
 from hlip_ray.model import build_model as build_clip
@@ -59,7 +70,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"time_4_chunks_vs_plain": 1.4, "mem_8_vs_1": 1.15}
 CHUNK_COUNTS = (1, 2, 4, 8)
 MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's default before it adapts
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 CPU_OVERRIDES = ["model.attention_layout=h2", "model.depth=6", "model.embed_dim=96", "model.num_heads=3",
                  "model.projection_dim=64", "data.grid=[32,128,128]", "data.scans_per_study=4",
                  "model.text.context_length=64"]
@@ -181,6 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds (default: 3 cpu, 5 cuda)")
     parser.add_argument("--plain-8", action="store_true", help="also time a plain step over 8 chunks of studies")
     parser.add_argument("--peak-tflops", type=float, help="device peak bf16 TFLOPS for MFU (default: by name)")
+    parser.add_argument("--skip-memory", action="store_true", help="time only (a quick run: benchmarks/gpu_check.sh)")
     parser.add_argument("overrides", nargs="*", help="config overrides of the benchmarked model")
     parser.add_argument("--_measure-memory", dest="measure_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -206,7 +217,7 @@ def main(argv=None) -> None:
 
     # Memory first: on cpu a child process per case, on cuda this process before the timed models exist.
     peak_mib = {}
-    for name in [f"{n}_chunks" for n in CHUNK_COUNTS] + ["plain_4"]:
+    for name in [] if args.skip_memory else [f"{n}_chunks" for n in CHUNK_COUNTS] + ["plain_4"]:
         result = peak_memory(cases[name], device)
         peak_mib[name] = None if result["peak_bytes"] is None else round(result["peak_bytes"] / MIB, 1)
         log(f"memory {name}: {peak_mib[name]} MiB")
@@ -224,7 +235,7 @@ def main(argv=None) -> None:
     step_s = {name: statistics.median(values) for name, values in seconds.items()}
 
     time_ratio = ratio(step_s["4_chunks"], step_s["plain_4"])
-    mem_ratio = ratio(peak_mib["8_chunks"], peak_mib["1_chunks"])
+    mem_ratio = ratio(peak_mib.get("8_chunks"), peak_mib.get("1_chunks"))
     result = {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -240,11 +251,9 @@ def main(argv=None) -> None:
         "goal_mem_met": None if mem_ratio is None else mem_ratio <= GOALS["mem_8_vs_1"],
     }
     if cuda:
-        name = torch.cuda.get_device_name(device)
-        peak = args.peak_tflops or next((v for key, v in PEAK_TFLOPS_BF16.items() if key in name), None)
         flops = step_flops(cases["8_chunks"], device)
         result["tflop_per_step_8_chunks"] = round(flops / 1e12, 3)
-        result["mfu_8_chunks"] = None if peak is None else round(flops / step_s["8_chunks"] / (peak * 1e12), 4)
+        result["mfu_8_chunks"] = mfu(flops, step_s["8_chunks"], peak_bf16_tflops(device, args.peak_tflops))
     result["wall_s"] = round(time.perf_counter() - wall, 1)
     print(json.dumps(result))
 

@@ -56,3 +56,24 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by device name, for model FLOPs utilisation.
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def peak_bf16_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """The device's peak bf16 TFLOP/s: ``override`` if given, else by the CUDA device's name; None on CPU."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_TFLOPS_BF16.items() if key in name), None)
+
+
+def mfu(flops: float | None, seconds: float | None, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: ``flops`` done in ``seconds`` over the peak; None when a figure is missing."""
+    if not flops or not seconds or not peak_tflops:
+        return None
+    return round(flops / seconds / (peak_tflops * 1e12), 4)

@@ -130,14 +130,16 @@ def _eval_command(args: argparse.Namespace) -> int:
     import json
 
     from hlip_ray import ray_runtime
+    from hlip_ray.eval.placement import actor_placement
     from hlip_ray.eval.report import markdown
     from hlip_ray.eval.run import evaluate_split
     from hlip_ray.eval.trained_model import load_model
 
     overrides = [*args.overrides, *([f"data.manifest={args.manifest}"] if args.manifest else [])]
     checkpoint, config, storage = _trained_model_config(args, overrides)
-    model, _ = load_model(checkpoint, storage, config)
     ray_runtime.connect()
+    actor_placement(config)   # eval.device=cuda on a cluster without a GPU fails before the model loads
+    model, _ = load_model(checkpoint, storage, config)   # here on the CPU: the encoder actor runs it
     report = evaluate_split(model, config, split=args.split, checkpoint=checkpoint, out=args.out,
                             interpret=args.interpret)
     print(markdown(report))
@@ -159,9 +161,10 @@ def _embed_command(args: argparse.Namespace) -> int:
 
 
 def _predict_command(args: argparse.Namespace) -> int:
-    """One local study, no Ray: decoded at eval.grid (else data.grid), scored for --labels."""
+    """One local study, no Ray: decoded at eval.grid (else data.grid), scored for --labels on eval.device."""
     import json
 
+    from hlip_ray.eval.placement import local_device
     from hlip_ray.eval.predict import (
         label_classes,
         parse_labels,
@@ -176,12 +179,14 @@ def _predict_command(args: argparse.Namespace) -> int:
     from hlip_ray.text_source import load_tokenizer
 
     checkpoint, config, storage = _trained_model_config(args, args.overrides)
+    device = local_device(config)   # eval.device=cuda without CUDA fails here, before any decoding
     vocabulary = None
     if config.eval.vocabulary:
         vocabulary = load_vocabulary(storage.read_bytes(config.eval.vocabulary), config.eval.vocabulary)
     labels = parse_labels(args.labels, vocabulary)
     study = read_study(args.study, config, storage)
     model, _ = load_model(checkpoint, storage, config)
+    model = model.to(device)
     classes = label_classes(model.eval(), labels, vocabulary, load_tokenizer(config.model.text.name_or_path),
                             config.model.text.context_length, config.eval.templates)
     scores = zero_shot_scores(model, study, classes, vocabulary)
@@ -199,7 +204,7 @@ def _export_command(args: argparse.Namespace) -> int:
     from hlip_ray.eval.trained_model import load_model
 
     checkpoint, config, storage = _trained_model_config(args, args.overrides)
-    model, _ = load_model(checkpoint, storage, config)
+    model, _ = load_model(checkpoint, storage, config)   # on the CPU whatever eval.device: weights copied only
     for uri in export_model(model, config, args.format, args.out, storage):
         print(f"wrote {uri}")
     return 0

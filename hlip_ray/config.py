@@ -205,10 +205,13 @@ class TrainConfig(_Section):
     """The run's name: its folder under ``storage_path`` and ``log_dir``. A run started again with the
     same name resumes from its latest checkpoint."""
     storage_path: str = "runs"
-    """Where Ray Train keeps checkpoints: s3://bucket/prefix, a local folder (single node), or a shared
-    mount as file:///mnt/shared/runs (several nodes)."""
+    """Where Ray Train keeps checkpoints: s3://bucket/prefix, a local folder (only on this machine's own
+    local cluster: one node, no autoscaler), or a shared mount as file:///mnt/shared/runs."""
     log_dir: str = "runs"
-    """Local folder (driver node) for TensorBoard events and metrics.jsonl of each run."""
+    """Local folder (driver node) for TensorBoard events and metrics.jsonl of each run. Where
+    ``storage_path`` is S3 or a shared mount, both are copied to ``storage_path/run_name/logs`` too (at every
+    checkpoint, at most a minute apart, and at the end), where they outlive the cluster; that copy is then the
+    run's record, and a run (resumed on another cluster, say) starts its local metrics.jsonl from it."""
     mlflow_tracking_uri: str | None = None
     """MLflow tracking URI; when set, rank 0 logs metrics there through Ray's integration (experiment
     named after ``run_name``; ``pip install 'hlip-ray[mlflow]'``)."""
@@ -337,6 +340,13 @@ class EvalConfig(_Section):
     probe_folds: int = Field(5, ge=2)
     """Stratified cross-validation folds of ``hlip-ray eval``'s linear probe (logistic regression on the
     frozen study embeddings); a label with fewer positives or negatives than this is skipped."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where ``hlip-ray eval``, ``embed`` and ``predict`` run the model. ``auto``: CUDA where there is one
+    (``predict``: on this machine; ``eval`` and ``embed``: when the Ray cluster has GPUs or can grow nodes
+    with them, or a cluster that can grow has ``train.use_gpu`` set; their actors then ask for a GPU);
+    ``cuda`` where there is none fails before any work. ``eval`` and ``embed`` encode in Ray actors that
+    ask for one CPU and ``resources.trainer``, like a training worker, never in the driver; ``export`` only
+    copies weights, on the CPU."""
 
     @field_validator("templates")
     @classmethod
@@ -356,7 +366,10 @@ class EmbedConfig(_Section):
     concurrency: int = Field(1, gt=0)
     """Embedding actors at a time, each with its own copy of the model."""
     num_gpus: float = Field(0.0, ge=0)
-    """GPUs per embedding actor (1: a GPU each; 0.5: two actors share one); 0: the actors run on CPU."""
+    """GPUs per embedding actor where the model runs on CUDA (``eval.device``): 1 a GPU each, 0.5 two actors
+    share one; 0 counts as 1. More than 0 also says the cluster's trainers have GPUs, as ``train.use_gpu``
+    does (``eval.device=auto`` then picks CUDA on a cluster that can grow them). Each actor also asks for
+    one CPU and ``resources.trainer``, like a training worker."""
     batch_size: int = Field(8, gt=0)
     """Studies per forward pass of an embedding actor."""
 
@@ -372,8 +385,8 @@ class ResourcesConfig(_Section):
     nodes that have it (a GPU pool); null: anywhere."""
     driver: str | None = None
     """Ray custom resource that every sweep trial's driver requests one unit of, so that trial drivers
-    run only where it exists (the head in ``cluster/``), never on spot nodes; null: a hundredth of a CPU
-    anywhere."""
+    run only where it exists (the head in ``cluster/``), never on spot nodes; null: a hundredth of the head
+    node (Ray's ``node:__internal_head__``)."""
 
 
 class SpotConfig(_Section):
@@ -420,8 +433,10 @@ class TuneConfig(_Section):
     num_samples: int = Field(1, gt=0)
     """Samples drawn from the space; every ``grid`` value is crossed with each sample."""
     max_concurrent_trials: int | None = Field(None, gt=0)
-    """Trials running at once; null: as many as the cluster's GPUs (or CPUs, on a CPU cluster) hold
-    trials of ``train.num_workers`` workers."""
+    """Trials running at once; null: as many trials of ``train.num_workers`` workers as the cluster holds at
+    its largest (``resources.trainer`` slots, else GPUs, else CPUs): on an autoscaling cluster what its node
+    types' ``max_workers`` hold, read from the autoscaler's config on the head; else what its nodes hold.
+    Set it where the autoscaler is out of the head's view (KubeRay)."""
 
 
 class Config(_Section):

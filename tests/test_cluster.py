@@ -85,4 +85,4 @@ def test_decoding_and_trainers_land_on_their_node_pools_and_local_storage_is_ref
     assert out["studies"] == 4
     assert out["data_task_nodes"] == [out["data_node"]]
     assert out["trainer_nodes_seen"] == [out["trainer_node"]]
-    assert "train.storage_path" in out["local_storage"] and "3 nodes" in out["local_storage"]
+    assert "train.storage_path" in out["local_storage"] and "3 node(s)" in out["local_storage"]

@@ -2,9 +2,10 @@
 
 ``cluster/aws.yaml`` passes Ray's own schema and every node type is a valid EC2 ``RunInstances``
 request; the node pools (AWS node types, KubeRay worker groups) carry the Ray custom resources that the
-multi-node job config requests; the KubeRay manifests carry what RayCluster and RayJob need; the
-Dockerfile passes hadolint and its build context holds what it copies; nothing in cluster/ holds
-AWS keys.
+multi-node job config requests; the KubeRay manifests carry what RayCluster and RayJob need, and their
+fields and enum values are the ones KubeRay's CRD declares (autoscaler v2 and token authentication set as
+KubeRay sets them, the minimum KubeRay version stated); the Dockerfile passes hadolint and its build context
+holds what it copies; nothing in cluster/ holds AWS keys.
 """
 
 from __future__ import annotations
@@ -277,6 +278,128 @@ def test_kuberay_manifest_has_what_kuberay_requires(path):
     for params in [head["rayStartParams"], *(group["rayStartParams"] for group in groups)]:
         # map[string]string in the CRD: an unquoted number is rejected by the API server.
         assert all(isinstance(value, str) for value in params.values()), params
+
+
+# The part of KubeRay's RayCluster CRD (ray.io/v1: the openAPIV3Schema of a RayCluster's .spec, which is also
+# a RayJob's .spec.rayClusterSpec) that these manifests use, as KubeRay 1.5.1 declares it. The API server
+# refuses a value outside an enum, and an unknown field under strict field validation (kubectl's default).
+# A field of the CRD not listed here fails the test until it is added, with the release that brought it.
+_QUANTITIES = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}
+RAYCLUSTER_SPEC_SCHEMA = {
+    "type": "object",
+    "required": ["headGroupSpec"],
+    "additionalProperties": False,
+    "properties": {
+        "rayVersion": {"type": "string"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "version": {"type": "string", "enum": ["v1", "v2"]},
+                "upscalingMode": {"type": "string", "enum": ["Default", "Aggressive", "Conservative"]},
+                "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+                "image": {"type": "string"},
+                "imagePullPolicy": {"type": "string", "enum": ["Always", "Never", "IfNotPresent"]},
+                "resources": {"type": "object", "properties": {"limits": _QUANTITIES, "requests": _QUANTITIES}},
+                "env": {"type": "array"},
+                "envFrom": {"type": "array"},
+                "volumeMounts": {"type": "array"},
+                "securityContext": {"type": "object"},
+            },
+        },
+        "authOptions": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"mode": {"type": "string", "enum": ["disabled", "token"]}},
+        },
+        "headGroupSpec": {
+            "type": "object",
+            "required": ["template"],
+            "properties": {"rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+                           "template": {"type": "object"}},
+        },
+        "workerGroupSpecs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["groupName", "template"],
+                "properties": {"groupName": {"type": "string"},
+                               "replicas": {"type": "integer"}, "minReplicas": {"type": "integer"},
+                               "maxReplicas": {"type": "integer"},
+                               "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+                               "template": {"type": "object"}},
+            },
+        },
+    },
+}
+# The KubeRay release that added each field beyond the ones every 1.x release has.
+KUBERAY_FIELDS_SINCE = {("autoscalerOptions", "version"): "1.4.0", ("authOptions", "mode"): "1.5.1"}
+# Ray's token authentication came in Ray 2.52.0; KubeRay refuses authOptions with an older rayVersion.
+RAY_TOKEN_AUTH_SINCE = "2.52.0"
+
+
+def crd_errors(spec: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(RAYCLUSTER_SPEC_SCHEMA)
+    return [f"{'.'.join(map(str, error.absolute_path)) or 'spec'}: {error.message}"
+            for error in validator.iter_errors(spec)]
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda path: path.name)
+def test_kuberay_spec_fields_and_values_are_ones_the_crd_declares(path):
+    assert not crd_errors(cluster_spec(path))
+
+
+@pytest.mark.parametrize("broken", [
+    {"autoscalerOptions": {"version": "v3"}},
+    {"autoscalerOptions": {"upscalingMode": "Fast"}},
+    {"authOptions": {"mode": "Token"}},
+    {"authOption": {"mode": "token"}},
+    {"autoscalerOptions": {"versions": "v2"}},
+], ids=range(5))
+def test_the_crd_check_refuses_what_kuberay_refuses(broken):
+    spec = copy.deepcopy(cluster_spec(RAYCLUSTER_YAML))
+    for key, value in broken.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    assert crd_errors(spec)
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda path: path.name)
+def test_kuberay_runs_autoscaler_v2_and_token_auth_as_kuberay_sets_them(path):
+    from packaging.version import Version
+
+    spec = cluster_spec(path)
+    assert spec["autoscalerOptions"]["version"] == "v2"
+    assert spec["authOptions"]["mode"] == "token"
+    assert Version(spec["rayVersion"]) >= Version(RAY_TOKEN_AUTH_SINCE)
+    pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+    for pod in pods:
+        # KubeRay sets both itself from autoscalerOptions.version, and rejects the env var beside the field.
+        assert pod.get("restartPolicy", "Never") == "Never"
+        for container in pod["containers"]:
+            names = {variable["name"] for variable in container.get("env", [])}
+            assert not names & {"RAY_enable_autoscaler_v2", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, (
+                f"{container['name']}: KubeRay sets these from autoscalerOptions and authOptions")
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda path: path.name)
+def test_kuberay_manifests_state_the_kuberay_version_their_fields_need(path):
+    from packaging.version import Version
+
+    spec = cluster_spec(path)
+    needed = max(Version(since) for (section, field), since in KUBERAY_FIELDS_SINCE.items()
+                 if field in spec.get(section, {}))
+    stated = re.findall(r"Needs KubeRay (\d+\.\d+\.\d+) or newer", path.read_text())
+    assert [Version(version) for version in stated] == [needed], f"{path.name}: states {stated}, needs {needed}"
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda path: path.name)
+def test_kuberay_spot_hooks_say_what_delivers_the_notice(path):
+    """The preStop path only runs if something evicts the pod on the spot notice: the manifests say what."""
+    text = path.read_text()
+    assert "interruption queue" in text and "Node Termination Handler" in text
 
 
 @pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda path: path.name)

@@ -26,7 +26,7 @@ from hlip_ray import cli
 from hlip_ray.eval import embed
 from tests.helpers import synthetic_corpus, tiny_bert_dir, tiny_run_checkpoint
 
-SETTINGS = ["resources.data=data_pool", "embed.batch_size=2"]
+SETTINGS = ["resources.data=data_pool", "resources.trainer=trainer", "embed.batch_size=2"]
 PART_STUDIES = 2   # a part every two studies or more: five studies come in two parts at least
 
 
@@ -58,12 +58,24 @@ def checkpoints(tmp_path_factory):
     return first, second
 
 
-def _embed(manifest: Path, checkpoint: Path, out: Path, *extra: str) -> tuple[int, str, str]:
-    """``hlip-ray embed``: its exit status, stdout and stderr."""
+def _embed(manifest: Path, checkpoint: Path, out: Path, *extra: str,
+           actors: list | None = None) -> tuple[int, str, str]:
+    """``hlip-ray embed``: its exit status, stdout and stderr; the Ray arguments of its embedding actors are
+    added to ``actors``."""
+    from ray.data import Dataset
+
+    map_batches = Dataset.map_batches
+
+    def recorded(dataset, fn, *args, **kwargs):
+        if fn is embed.StudyEmbedder and actors is not None:
+            actors.append({key: kwargs[key] for key in ("num_cpus", "num_gpus", "resources") if key in kwargs})
+        return map_batches(dataset, fn, *args, **kwargs)
+
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
             pytest.MonkeyPatch.context() as patch:
         patch.setattr(embed, "PART_STUDIES", PART_STUDIES)
+        patch.setattr(Dataset, "map_batches", recorded)
         status = cli.main(["embed", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(out),
                            *SETTINGS, *extra])
     return status, stdout.getvalue(), stderr.getvalue()
@@ -71,12 +83,13 @@ def _embed(manifest: Path, checkpoint: Path, out: Path, *extra: str) -> tuple[in
 
 @pytest.fixture(scope="module")
 def first_run(archive, checkpoints, tmp_path_factory, ray_session):
-    """The output folder of one embedding run, and its console output."""
+    """The output folder of one embedding run, its console output, and its embedding actors' Ray arguments."""
     _, manifest, _ = archive
     out = tmp_path_factory.mktemp("first") / "out"
-    status, console, errors = _embed(manifest, checkpoints[0], out)
+    actors: list[dict] = []
+    status, console, errors = _embed(manifest, checkpoints[0], out, actors=actors)
     assert status == 0, errors
-    return out, console
+    return out, console, actors
 
 
 def _parts(out: Path) -> dict[str, bytes]:
@@ -95,7 +108,7 @@ def _copy(out: Path, tmp_path: Path) -> Path:
 
 def test_one_row_per_readable_study_in_parts_and_the_broken_study_quarantined_with_its_reason(
         first_run, archive, checkpoints):
-    out, console = first_run
+    out, console, _ = first_run
     _, _, readable = archive
     rows = _rows(out)
     assert rows.schema.names == ["study_id", "embedding", "model_id", "checkpoint_sha256"]
@@ -130,7 +143,7 @@ def test_embeddings_are_the_models_encode_study_of_the_same_study(first_run, arc
     from hlip_ray.data.streams import ScanSampler
     from hlip_ray.eval.trained_model import load_model
 
-    out, _ = first_run
+    out, _, _ = first_run
     _, manifest, readable = archive
     written = dict(zip(*(_rows(out).column(name).to_pylist() for name in ("study_id", "embedding"))))
     model, config = load_model(str(checkpoints[0]), Storage())
@@ -144,6 +157,12 @@ def test_embeddings_are_the_models_encode_study_of_the_same_study(first_run, arc
             expected = model.eval().encode_study(torch.from_numpy(example["pixels"])[None],
                                                  torch.from_numpy(example["scan_mask"])[None])[0]
         np.testing.assert_allclose(written[study_id], expected.numpy(), atol=1e-5)
+
+
+def test_the_embedding_actors_ask_for_a_training_workers_resources(first_run):
+    """One CPU and one ``resources.trainer`` slot each, and no GPU (``eval.device=auto`` on a cluster without
+    one)."""
+    assert first_run[2] == [{"num_cpus": 1, "num_gpus": 0.0, "resources": {"trainer": 1.0}}]
 
 
 def test_a_rerun_encodes_no_study_and_leaves_the_output_unchanged(first_run, archive, checkpoints, tmp_path):

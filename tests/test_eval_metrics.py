@@ -1,5 +1,6 @@
 """``hlip-ray eval``'s figures: bootstrap intervals, thresholds, balanced accuracy and F1, the linear probe,
-prompt templates, and the command end to end with its written report."""
+prompt templates, and the command end to end with its written report, its model run in a Ray actor
+placed as a training worker (``eval.device``, ``resources.trainer``) with the figures of the driver-side path."""
 
 from __future__ import annotations
 
@@ -140,19 +141,46 @@ def test_a_template_without_the_finding_fails_at_config_load_naming_the_key():
         load_config(None, ["eval.templates=[]"])
 
 
-def test_eval_command_writes_the_report_with_intervals_thresholds_and_probe(ray_session, tmp_path, capsys):
-    """A tiny random model on 16 synthetic studies, thresholds chosen on the train split: the figures'
-    structure end to end (a random model's figures are near chance), and report.md, report.json and the
-    ROC figure written to --out."""
+EVAL_OPTIONS = ["eval.threshold_split=train", "eval.bootstrap_samples=100", "eval.probe_folds=2",
+                'eval.templates=["This study shows: {finding}."]']
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, ray_session):
+    """One ``hlip-ray eval`` of a tiny random model on 16 synthetic studies (thresholds chosen on the train
+    split, relevance maps drawn), its encoder asking for the test cluster's ``trainer`` slots: the folders,
+    the printed lines, and where the encoder actor ran (its ``where()``, its placement)."""
+    import contextlib
+    import io
+
+    from hlip_ray.eval import run
+
+    tmp_path = tmp_path_factory.mktemp("eval")
     corpus = synthetic_corpus(tmp_path / "corpus", studies=16, seed=4, val_fraction=0.5)
     checkpoint, _ = tiny_run_checkpoint(tmp_path / "checkpoint", tiny_bert_dir(tmp_path))
     out = tmp_path / "report"
-    assert cli.main(["eval", "--checkpoint", str(checkpoint), "--manifest", str(corpus / "manifest.parquet"),
-                     "--out", str(out), "--interpret", str(tmp_path / "maps"),
-                     f"eval.vocabulary={corpus / 'raw' / 'vocabulary.json'}",
-                     "eval.threshold_split=train", "eval.bootstrap_samples=100", "eval.probe_folds=2",
-                     'eval.templates=["This study shows: {finding}."]']) == 0
-    printed = capsys.readouterr().out.strip().splitlines()
+    encoders = []
+    stop = run.SplitEncoder.stop
+
+    def recorded_stop(encoder):
+        encoders.append({"where": encoder.where(), "placement": encoder.placement})
+        stop(encoder)
+
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setattr(run.SplitEncoder, "stop", recorded_stop)
+        assert cli.main(["eval", "--checkpoint", str(checkpoint), "--manifest", str(corpus / "manifest.parquet"),
+                         "--out", str(out), "--interpret", str(tmp_path / "maps"),
+                         f"eval.vocabulary={corpus / 'raw' / 'vocabulary.json'}", "resources.trainer=trainer",
+                         *EVAL_OPTIONS]) == 0
+    return {"corpus": corpus, "checkpoint": checkpoint, "out": out, "maps": tmp_path / "maps",
+            "printed": stdout.getvalue().strip().splitlines(), "encoders": encoders}
+
+
+def test_eval_command_writes_the_report_with_intervals_thresholds_and_probe(eval_run):
+    """The figures' structure end to end (a random model's figures are near chance), and report.md,
+    report.json and the ROC figure written to --out."""
+    corpus, checkpoint, out, printed = (eval_run[key] for key in ("corpus", "checkpoint", "out", "printed"))
     report = json.loads(printed[-1])
     assert report["split"] == "val" and report["checkpoint"] == str(checkpoint)
     assert set(report) >= {"studies", "macro_auc", "per_label", "baseline", "loss", "retrieval", "auc_ci",
@@ -168,7 +196,71 @@ def test_eval_command_writes_the_report_with_intervals_thresholds_and_probe(ray_
     val = set(_split_studies(corpus, "val"))
     rows = [json.loads(line) for line in (corpus / "raw" / "labels.jsonl").read_text().splitlines()]
     positives = sum(sum(row["labels"].values()) for row in rows if row["study_id"] in val)
-    assert report["relevance_maps"]["figures"] == len(list((tmp_path / "maps").glob("*.png"))) == positives > 0
+    assert report["relevance_maps"]["figures"] == len(list(eval_run["maps"].glob("*.png"))) == positives > 0
+
+
+def test_eval_encodes_in_an_actor_holding_a_trainer_slot_with_the_figures_of_the_driver_side_path(eval_run):
+    """The model runs in one Ray actor, not in this (the driver's) process: it asks for what a training worker
+    asks for (one CPU, one ``resources.trainer`` slot; no GPU here, so ``eval.device=auto`` is the CPU), and
+    every forward pass (both splits, class embeddings, relevance maps) runs there. Its figures are those of
+    the same model encoding the same stream in this process, as ``hlip-ray eval`` did before (abs 1e-6)."""
+    import os
+
+    from hlip_ray.config import apply_overrides
+    from hlip_ray.data.sources import study_items
+    from hlip_ray.data.storage import Storage
+    from hlip_ray.data.streams import collate_study_batch, evaluation_stream
+    from hlip_ray.eval.held_out import evaluate
+    from hlip_ray.eval.trained_model import load_model, read_config
+    from hlip_ray.eval.zeroshot import load_vocabulary
+    from hlip_ray.text_source import load_tokenizer
+
+    (encoder,) = eval_run["encoders"]
+    assert encoder["where"]["pid"] != os.getpid() and encoder["where"]["device"] == "cpu"
+    assert encoder["placement"].options() == {"num_cpus": 1, "num_gpus": 0.0, "resources": {"trainer": 1.0}}
+    assert encoder["where"]["resources"] == {"CPU": 1.0, "trainer": 1.0}   # as Ray assigned them
+    report = json.loads(eval_run["printed"][-1])
+
+    corpus, checkpoint = eval_run["corpus"], eval_run["checkpoint"]
+    model, _ = load_model(str(checkpoint), Storage())
+    config = apply_overrides(read_config(str(checkpoint), Storage()),
+                             [f"data.manifest={corpus / 'manifest.parquet'}", *EVAL_OPTIONS], str(checkpoint))
+    items, source = study_items(config, Storage(), None, "val", train=False)
+    batches = evaluation_stream(items, source, config).iter_torch_batches(
+        batch_size=config.eval.batch_size, collate_fn=collate_study_batch)
+    vocabulary = load_vocabulary((corpus / "raw" / "vocabulary.json").read_text())
+    here = evaluate(model.eval(), batches, vocabulary=vocabulary,
+                    tokenizer=load_tokenizer(config.model.text.name_or_path),
+                    context_length=config.model.text.context_length, templates=config.eval.templates)
+    assert here["studies"] == report["studies"] and here["loss"] == pytest.approx(report["loss"], abs=1e-6)
+    assert here["macro_auc"] == pytest.approx(report["macro_auc"], abs=1e-6)
+    for label in LABELS:
+        assert here["per_label"][label] == pytest.approx(report["per_label"][label], abs=1e-6, nan_ok=True)
+        assert here["baseline"]["per_label"][label] == pytest.approx(report["baseline"]["per_label"][label],
+                                                                     abs=1e-6, nan_ok=True)
+    assert here["retrieval"] == pytest.approx(report["retrieval"], abs=1e-6)
+
+
+def test_eval_asked_for_cuda_on_a_cluster_without_a_gpu_fails_naming_the_key_before_the_model_loads(
+        eval_run, capsys, monkeypatch):
+    """``eval.device=cuda`` where Ray has no GPU: a ConfigError naming ``eval.device``, before any model loads
+    (and so before any decoding); ``resources.trainer`` that no node of the local cluster has: the same,
+    naming ``resources.trainer``, rather than an actor that waits forever."""
+    import torch
+
+    from hlip_ray.eval import trained_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    loads = []
+    monkeypatch.setattr(trained_model, "load_model", lambda *args, **kwargs: loads.append(args))
+    command = ["eval", "--checkpoint", str(eval_run["checkpoint"]), "--manifest",
+               str(eval_run["corpus"] / "manifest.parquet")]
+    assert cli.main([*command, "eval.device=cuda"]) == 2
+    assert "eval.device=cuda" in capsys.readouterr().err
+    assert cli.main([*command, "resources.trainer=gpu_pool"]) == 2
+    assert "resources.trainer=gpu_pool" in capsys.readouterr().err
+    assert not loads
 
 
 def _split_studies(corpus, split: str) -> list[str]:

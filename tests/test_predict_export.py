@@ -1,5 +1,5 @@
-"""``hlip-ray export`` (HLIP's released layout, read back by from_hlip_checkpoint) and ``hlip-ray predict``
-(one local study of real DICOM and NIfTI files, zero-shot scores)."""
+"""``hlip-ray export`` (HLIP's released layout, read back by from_hlip_checkpoint; on the CPU) and ``hlip-ray predict``
+(one local study of real DICOM and NIfTI files, zero-shot scores, on ``eval.device``)."""
 
 import json
 import math
@@ -183,3 +183,25 @@ def test_predict_names_the_folder_when_nothing_in_it_is_usable(run, tmp_path, ca
     assert "skipped scan.nii.gz: corrupt" in captured.out
     assert cli.main(["predict", "--checkpoint", folder, "--labels", " , ", str(junk)]) == 2
     assert "no label in it" in capsys.readouterr().err
+
+
+def test_predict_runs_on_eval_device_and_refuses_cuda_without_one_before_decoding(run, study, capsys):
+    """``eval.device=cpu`` scores; ``cuda`` where torch sees none is refused, naming the key, before a scan is
+    decoded."""
+    _, on_cpu = _predict(capsys, run[0], study, "eval.device=cpu")
+    assert list(on_cpu["scores"]) == ["mass", "hemorrhage"]
+    if not torch.cuda.is_available():
+        assert cli.main(["predict", "--checkpoint", str(run[0]), "--labels", "mass", str(study),
+                         "eval.device=cuda"]) == 2
+        captured = capsys.readouterr()
+        assert "hlip-ray: eval.device=cuda, but torch sees no CUDA device" in captured.err
+        assert "decoding" not in captured.out
+
+
+def test_export_loads_on_the_cpu_whatever_eval_device_says(run, tmp_path):
+    """Export copies weights only: its file holds CPU tensors even with ``eval.device=cuda`` asked."""
+    out = tmp_path / "model.pt"
+    assert cli.main(["export", "--checkpoint", str(run[0]), "--format", "hlip", "--out", str(out),
+                     "eval.device=cuda"]) == 0
+    state_dict = torch.load(out, weights_only=True)["state_dict"]
+    assert {tensor.device.type for tensor in state_dict.values()} == {"cpu"}

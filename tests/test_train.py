@@ -21,7 +21,7 @@ from hlip_ray.demo.local_s3 import LOCAL_CREDENTIALS
 from hlip_ray.eval.trained_model import STATE_FILE, load_model
 from hlip_ray.train.checkpoints import TrainState, latest_checkpoint, rank_marker
 from hlip_ray.train.engine import lr_factor
-from hlip_ray.train.run import build_trainer, check_storage_path
+from hlip_ray.train.run import build_trainer
 from tests.helpers import tiny_bert_dir
 
 GLOBAL_BATCH = 8
@@ -92,6 +92,10 @@ def test_two_worker_zero2_run_from_s3_writes_checkpoints_and_metrics(trained_run
         assert line["lr"] == pytest.approx(1e-3 * lr_factor(int(line["step"]) - 1, 2, 4))
     assert lines[1]["checkpoint"] and lines[3]["checkpoint"] and not lines[2]["checkpoint"]
     assert (trained_run["log_dir"] / "tensorboard").is_dir()
+    # On S3 storage the metrics are copied into the run's folder too, where they outlive the cluster.
+    local = (trained_run["log_dir"] / "metrics.jsonl").read_bytes()
+    assert storage.read_bytes(f"s3://{BUCKET}/runs/e2e/logs/metrics.jsonl") == local
+    assert any("/logs/tensorboard/events." in name for name in storage.list_files(f"s3://{BUCKET}/runs/e2e/logs"))
 
     model, loaded = load_model(uri, storage)
     assert loaded.model.depth == 3 and model.visual.embed_dim == 24
@@ -320,13 +324,14 @@ def test_no_credential_reaches_checkpoints_metrics_or_logs(trained_run):
     assert any(uri.endswith("model.safetensors") for uri in texts)  # the scan did cover the checkpoint
 
 
-def test_local_storage_path_is_refused_on_a_cluster_of_several_nodes():
-    config = load_config(None, ["train.storage_path=runs"])
-    check_storage_path(config, nodes=1)
-    with pytest.raises(ConfigError, match="train.storage_path"):
-        check_storage_path(config, nodes=3)
-    for shared in ("s3://bucket/runs", "file:///mnt/shared/runs"):
-        check_storage_path(load_config(None, [f"train.storage_path={shared}"]), nodes=3)
+def test_a_local_storage_path_is_taken_on_this_machines_own_cluster(ray_session):
+    """The session's cluster is one node, this one, with no autoscaler: a plain path works there. Refusals
+    on other clusters: tests/test_cluster.py (several nodes), tests/test_autoscaling.py (autoscaling)."""
+    from hlip_ray.ray_runtime import check_shared_storage, is_local_cluster
+
+    assert is_local_cluster()
+    for path in ("runs", "/tmp/runs", "s3://bucket/runs", "file:///mnt/shared/runs"):
+        check_shared_storage(path, "train.storage_path")
 
 
 def test_a_projection_dim_other_than_the_text_towers_size_fails_before_any_work(ray_session):
@@ -367,3 +372,31 @@ def test_the_same_config_and_seed_give_the_same_loss_at_every_step_and_the_same_
     summary = json.loads(console[-1])
     assert summary["metrics"]["step"] == 2 and all(
         isinstance(value, (int, float)) for value in summary["metrics"].values())
+
+
+def test_a_runs_shared_metrics_copy_keeps_every_step_of_the_run_across_clusters_and_no_other_runs(ray_session,
+                                                                                                  tmp_path):
+    """With storage on S3 or a shared mount the run log copies metrics.jsonl there. A resumed run on another
+    cluster (a fresh local folder) goes on from the copy; a stale local file of another run of the same name
+    (other storage) never reaches it."""
+    from hlip_ray.train.tracking import start_run_log
+
+    shared = tmp_path / "shared" / "logs"
+    stale = tmp_path / "head-1" / "smoke"
+    stale.mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 99, "loss": 0.5}\n')
+    values = {"loss": 1.0, "lr": 1e-3, "studies_per_s": 1.0, "data_wait_fraction": 0.0}
+
+    first = start_run_log(stale, 3, str(shared), {})
+    for step in (1, 2):
+        ray_session.get(first.log_step.remote({**values, "step": step}, 0.0, None))
+    ray_session.get(first.flush.remote())
+    second = start_run_log(tmp_path / "head-2" / "smoke", 3, str(shared), {})   # the run resumed elsewhere
+    ray_session.get(second.log_step.remote({**values, "step": 3}, 0.0, "ckpt"))
+    ray_session.get(second.flush.remote())
+
+    steps = [json.loads(line)["step"] for line in (shared / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert any(shared.glob("tensorboard/events.out.tfevents*"))
+    for actor in (first, second):
+        ray_session.kill(actor)

@@ -7,5 +7,6 @@ linear probe; ``run.py`` and ``report.py``: a split through it all, as JSON, Mar
 (``hlip-ray eval``); ``embed.py``: a whole archive into Parquet on Ray Data actors (``hlip-ray embed``);
 ``predict.py``: one local study (``hlip-ray predict``); ``relevance.py``: where the model looks (relevance
 maps); ``export.py``: HLIP/open_clip and safetensors files (``hlip-ray export``); ``trained_model.py``: a
-model from a run checkpoint or an HLIP release.
+model from a run checkpoint or an HLIP release; ``placement.py``: where the model runs (``eval.device``, and
+the Ray resources of the actors that hold it).
 """

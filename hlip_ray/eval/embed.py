@@ -5,14 +5,16 @@ into Parquet files of embeddings.
 
     manifest rows ──map_batches(ReadAhead(RawStudies))──> study records      (CPU tasks, ``resources.data``)
         ──map_batches(StudyEmbedder, actor pool)──> study_id, embedding       (``embed.concurrency`` actors,
-                                                                               ``embed.num_gpus`` each)
+                                                                               placed as trainers: ``placement.py``)
         ──> this process: OUT/embeddings/part-<run>-<n>.parquet, written as the embeddings come
 
 Studies are decoded from their raw files at the test-time size (``eval.grid``, else ``data.grid``) by
 the data plane's own decode stage; each actor loads the model once and encodes batches of
-``embed.batch_size`` studies. A part file's rows: ``study_id``, ``embedding`` (list<float32>, the
-L2-normalised ``[P]`` of ``encode_study``), ``model_id`` (``<run>/step-<n>`` of a run checkpoint, the
-file name of an HLIP model file) and ``checkpoint_sha256`` (of the model weights' bytes).
+``embed.batch_size`` studies. An actor asks for what a training worker does (one CPU, ``resources.trainer``)
+and, where ``eval.device`` resolves to CUDA, ``embed.num_gpus`` of a GPU (one where that is 0). A part
+file's rows: ``study_id``, ``embedding`` (list<float32>, the L2-normalised ``[P]`` of ``encode_study``),
+``model_id`` (``<run>/step-<n>`` of a run checkpoint, the file name of an HLIP model file) and
+``checkpoint_sha256`` (of the model weights' bytes).
 
 Parts are written whole, one every ``PART_STUDIES`` studies or ``PART_SECONDS`` seconds, so an
 interrupted run keeps what it wrote. A rerun into the same OUT reads the study IDs written there and
@@ -73,10 +75,10 @@ def checkpoint_identity(checkpoint: str, storage: Storage) -> tuple[str, str]:
 
 class StudyEmbedder:
     """Ray Data actor: batches of study records (``sources.py``) -> ``study_id`` and ``embedding [B, P]``
-    float32. Loads the model once, on its GPU when it has one (``embed.num_gpus``), else on CPU; a study
-    keeps its first ``data.max_eval_scans`` scans, as at evaluation."""
+    float32. Loads the model once, on ``device`` (``placement.actor_placement``'s); a study keeps its first
+    ``data.max_eval_scans`` scans, as at evaluation."""
 
-    def __init__(self, checkpoint: str, config: dict, storage: Storage, use_gpu: bool) -> None:
+    def __init__(self, checkpoint: str, config: dict, storage: Storage, device: str) -> None:
         import torch
 
         from hlip_ray.data.streams import ScanSampler
@@ -84,7 +86,7 @@ class StudyEmbedder:
 
         config = Config.model_validate(config)
         model, _ = load_model(checkpoint, storage, config)
-        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.sampler = ScanSampler(config.data.max_eval_scans, train=False)
 
@@ -187,9 +189,11 @@ def embed_archive(manifest: str, checkpoint: str, config: Config, storage: Stora
     import ray
 
     from hlip_ray.data.streams import study_records
+    from hlip_ray.eval.placement import announce_wait
     from hlip_ray.eval.trained_model import load_model
 
     started = time.perf_counter()
+    placement = embed_placement(config)
     config = inference_config(config.model_copy(update={"data": config.data.model_copy(update={"manifest": manifest})}))
     rows = read_manifest(manifest, storage, data_root=data_root)
     model_id, checkpoint_sha256 = checkpoint_identity(checkpoint, storage)
@@ -203,13 +207,14 @@ def embed_archive(manifest: str, checkpoint: str, config: Config, storage: Stora
     embedded: set[str] = set()
     if todo:
         load_model(checkpoint, storage, config)   # a checkpoint that does not load fails here, not in an actor
+        announce_wait(placement, "embed: the embedding actors")
         records = study_records(todo, config, storage, quarantine_log, train=False)
         embed = config.embed
         embeddings = records.map_batches(
             StudyEmbedder, batch_size=embed.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"checkpoint": checkpoint, "config": config.model_dump(mode="json"),
-                                   "storage": storage, "use_gpu": embed.num_gpus > 0},
-            compute=ray.data.ActorPoolStrategy(size=embed.concurrency), num_cpus=1, num_gpus=embed.num_gpus)
+                                   "storage": storage, "device": placement.device},
+            compute=ray.data.ActorPoolStrategy(size=embed.concurrency), **placement.options())
         embeddings.context.enable_progress_bars = False   # one progress line of its own instead
         shown = time.monotonic()
         for batch in embeddings.iter_batches(batch_size=None, batch_format="numpy"):
@@ -241,6 +246,20 @@ def embed_archive(manifest: str, checkpoint: str, config: Config, storage: Stora
     }
     storage.write_bytes(join(out, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     return summary
+
+
+def embed_placement(config: Config, *, cluster: dict[str, float] | None = None, local: bool | None = None):
+    """Where the embedding actors go (``placement.actor_placement``, whose ``cluster`` and ``local`` these are):
+    ``embed.num_gpus`` of a GPU each (one where that is 0) when ``eval.device`` resolves to CUDA;
+    ``embed.num_gpus`` > 0 says the cluster has GPUs, as ``train.use_gpu`` does."""
+    from hlip_ray.eval.placement import actor_placement
+
+    embed = config.embed
+    if config.eval.device == "cpu" and embed.num_gpus > 0:
+        raise ConfigError(f"eval.device=cpu, but embed.num_gpus={embed.num_gpus:g} asks for GPUs: set one of them "
+                          "(eval.device=auto, or embed.num_gpus=0)")
+    return actor_placement(config, gpus=embed.num_gpus or 1.0, gpus_asked=embed.num_gpus > 0, cluster=cluster,
+                           local=local)
 
 
 def _check_output(out: str, storage: Storage, model_id: str, checkpoint_sha256: str) -> None:

@@ -99,7 +99,7 @@ def zeroshot_scores(study_embeddings: torch.Tensor, classes: dict[str, torch.Ten
     scores = {}
     for label, pair in classes.items():
         similarity = studies @ pair.to(studies.device).T  # [N, 2]
-        scores[label] = (similarity[:, 1] - similarity[:, 0]).cpu().numpy()
+        scores[label] = (similarity[:, 1] - similarity[:, 0]).float().cpu().numpy()
     return scores
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hlip_ray.config import Config, ConfigError
 from hlip_ray.data.storage import Storage, is_s3, join
+from hlip_ray.ray_runtime import check_shared_storage
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +35,6 @@ def run_dir(config: Config) -> str:
     if is_s3(path):
         return join(path, config.train.run_name)
     return os.path.join(os.path.abspath(path.removeprefix("file://")), config.train.run_name)
-
-
-def check_storage_path(config: Config, nodes: int) -> None:
-    """A cluster of several nodes needs shared storage: s3:// or a shared mount given as file://."""
-    path = config.train.storage_path
-    if nodes > 1 and not (is_s3(path) or path.startswith("file://")):
-        raise ConfigError(
-            f"train.storage_path {path!r} is local to this node, but the cluster has {nodes} nodes: "
-            "use s3://bucket/prefix or a shared mount given as file:///mnt/shared/runs"
-        )
 
 
 def provenance(config: Config, storage: Storage) -> dict:
@@ -71,11 +62,13 @@ def provenance(config: Config, storage: Storage) -> dict:
 
 @dataclass
 class Training:
-    """A run ready to fit: the ``TorchTrainer``, the run's quarantine log and its metrics log (actors)."""
+    """A run ready to fit: the ``TorchTrainer``, the run's quarantine log and its metrics log (actors), and
+    where the metrics are written (``summary_log_dir``: the shared copy where there is one)."""
 
     trainer: object
     quarantine: object
     run_log: object
+    summary_log_dir: str
 
 
 def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_from: str | None = None,
@@ -94,6 +87,8 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
 
     check_setup(config)
     train = config.train
+    # Made absolute now: a job's working directory can be unpacked again under it while the run starts.
+    logs, shared_logs = log_dir(config), shared_log_dir(config)
     storage = Storage.from_config(config.storage)
     if init_checkpoint:
         check_initial_weights(init_checkpoint, config, storage)
@@ -104,7 +99,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
             raise ConfigError(str(error)) from None
     quarantine = create_quarantine_log()
     datasets, dataset_config, train_studies = run_datasets(config, storage, quarantine, resume_from)
-    run_log = start_run_log(log_dir(config), train.max_steps)
+    run_log = start_run_log(logs, train.max_steps, shared_logs, config.storage.model_dump(mode="json"))
     resources = {"CPU": 1, **({config.resources.trainer: 1} if config.resources.trainer else {}),
                  **({"GPU": 1} if train.use_gpu else {})}
     workers = tuple(train.num_workers) if isinstance(train.num_workers, list) else train.num_workers
@@ -138,18 +133,17 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
         datasets=datasets,
         dataset_config=dataset_config,
     )
-    return Training(trainer, quarantine, run_log)
+    return Training(trainer, quarantine, run_log, shared_logs or str(logs))
 
 
 def check_setup(config: Config) -> None:
-    """What the config alone cannot tell, checked before any work: shared storage on a cluster of
-    several nodes, and the text embedding's size without a projection."""
-    import ray
-
+    """What the config alone cannot tell, checked before any work: shared storage on any cluster but this
+    machine's own, and the text embedding's size without a projection."""
     from hlip_ray.model.text import check_projection
     from hlip_ray.text_source import hidden_size
 
-    check_storage_path(config, nodes=sum(node["Alive"] for node in ray.nodes()))
+    check_output_paths(config)
+    check_shared_storage(config.train.storage_path, "train.storage_path")
     if config.model.text.projection == "none":
         try:
             check_projection("none", config.model.projection_dim, hidden_size(config.model.text.name_or_path))
@@ -211,7 +205,36 @@ def run_datasets(config: Config, storage: Storage, quarantine, resume_from: str 
 
 def log_dir(config: Config) -> Path:
     """The run's ``metrics.jsonl`` and TensorBoard folder, on the driver's node."""
-    return Path(config.train.log_dir) / config.train.run_name
+    return Path(config.train.log_dir).absolute() / config.train.run_name
+
+
+def shared_log_dir(config: Config) -> str | None:
+    """Where the run's metrics are copied so that they outlive the cluster: ``logs`` in the run's folder when
+    ``train.storage_path`` is S3 or a shared mount (``file://``); None for a local run, whose ``log_dir`` is
+    where the user reads them."""
+    path = config.train.storage_path
+    return join(run_dir(config), "logs") if is_s3(path) or path.startswith("file://") else None
+
+
+def in_job_working_dir() -> bool:
+    """Whether this process runs in a ``ray job submit`` job's copy of its working_dir, which Ray deletes
+    with the session (``<session>/runtime_resources/working_dir_files/_ray_pkg_*``)."""
+    return f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}" in os.getcwd() + os.sep
+
+
+def check_output_paths(config: Config) -> None:
+    """A relative local output path in a job's working_dir copy would be written where nothing outlives the
+    job: refused, naming the key (metrics need ``train.log_dir`` only where ``train.storage_path`` is local)."""
+    if not in_job_working_dir():
+        return
+    keys = {"train.storage_path": config.train.storage_path}
+    if shared_log_dir(config) is None:
+        keys["train.log_dir"] = config.train.log_dir
+    for key, path in keys.items():
+        if "://" not in path and not os.path.isabs(path):
+            raise ConfigError(f"{key} {path!r} is relative, and this job runs in a temporary copy of its working_dir "
+                              "that Ray deletes with the cluster's session: give s3://bucket/prefix, a shared mount "
+                              "as file:///mnt/shared/..., or an absolute path on the head")
 
 
 def fit(config: Config, *, init_checkpoint: str | None = None, resume_from: str | None = None, callbacks: tuple = (),
@@ -245,7 +268,7 @@ def fit(config: Config, *, init_checkpoint: str | None = None, resume_from: str 
         "metrics": {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")},
         "rejections": rejected,
         "seconds": round(time.perf_counter() - started, 1),
-        "log_dir": str(log_dir(config)),
+        "log_dir": training.summary_log_dir,
     }
     logger.info("training finished: %s", json.dumps(summary, default=str))
     return summary

@@ -26,6 +26,7 @@ import ray
 from hlip_ray.config import Config
 
 PROGRESS_SECONDS = 30.0   # at most one progress line per this many seconds (checkpoint lines apart)
+COPY_SECONDS = 60.0       # at most one copy of the metrics to shared storage per this many seconds (checkpoints apart)
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -44,9 +45,17 @@ class RunLog:
     """The run's metrics on the driver's node: ``metrics.jsonl`` (one line per step), TensorBoard,
     and the progress lines the driver prints (``take_lines``)."""
 
-    def __init__(self, log_dir: str, max_steps: int) -> None:
+    def __init__(self, log_dir: str, max_steps: int, copy_to: str | None = None, storage_config: dict | None = None
+                 ) -> None:
         self.log_dir = Path(log_dir)
         self.max_steps = max_steps
+        # Where the files are copied to (``copy_to``: the run's folder on S3 or a shared mount, which outlives
+        # the cluster): at every checkpoint, at most every COPY_SECONDS between, and at the end. That copy is
+        # the run's record: a run resumed on another cluster (or a run of the same name on other storage)
+        # starts its local metrics.jsonl from it, so the copy keeps every step of the run and no other's.
+        self.copy_to, self.storage_config, self.copied = copy_to, storage_config, 0.0
+        if copy_to:
+            self._take_up_copy()
         self.lines: list[str] = []
         self.started = self.last_line = None
         self.first_step = 0
@@ -66,6 +75,39 @@ class RunLog:
         for key, value in values.items():
             self._writer.add_scalar(key, value, step)
         self._progress(values, at, checkpoint)
+        if self.copy_to and (checkpoint is not None or time.monotonic() - self.copied >= COPY_SECONDS):
+            self._copy()
+
+    def _storage(self):
+        from hlip_ray.config import StorageConfig
+        from hlip_ray.data.storage import Storage
+
+        return Storage.from_config(StorageConfig.model_validate(self.storage_config or {}))
+
+    def _take_up_copy(self) -> None:
+        """The local metrics.jsonl as the copy has it (empty where there is none yet), unless it goes on from
+        the copy (this actor restarted on its node: the lines since the last copy are kept)."""
+        from hlip_ray.data.storage import join
+
+        storage, uri = self._storage(), join(self.copy_to, "metrics.jsonl")
+        copy = storage.read_bytes(uri) if storage.exists(uri) else b""
+        local = self.log_dir / "metrics.jsonl"
+        if copy and local.is_file() and local.read_bytes().startswith(copy):
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(copy)
+
+    def _copy(self) -> None:
+        """``metrics.jsonl`` and the TensorBoard event files, whole, to ``copy_to`` (same names below it)."""
+        from hlip_ray.data.storage import join
+
+        if self._writer is not None:
+            self._writer.flush()
+        storage = self._storage()
+        for path in sorted(self.log_dir.rglob("*")):
+            if path.is_file():
+                storage.write_bytes(join(self.copy_to, *path.relative_to(self.log_dir).parts), path.read_bytes())
+        self.copied = time.monotonic()
 
     def _progress(self, values: dict[str, float], now: float, checkpoint: str | None) -> None:
         step = int(values["step"])
@@ -85,18 +127,21 @@ class RunLog:
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+        if self.copy_to and self._writer is not None:
+            self._copy()
 
     def take_lines(self) -> list[str]:
         lines, self.lines = self.lines, []
         return lines
 
 
-def start_run_log(log_dir: Path, max_steps: int):
-    """A ``RunLog`` on this (the driver's) node, where ``log_dir`` is."""
+def start_run_log(log_dir: Path, max_steps: int, copy_to: str | None = None, storage_config: dict | None = None):
+    """A ``RunLog`` on this (the driver's) node, where ``log_dir`` is; with ``copy_to``, its files are copied
+    there too (``storage_config``: the config's ``storage`` section, as JSON)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return RunLog.options(scheduling_strategy=here).remote(str(log_dir), max_steps)
+    return RunLog.options(scheduling_strategy=here).remote(str(log_dir), max_steps, copy_to, storage_config)
 
 
 def progress_line(values: dict[str, float], mean_loss: float, max_steps: int, *, elapsed: float,
@@ -164,16 +209,22 @@ class StepLog:
     def __init__(self, run_log, rank: int, trackers: ExperimentTrackers) -> None:
         self.run_log = run_log if rank == 0 else None
         self.trackers = trackers
+        self.sent = None   # the previous step's call
 
     def step(self, metrics: dict, checkpoint: str | None = None) -> None:
         if self.run_log is None:
             return
         values = numeric(metrics)
-        self.run_log.log_step.remote(values, time.time(), checkpoint)
+        # One call in flight: a call that Ray retries (the run log on another node, a connection dropped)
+        # can run after the next one, and metrics.jsonl would list steps out of order. The previous step's
+        # call has long finished when the next step ends.
+        if self.sent is not None:
+            ray.get(self.sent)
+        self.sent = self.run_log.log_step.remote(values, time.time(), checkpoint)
         self.trackers.log(values, int(values["step"]))
 
     def close(self) -> None:
-        """Wait until the run log has every step sent (an actor runs one caller's calls in order)."""
+        """Wait until the run log has every step written (and copied, where it is copied)."""
         if self.run_log is not None:
             ray.get(self.run_log.flush.remote())
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from hlip_ray.config import Config, ConfigError, with_values
 from hlip_ray.data.storage import Storage, is_s3, join
+from hlip_ray.ray_runtime import check_shared_storage
 from hlip_ray.tune.space import Space, check_space
 from hlip_ray.tune.trial import run_trial
 
@@ -64,23 +65,33 @@ def sweep_config(config: Config, space: Space) -> Config:
 
 def trial_resources(config: Config) -> dict[str, float]:
     """What a trial's driver holds (its workers ask for their own): the ``resources.driver`` slot, or a
-    hundredth of a CPU (Tune refuses a request of nothing)."""
-    return {config.resources.driver: 1} if config.resources.driver else {"CPU": 0.01}
+    hundredth of the head node (Ray's ``node:__internal_head__``). Either way drivers stay on the head, never
+    on a pool node that a spot reclaim takes away, and with them the run's driver-side actors (Ray Train's
+    controller, the run and quarantine logs, Ray Data's split coordinator), which follow their driver."""
+    return {config.resources.driver: 1} if config.resources.driver else {"node:__internal_head__": 0.01}
 
 
-def concurrent_trials(config: Config) -> int:
-    """``tune.max_concurrent_trials``, or as many trials as the cluster's GPUs hold (CPUs on a CPU
-    cluster, one beside each trial's workers for its decoding)."""
-    import ray
+def concurrent_trials(config: Config) -> tuple[int, str]:
+    """``(trials, why)``: ``tune.max_concurrent_trials``, or as many trials as the cluster holds at its
+    largest: on an autoscaling cluster what its node types' maxima hold (the pools start at zero nodes and
+    grow as trials ask), else what its nodes hold now. A trial holds ``train.num_workers`` (its maximum, when
+    elastic) trainer slots: of ``resources.trainer`` where set, else GPUs (``train.use_gpu``), else CPUs with
+    one more beside each trial's workers for its decoding."""
+    from hlip_ray.ray_runtime import max_cluster_resources
 
     if config.tune.max_concurrent_trials:
-        return config.tune.max_concurrent_trials
+        return config.tune.max_concurrent_trials, "tune.max_concurrent_trials"
     workers = config.train.num_workers
     workers = max(workers) if isinstance(workers, list) else workers
-    total = ray.cluster_resources()
-    if config.train.use_gpu:
-        return max(1, int(total.get("GPU", 0) // workers))
-    return max(1, int(total.get("CPU", 0) // (workers + 1)))
+    total, source = max_cluster_resources()
+    if config.resources.trainer:
+        slots, per_trial = config.resources.trainer, workers
+    elif config.train.use_gpu:
+        slots, per_trial = "GPU", workers
+    else:
+        slots, per_trial = "CPU", workers + 1
+    trials = max(1, int(total.get(slots, 0) // per_trial))
+    return trials, f"{int(total.get(slots, 0))} {slots} in {source}, {per_trial} a trial"
 
 
 def scheduler(config: Config, space: Space):
@@ -129,6 +140,7 @@ def run_sweep(config: Config, space: Space, *, resume: bool = False):
     filesystem, storage_path = storage.resolve(config.tune.storage_path)
     _, sweep_path = storage.resolve(folder)
     trainable = tune.with_resources(partial(run_trial, base=base.model_dump(mode="json")), trial_resources(base))
+    check_shared_storage(config.tune.storage_path, "tune.storage_path")
     exists = tune.Tuner.can_restore(sweep_path, storage_filesystem=filesystem)
     if resume:
         if not exists:
@@ -139,12 +151,14 @@ def run_sweep(config: Config, space: Space, *, resume: bool = False):
         if exists:
             raise ConfigError(f"a sweep named {config.tune.name!r} exists at {folder}: --resume continues it, "
                               "or give tune.name a new name")
+        trials, why = concurrent_trials(base)
+        print(f"hlip-ray tune: up to {trials} trial(s) at once ({why})", flush=True)
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(),
             tune_config=tune.TuneConfig(metric=base.tune.metric, mode=base.tune.mode, scheduler=scheduler(base, space),
                                         num_samples=base.tune.num_samples,
-                                        max_concurrent_trials=concurrent_trials(base)),
+                                        max_concurrent_trials=trials),
             run_config=tune.RunConfig(name=base.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
                                       callbacks=[TrialEvents(space.keys, base.tune.metric, base.train.max_steps)],
                                       verbose=0),
