@@ -123,7 +123,7 @@ def test_a_sweep_grows_the_pools_runs_four_trials_at_once_and_rides_over_a_recla
         [sys.executable, "-m", "hlip_ray.cli", "tune", "--space", str(REPO_ROOT / "tune_spaces" / "smoke.yaml"),
          "--config", SMOKE, *_data(corpus, s3_endpoint), f"tune.storage_path={bucket}/sweeps", "tune.name=pools",
          "tune.scheduler=fifo", "train.num_workers=1", "train.chunk_size=2", "train.max_steps=8",
-         "train.checkpoint_every=2", "train.report_every=2", "train.validate_every=4", "train.max_failures=3",
+         "train.checkpoint_every=2", "train.report_every=2", "train.validate_every=8", "train.max_failures=3",
          "train.worker_start_timeout_s=20"],
         cwd=tmp_path, env=cluster.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
