@@ -6,7 +6,53 @@ import argparse
 import os
 import sys
 
-from hlip_ray.config import ConfigError, config_reference, dump_config, load_config
+from hlip_ray.config import Config, ConfigError, config_reference, dump_config, load_config, with_values
+
+# Arguments that name local files or folders (or URIs): made absolute once, as the command line is read.
+# Ray's workers do not share the driver's working directory, so a relative path handed on would be
+# read or written somewhere else (a relative `preprocess --out` wrote its shards where the index never
+# looked).
+PATH_ARGUMENTS = ("config", "out", "root", "manifest", "data_root", "checkpoint", "interpret", "space", "study")
+# Config keys that name local files or folders (or URIs): made absolute as the config is loaded.
+PATH_KEYS = ("data.manifest", "data.shards", "train.storage_path", "train.log_dir", "tune.storage_path",
+             "eval.checkpoint", "eval.vocabulary")
+
+
+def absolute(path: str) -> str:
+    """A local path (``~`` expanded, ``file://`` kept) as an absolute one, from the current folder;
+    ``s3://`` and other URIs unchanged."""
+    if path.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(path[len("file://"):]))
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_arguments(args: argparse.Namespace) -> None:
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, absolute(value))
+
+
+def _absolute_config(config: Config, source: str = "command line") -> Config:
+    """``config`` with the local paths of ``PATH_KEYS`` absolute, and the text tower's too where it is a
+    local folder (not a hub name or a packaged model)."""
+    values = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if isinstance(value, str) and value:
+            values[key] = absolute(value)
+    text = config.model.text.name_or_path
+    if not text.startswith("pkg:") and os.path.isdir(os.path.expanduser(text)):
+        values["model.text.name_or_path"] = absolute(text)
+    return with_values(config, values, source)
+
+
+def _load(args: argparse.Namespace, overrides: list[str] | None = None) -> Config:
+    """The command's config (``--config`` and the overrides), its local paths absolute."""
+    return _absolute_config(load_config(args.config, args.overrides if overrides is None else overrides))
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -26,7 +72,7 @@ def _storage(config):
 def _synth_command(args: argparse.Namespace) -> int:
     from hlip_ray.demo.synth import write_corpus
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     storage = _storage(config)
     out = args.out.rstrip("/")
     with storage.parallel_writer(out) as write:
@@ -41,7 +87,7 @@ def _manifest_command(args: argparse.Namespace) -> int:
     from hlip_ray.data.manifest import build_manifest, write_manifest
     from hlip_ray.data.storage import is_s3, join
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     storage = _storage(config)
     vocabulary = None
     if args.layout == "ct-rate":
@@ -69,7 +115,7 @@ def _preprocess_command(args: argparse.Namespace) -> int:
     from hlip_ray.data.preprocess import summary_lines, write_shards
     from hlip_ray.data.quarantine import create_quarantine_log
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     storage = _storage(config)
     rows = read_manifest(args.manifest, storage, data_root=args.data_root)
     ray_runtime.connect()
@@ -82,9 +128,12 @@ def _train_command(args: argparse.Namespace) -> int:
     import json
 
     from hlip_ray import ray_runtime
-    from hlip_ray.train.run import fit
+    from hlip_ray.data.sources import check_studies
+    from hlip_ray.train.run import check_storage, fit
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
+    check_studies(config, _storage(config), "train")
+    check_storage(config)   # train.storage_path reachable and writable, before Ray starts
     ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers))
     summary = fit(config, init_checkpoint=args.checkpoint)
     print(json.dumps(summary, default=str))
@@ -93,13 +142,15 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _tune_command(args: argparse.Namespace) -> int:
     from hlip_ray import ray_runtime
+    from hlip_ray.data.sources import check_studies
     from hlip_ray.tune.results import summary_lines, write_results
     from hlip_ray.tune.space import load_space
     from hlip_ray.tune.sweep import run_sweep, sweep_config, sweep_dir
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     space = load_space(args.space)
     sweep_config(config, space)   # every point of the space checked before Ray starts
+    check_studies(config, _storage(config), "train")
     # The trials' own output (Ray Train, Ray Data, DeepSpeed) stays in Ray's session logs: the console
     # gets one line per trial event.
     ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers), log_to_driver=False)
@@ -116,27 +167,34 @@ def _trained_model_config(args: argparse.Namespace, overrides: list[str]):
     from hlip_ray.config import apply_overrides
     from hlip_ray.eval.trained_model import inference_config, is_run_checkpoint, read_config
 
-    config = load_config(args.config, overrides)
+    config = _load(args, overrides)
     checkpoint = args.checkpoint or config.eval.checkpoint
     if not checkpoint:
         raise ValueError("name a model: --checkpoint (a run checkpoint folder or URI, or an HLIP model file)")
     storage = _storage(config)
     if is_run_checkpoint(checkpoint, storage):
-        config = apply_overrides(read_config(checkpoint, storage), overrides, checkpoint)
+        config = _absolute_config(apply_overrides(read_config(checkpoint, storage), overrides, checkpoint))
     return checkpoint, inference_config(config), storage
+
+
+def _manifest_overrides(manifest: str | None) -> list[str]:
+    """``--manifest`` as overrides: the studies it lists, and not the shard cache a checkpoint's config names
+    (what the command line says wins over what the checkpoint's config says)."""
+    return [f"data.manifest={manifest}", "data.shards=null"] if manifest else []
 
 
 def _eval_command(args: argparse.Namespace) -> int:
     import json
 
     from hlip_ray import ray_runtime
+    from hlip_ray.data.sources import check_studies
     from hlip_ray.eval.placement import actor_placement
     from hlip_ray.eval.report import markdown
     from hlip_ray.eval.run import evaluate_split
     from hlip_ray.eval.trained_model import load_model
 
-    overrides = [*args.overrides, *([f"data.manifest={args.manifest}"] if args.manifest else [])]
-    checkpoint, config, storage = _trained_model_config(args, overrides)
+    checkpoint, config, storage = _trained_model_config(args, [*args.overrides, *_manifest_overrides(args.manifest)])
+    check_studies(config, storage, args.split)
     ray_runtime.connect()
     actor_placement(config)   # eval.device=cuda on a cluster without a GPU fails before the model loads
     model, _ = load_model(checkpoint, storage, config)   # here on the CPU: the encoder actor runs it
@@ -151,9 +209,11 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 def _embed_command(args: argparse.Namespace) -> int:
     from hlip_ray import ray_runtime
+    from hlip_ray.data.manifest import read_manifest
     from hlip_ray.eval.embed import embed_archive, summary_lines
 
-    checkpoint, config, storage = _trained_model_config(args, [*args.overrides, f"data.manifest={args.manifest}"])
+    checkpoint, config, storage = _trained_model_config(args, [*args.overrides, *_manifest_overrides(args.manifest)])
+    read_manifest(args.manifest, storage, data_root=args.data_root)   # an empty or broken one fails before Ray starts
     ray_runtime.connect()
     summary = embed_archive(args.manifest, checkpoint, config, storage, args.out, data_root=args.data_root)
     print("\n".join(summary_lines(summary)))
@@ -200,29 +260,34 @@ def _predict_command(args: argparse.Namespace) -> int:
 
 
 def _export_command(args: argparse.Namespace) -> int:
-    from hlip_ray.eval.export import export_model
+    from hlip_ray.eval.export import check_target, export_model
     from hlip_ray.eval.trained_model import load_model
 
     checkpoint, config, storage = _trained_model_config(args, args.overrides)
+    check_target(args.format, args.out, storage, args.force)   # before the model load (seconds)
     model, _ = load_model(checkpoint, storage, config)   # on the CPU whatever eval.device: weights copied only
-    for uri in export_model(model, config, args.format, args.out, storage):
+    for uri in export_model(model, config, args.format, args.out, storage, force=args.force):
         print(f"wrote {uri}")
     return 0
 
 
 def _spot_watch_command(args: argparse.Namespace) -> int:
+    """The Ray address is checked first (a wrong one: one line, exit 1, before any polling or drain); then
+    ``--now`` drains at once, or the watcher polls until a reclaim notice and drains."""
     from hlip_ray import spot
 
     config = load_config(args.config, args.overrides).spot
     try:
+        address = spot.check_ray_address(args.address)
         if args.now:
-            spot.drain_node(config.now_deadline_s, "termination signal (preStop)", address=args.address,
+            spot.drain_node(config.now_deadline_s, "termination signal (preStop)", address=address,
                             node_id=args.node_id)
             print(f"spot-watch: node drained, {config.now_deadline_s} s announced", flush=True)
             return 0
-        print(f"spot-watch: polling {config.imds_endpoint} every {config.poll_interval_s:g} s", flush=True)
-        spot.watch(config.imds_endpoint, config.poll_interval_s, address=args.address, node_id=args.node_id)
-    except RuntimeError as error:   # the drain failed: no Ray node here, or the cluster refused it
+        print(f"spot-watch: polling {config.imds_endpoint} every {config.poll_interval_s:g} s; a notice drains "
+              f"through the Ray cluster at {address}", flush=True)
+        spot.watch(config.imds_endpoint, config.poll_interval_s, address=address, node_id=args.node_id)
+    except RuntimeError as error:   # no Ray cluster at the address, or the drain failed, timed out or was refused
         print(f"hlip-ray spot-watch: {error}", file=sys.stderr)
         return 1
     return 0
@@ -330,14 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["hlip", "safetensors"], required=True,
                         help="hlip: one torch file {'state_dict': ...} (--out FILE.pt); safetensors: a folder of "
                              "model.safetensors, config.yaml and open_clip_config.json (--out DIR)")
-    export.add_argument("--out", required=True, help="the file or folder to write (local or s3://)")
+    export.add_argument("--out", required=True, help="the file or folder to write (local or s3://); never inside "
+                                                     "a run checkpoint")
+    export.add_argument("--force", action="store_true",
+                        help="overwrite an existing --out file (or the exported files in an --out folder)")
     export.set_defaults(run=_export_command)
 
     watch = with_config(commands.add_parser(
         "spot-watch", help="on a spot instance's reclaim notice, drain this Ray node (training checkpoints at once)"))
     watch.add_argument("--now", action="store_true",
                        help="drain at once (a Kubernetes preStop hook), announcing spot.now_deadline_s")
-    watch.add_argument("--address", help="the Ray cluster (default: RAY_ADDRESS, or the one on this machine)")
+    watch.add_argument("--address", help="the Ray cluster's GCS address, HOST:PORT (default: RAY_ADDRESS, else the "
+                                         "cluster `ray start` started on this machine); checked at start")
     watch.add_argument("--node-id", help="the Ray node to drain (default: this machine's)")
     watch.set_defaults(run=_spot_watch_command)
 
@@ -349,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _absolute_arguments(args)
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -357,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"hlip-ray: {error}", file=sys.stderr)
         return 2
+    except OSError as error:   # storage that failed after its retries: Storage's errors name the URI
+        print(f"hlip-ray {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import logging
 import random
+import time
+import tracemalloc
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -18,8 +20,20 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, generate_uid
 
-from hlip_ray.data.decode import decode_dicom_files, decode_nifti, dicom_header
+from hlip_ray.data.decode import (
+    HEADER_BYTES,
+    MAX_DICOM_FILE_BYTES,
+    NO_ELEMENTS,
+    decode_dicom_files,
+    decode_nifti,
+    dicom_header,
+    needs_whole_file,
+    read_header,
+)
+from hlip_ray.data.manifest import ScanRef
 from hlip_ray.data.records import Decoded, Volume
+from hlip_ray.data.sources import decode_scan, read_scan
+from hlip_ray.data.storage import Storage
 from hlip_ray.data.volume import preprocess_volume
 
 NIFTI_DATA = Path(nibabel.__file__).parent / "tests" / "data"
@@ -356,6 +370,98 @@ def test_patient_fields_never_leave_the_decoder(caplog):
     text += " ".join(f"{v.uri} {v.series} {v.modality}" for r in results for v in r.volumes)
     for value in ["CANARY", "19010101"]:
         assert value not in text
+
+
+# ------------------------------------------------------------------------------- huge files, by their head
+
+
+def _sparse(path: Path, size: int, head: bytes = b"") -> Path:
+    """A file of ``size`` bytes that takes no disk: ``head``, then a hole (zeros)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(head)
+        handle.truncate(size)
+    return path
+
+
+def _measured(call):
+    """``(call(), seconds, peak bytes of Python memory allocated meanwhile)``."""
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        return call(), time.monotonic() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _decode_folder(folder: Path) -> Decoded:
+    """Read and decode a scan folder the way ``hlip-ray preprocess`` does, without Ray."""
+    return decode_scan(read_scan(ScanRef(folder.name, str(folder), "dicom"), Storage()), "CT", "scans", 1)
+
+
+@pytest.mark.timeout(120)
+def test_a_2_gib_sparse_file_named_dcm_is_skipped_by_its_head_without_reading_it(tmp_path):
+    scan = tmp_path / "ST1" / "CT"
+    _sparse(scan / "x.dcm", 2 * 1024**3)  # `truncate -s 2G x.dcm`: read whole, it hung decoding
+    (scan / "IM0001.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    decoded, seconds, peak = _measured(lambda: _decode_folder(scan))
+    assert len(decoded.volumes) == 1 and decoded.rejections == []
+    assert [(note.uri, note.reason) for note in decoded.notes] == [(str(scan / "x.dcm"), "skipped_file")]
+    assert decoded.notes[0].detail.startswith("x.dcm: not DICOM")
+    assert peak < 64 * 1024**2 and seconds < 30, (peak, seconds)
+
+
+@pytest.mark.timeout(120)
+def test_a_dicom_file_over_the_size_cap_is_refused_from_its_head_naming_it(tmp_path):
+    scan = tmp_path / "ST1" / "MIXED"
+    (scan / "IM0001.dcm").parent.mkdir(parents=True)
+    (scan / "IM0001.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    mr = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # another series: its header, then a hole
+    _sparse(scan / "huge.dcm", MAX_DICOM_FILE_BYTES + 1, head=mr)
+    decoded, seconds, peak = _measured(lambda: _decode_folder(scan))
+    assert [volume.modality for volume in decoded.volumes] == ["CT"]  # the other series is kept
+    assert [(r.uri, r.reason) for r in decoded.rejections] == [(str(scan), "too_large")]
+    detail = decoded.rejections[0].detail
+    assert "huge.dcm: 1024 MiB" in detail and "MAX_DICOM_FILE_BYTES" in detail
+    assert peak < 64 * 1024**2 and seconds < 30, (peak, seconds)
+    cut = _sparse(tmp_path / "ST2" / "CUT" / "huge.dcm", MAX_DICOM_FILE_BYTES + 1, head=mr[:200])
+    decoded = _decode_folder(cut.parent)  # its head names no series: the scan is refused
+    assert [(r.reason, "series is unknown" in r.detail) for r in decoded.rejections] == [("too_large", True)]
+
+
+def test_a_large_dicom_file_is_read_whole_after_its_head_and_slices_in_one_read(tmp_path, monkeypatch):
+    frames = HEADER_BYTES // (256 * 256 * 2) + 2  # int16 frames: just over the header budget
+    scan = tmp_path / "ST1" / "CT"
+    scan.mkdir(parents=True)
+    (scan / "enhanced.dcm").write_bytes(_dicom(np.ones((frames, 256, 256)), NumberOfFrames=frames))
+    (scan / "IM0001.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    reads = []
+    for method in ("read_bytes", "read_head"):
+        original = getattr(Storage, method)
+        monkeypatch.setattr(Storage, method, lambda self, uri, *args, _original=original, _method=method:
+                            reads.append((_method, Path(uri).name)) or _original(self, uri, *args))
+    decoded = _decode_folder(scan)
+    assert sorted(volume.pixels.shape for volume in decoded.volumes) == [(1, 128, 128), (frames, 256, 256)]
+    assert sorted(reads) == [("read_bytes", "IM0001.dcm"), ("read_bytes", "enhanced.dcm"),
+                             ("read_head", "enhanced.dcm")]  # the slice in one request, as before
+
+
+def test_a_header_is_read_within_the_budget_and_one_that_does_not_end_there_is_refused():
+    ds = pydicom.dcmread(BytesIO(_dicom(np.zeros((4, 4)))))
+    ds.private_block(0x0009, "HLIP TEST", create=True).add_new(0x01, "OB", bytes(HEADER_BYTES))  # before PatientID
+    buffer = BytesIO()
+    ds.save_as(buffer)
+    data = buffer.getvalue()
+    header = read_header(data[:HEADER_BYTES], whole=False)
+    assert header.dicom and "does not end within its first 4 MiB" in header.problem and header.patient_id is None
+    whole = read_header(data, whole=True)
+    assert (whole.problem, whole.modality, whole.patient_id) == ("", "CT", "ANON")
+    assert "ANON" not in repr(whole)  # the PatientID stays out of the repr
+    small = _dicom(np.zeros((4, 4)))  # an ordinary header ends long before the budget
+    assert read_header(small[:2000], whole=False).problem == ""
+    assert read_header(bytes(HEADER_BYTES), whole=False).problem == "not DICOM"  # zeros: at once
+    assert read_header(small[:132] + bytes(HEADER_BYTES), whole=False).problem == NO_ELEMENTS
+    assert not needs_whole_file(small[:132] + bytes(HEADER_BYTES), 10 * HEADER_BYTES)  # never read whole
 
 
 # ------------------------------------------------------------------------------------------- NIfTI

@@ -248,6 +248,13 @@ def test_listing_reads_one_header_per_study(export, monkeypatch):
         return original(self, uri)
 
     monkeypatch.setattr(Storage, "read_bytes", counting_read)
+    original_head = Storage.read_head
+
+    def counting_head(self, uri, nbytes):
+        reads.append(uri)
+        return original_head(self, uri, nbytes)
+
+    monkeypatch.setattr(Storage, "read_head", counting_head)
     rows = build_manifest(str(export), Storage(), salt=SALT)
     headers = Counter(Path(uri).relative_to(export).parts[0] for uri in reads if not uri.endswith("report.txt"))
     # one header per DICOM study; the DICOMDIR copy and the zero-byte file cost one more read each

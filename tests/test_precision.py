@@ -33,27 +33,35 @@ def test_the_default_precision_is_bf16_and_reaches_deepspeed():
 
 
 @pytest.mark.slow
-def test_the_default_precision_trains_end_to_end_in_bf16_under_deepspeed(ray_session, tmp_path):
+def test_the_default_precision_trains_end_to_end_in_bf16_under_deepspeed(ray_session, tmp_path, monkeypatch):
     """4 steps of a tiny model, 2 workers, ZeRO-2 (the defaults), with ``train.precision`` left at its
     default. The run ends, its losses are finite, its checkpoint loads, and the weights trained in bf16:
     the engine that wrote the checkpoint had bf16 enabled and held bf16 parameters beside fp32 master
-    copies, every consolidated weight is a bf16 value, and the study encoder moved from its init."""
+    copies, every consolidated weight is a bf16 value, and the study encoder moved from its init.
+
+    Run as a user types it, from a folder that is not the one Ray's workers run in: a relative ``--config``
+    whose manifest, text tower, checkpoint and log folders are relative paths too."""
     import torch
+    import yaml
     from safetensors.torch import load
 
     from hlip_ray.model import build_model
 
-    corpus = synthetic_corpus(tmp_path / "corpus", studies=8, seed=11, val_fraction=0.0)
+    synthetic_corpus(tmp_path / "corpus", studies=8, seed=11, val_fraction=0.0)
+    text = tiny_bert_dir(tmp_path).relative_to(tmp_path)
     overrides = [
-        *TINY_MODEL, f"model.text.name_or_path={tiny_bert_dir(tmp_path)}",
-        f"data.manifest={corpus / 'manifest.parquet'}", "train.global_batch_size=4", "train.chunk_size=1",
+        *TINY_MODEL, f"model.text.name_or_path={text}",
+        "data.manifest=corpus/manifest.parquet", "train.global_batch_size=4", "train.chunk_size=1",
         "train.lr=1e-3", "train.warmup_steps=1", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
-        "train.max_failures=0", "train.run_name=bf16", f"train.storage_path={tmp_path / 'runs'}",
-        f"train.log_dir={tmp_path / 'logs'}", "resources.data=data_pool", "resources.trainer=trainer",
+        "train.max_failures=0", "train.run_name=bf16", "train.storage_path=runs",
+        "train.log_dir=logs", "resources.data=data_pool", "resources.trainer=trainer",
     ]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(load_config(None, overrides).model_dump(mode="json")))
     config = load_config(None, overrides)
     assert (config.train.precision, config.train.zero_stage, config.train.num_workers) == ("bf16", 2, 2)
-    assert cli.main(["train", *overrides]) == 0
+    assert cli.main(["train", "--config", "run.yaml"]) == 0
+    config = load_config(None, [*overrides, f"model.text.name_or_path={tmp_path / text}"])
 
     lines = [json.loads(line) for line in (tmp_path / "logs" / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))

@@ -108,13 +108,83 @@ def test_export_of_an_hlip_release_gives_back_its_keys_and_tensors(hlip_referenc
         assert exported[key].dtype == value.dtype and torch.equal(exported[key], value), key
 
 
-def test_export_refuses_an_output_of_the_wrong_kind(run, tmp_path, capsys):
-    folder = str(run[0])
-    assert cli.main(["export", "--checkpoint", folder, "--format", "hlip", "--out", str(tmp_path / "m.json")]) == 2
-    assert "--format hlip writes one torch file" in capsys.readouterr().err
-    assert cli.main(["export", "--checkpoint", folder, "--format", "safetensors",
-                     "--out", str(tmp_path / "m.safetensors")]) == 2
-    assert "writes a folder" in capsys.readouterr().err
+@pytest.fixture(scope="module")
+def unloadable_run(run, tmp_path_factory):
+    """A run checkpoint whose ``model.safetensors`` is not a safetensors file: ``hlip-ray export`` that loads
+    it fails with "not a readable safetensors file", so any other refusal came before the model load."""
+    folder = tmp_path_factory.mktemp("unloadable") / "run"
+    shutil.copytree(run[0], folder)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
+def _export(capsys, checkpoint, fmt, out, *options):
+    code = cli.main(["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out), *options])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_export_refuses_an_output_of_the_wrong_kind_before_loading_the_model(unloadable_run, tmp_path, capsys):
+    for fmt, out, message in (("hlip", tmp_path / "m.json", "--format hlip writes one torch file"),
+                              ("safetensors", tmp_path / "m.safetensors", "writes a folder"),
+                              ("safetensors", tmp_path / "x.pt", "writes a folder")):
+        code, err = _export(capsys, unloadable_run, fmt, out)
+        assert code == 2 and message in err, err
+        assert "not a readable safetensors file" not in err
+        assert not out.exists()
+
+
+def test_export_refuses_an_existing_file_unless_forced(run, unloadable_run, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"somebody's model")
+    code, err = _export(capsys, unloadable_run, "hlip", out)   # refused before the (failing) load
+    assert code == 2 and err == f"hlip-ray: {out} already exists: pass --force to overwrite it\n"
+    code, err = _export(capsys, run[0], "hlip", out)
+    assert code == 2 and "--force" in err
+    assert out.read_bytes() == b"somebody's model"
+
+    code, err = _export(capsys, run[0], "hlip", out, "--force")
+    assert code == 0, err
+    assert "logit_scale" in torch.load(out, weights_only=True)["state_dict"]
+
+
+def test_export_refuses_to_overwrite_an_exported_folder_unless_forced(run, unloadable_run, tmp_path, capsys):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.yaml").write_text("an earlier export\n")
+    for checkpoint in (unloadable_run, run[0]):
+        code, err = _export(capsys, checkpoint, "safetensors", out)
+        assert code == 2 and f"hlip-ray: {out}" in err and "--force" in err, err
+        assert "not a readable safetensors file" not in err
+    assert sorted(path.name for path in out.iterdir()) == ["config.yaml"]
+    assert (out / "config.yaml").read_text() == "an earlier export\n"
+
+    code, err = _export(capsys, run[0], "safetensors", out, "--force")
+    assert code == 0, err
+    assert sorted(path.name for path in out.iterdir()) == ["config.yaml", "model.safetensors", "open_clip_config.json"]
+    assert (out / "config.yaml").read_text() != "an earlier export\n"
+
+
+def test_export_never_writes_into_a_run_checkpoint_even_forced(run, unloadable_run, tmp_path, capsys):
+    """``--out`` the checkpoint being read, a file in it, or another run checkpoint: refused, with or without
+    ``--force``, before the model loads; the checkpoint is untouched and still loads."""
+    checkpoint = tmp_path / "run"
+    shutil.copytree(run[0], checkpoint)
+    before = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
+    for source, fmt, out in ((checkpoint, "safetensors", checkpoint),
+                             (checkpoint, "safetensors", f"{checkpoint}/"),
+                             (checkpoint, "hlip", checkpoint / "model.pt"),
+                             (unloadable_run, "safetensors", checkpoint),
+                             (unloadable_run, "hlip", checkpoint / "deepspeed" / "model.pt"),
+                             (unloadable_run, "safetensors", unloadable_run)):
+        for force in ((), ("--force",)):
+            code, err = _export(capsys, source, fmt, out, *force)
+            assert code == 2 and "is a run checkpoint" in err and "not a readable" not in err, (out, force, err)
+    assert err == (f"hlip-ray: {unloadable_run} is a run checkpoint: export writes no file into one; "
+                   "name another --out\n")
+    assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before
+    model, _ = load_model(str(checkpoint), Storage())
+    assert model is not None
 
 
 def _predict(capsys, checkpoint, study, *extra, options=()):

@@ -6,12 +6,17 @@ node lost without notice. The run ends with the weights of a run nothing happene
 
 from __future__ import annotations
 
+import json
 import re
+import socket
+import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from hlip_ray import spot
+from hlip_ray import cli, spot
 from hlip_ray.demo.spot_drill import (
     LocalSpotCluster,
     MetadataServer,
@@ -52,6 +57,253 @@ def test_the_notice_is_read_through_an_imdsv2_session(metadata):
     assert metadata.unauthorized == 0
     reader.token = "expired"          # a stale token: one 401, a new token, the answer
     assert spot.reclaim_notice(reader).action == "terminate" and metadata.unauthorized == 1
+
+
+class ScriptedMetadata:
+    """IMDSv2 on 127.0.0.1 whose answers the test sets: ``token_status`` for the session token (PUT), and
+    ``replies[path] = (status, body)`` for a GET (404 where none is set). Counts the requests it got."""
+
+    def __init__(self) -> None:
+        self.token_status = 200
+        self.replies: dict[str, tuple[int, bytes]] = {}
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                server.requests += 1
+                self._reply(server.token_status, b"scripted-token" if server.token_status == 200 else b"")
+
+            def do_GET(self):
+                server.requests += 1
+                self._reply(*server.replies.get(self.path, (404, b"")))
+
+            def _reply(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted():
+    server = ScriptedMetadata()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def no_drain(monkeypatch):
+    """Every ``ray drain-node`` this test would start, recorded (its keyword arguments) instead of run; it
+    "succeeds". No Ray cluster is touched."""
+    calls: list[dict] = []
+
+    def record(command, **kwargs):
+        calls.append({"command": command, **kwargs})
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(spot.subprocess, "run", record)
+    return calls
+
+
+@pytest.fixture
+def no_local_ray(monkeypatch, tmp_path):
+    """This machine as one without Ray: no RAY_ADDRESS, no ``ray_current_cluster`` file (Ray's temp dir is
+    under ``tmp_path``), no raylet running (other tests' clusters may run here)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setattr(spot, "_raylet_gcs_addresses", lambda: set(), raising=False)
+    return tmp_path / "ray" / "ray_current_cluster"
+
+
+def _free_port() -> int:
+    """A port on 127.0.0.1 where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def listening_address():
+    """``127.0.0.1:PORT`` where a socket listens (and never answers): what a TCP check of a GCS sees."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def _notice_body(action: str = "terminate", seconds: float = 120) -> bytes:
+    at = time.gmtime(time.time() + seconds)
+    return json.dumps({"action": action, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", at)}).encode()
+
+
+def test_a_wrong_ray_address_fails_at_start_in_one_line_before_any_polling(scripted, no_local_ray, monkeypatch,
+                                                                          capsys):
+    """Found: the address was first used at a notice, where `ray drain-node` hung 60 s of a 90 s warning and
+    died in a TimeoutExpired traceback; the node was never drained."""
+    polled = []
+    monkeypatch.setattr(spot, "watch", lambda *args, **kwargs: polled.append(args))
+    address = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    code = cli.main(["spot-watch", "--address", address, f"spot.imds_endpoint={scripted.endpoint}"])
+    captured = capsys.readouterr()
+    assert code == 1 and not polled and scripted.requests == 0 and "polling" not in captured.out
+    assert time.monotonic() - started < 10
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0] and "--address" in lines[0], captured.err
+
+
+def test_now_with_a_wrong_ray_address_fails_at_once_in_one_line(no_local_ray, no_drain, capsys):
+    address = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    assert cli.main(["spot-watch", "--now", "--address", address]) == 1
+    captured = capsys.readouterr()
+    assert not no_drain and time.monotonic() - started < 10
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0], captured.err
+
+
+def test_the_default_ray_address_is_checked_as_ray_drain_node_resolves_it(no_local_ray, listening_address,
+                                                                         monkeypatch):
+    """--address, else RAY_ADDRESS, else the cluster `ray start` last started here (Ray's ray_current_cluster
+    file), else the one raylet running here; each checked by a TCP connect to its GCS, named in the error."""
+    with pytest.raises(RuntimeError, match="no Ray cluster on this machine"):
+        spot.check_ray_address(None)
+
+    no_local_ray.parent.mkdir(parents=True)
+    no_local_ray.write_text(f"127.0.0.1:{_free_port()}")       # a stale file: its cluster was stopped
+    with pytest.raises(RuntimeError, match="ray_current_cluster") as stale:
+        spot.check_ray_address(None)
+    assert len(str(stale.value).splitlines()) == 1
+    no_local_ray.write_text(listening_address)
+    assert spot.check_ray_address(None) == listening_address
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")
+    with pytest.raises(RuntimeError, match="RAY_ADDRESS"):
+        spot.check_ray_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")        # the job-submission address, not the GCS
+    with pytest.raises(RuntimeError, match="host:port"):
+        spot.check_ray_address(None)
+    assert spot.check_ray_address(listening_address) == listening_address   # --address comes first
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    no_local_ray.unlink()
+    monkeypatch.setattr(spot, "_raylet_gcs_addresses", lambda: {listening_address})
+    assert spot.check_ray_address(None) == listening_address
+
+
+@pytest.mark.parametrize("body", [
+    b"<html><head><title>Down for maintenance</title></head><body>" + b"x" * 20000 + b"</body></html>",
+    b'{"action": "terminate"}',
+    b'{"time": "2026-12-05T22:20:00Z"}',
+    b'{"action": "reboot", "time": "2026-12-05T22:20:00Z"}',
+    b'{"action": "terminate", "time": "soon"}',
+    b'{"action": "terminate", "time": "2026-12-05T22:20:00"}',       # no time zone: AWS's times are UTC
+    b'["terminate", "2026-12-05T22:20:00Z"]',
+    b"\xff\xfe not text",
+])
+def test_an_answer_that_is_not_a_notice_as_aws_documents_it_is_not_acted_on(scripted, body):
+    """Found: any HTTP 200 whose body did not parse drained the node with no deadline (an HTML page did)."""
+    scripted.replies[spot.NOTICE_PATH] = (200, body)
+    with pytest.raises(spot.UnexpectedReply):
+        spot.reclaim_notice(spot.InstanceMetadata(scripted.endpoint))
+
+
+@pytest.mark.parametrize("action", ["terminate", "stop", "hibernate"])
+def test_each_action_aws_documents_is_a_notice(scripted, action):
+    scripted.replies[spot.NOTICE_PATH] = (200, _notice_body(action, 90))
+    notice = spot.reclaim_notice(spot.InstanceMetadata(scripted.endpoint))
+    assert notice.action == action and 85 <= notice.seconds_left <= 90
+
+
+def test_a_maintenance_page_drains_nothing_and_is_logged_once_briefly(scripted, no_drain, capsys):
+    page = b"<html><head><title>Down for maintenance</title></head><body>" + b"x" * 20000 + b"</body></html>"
+    scripted.replies[spot.NOTICE_PATH] = (200, page)
+    assert spot.watch(scripted.endpoint, 0.02, stop_after_s=0.5) is None
+    assert not no_drain
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "not a reclaim notice" in lines[0] and "Down for maintenance" in lines[0], lines
+    assert len(lines[0]) < 400 and "xxxxxxxxxx" * 10 not in lines[0]
+
+
+def test_unexpected_statuses_are_logged_with_their_path_at_most_once_a_minute(scripted, no_drain, monkeypatch,
+                                                                              capsys):
+    """Found: every request answered HTTP 500 and the watcher said nothing (404 is the normal "no notice")."""
+    scripted.replies[spot.NOTICE_PATH] = (500, b"internal error")
+    assert spot.watch(scripted.endpoint, 0.02, stop_after_s=0.5) is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "HTTP 500" in lines[0] and spot.NOTICE_PATH in lines[0], lines
+
+    scripted.token_status = 500                                  # everything 500, the session token first
+    monkeypatch.setattr(spot, "REPEAT_LOG_INTERVAL_S", 0.3)
+    assert spot.watch(scripted.endpoint, 0.02, stop_after_s=1.0) is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert 2 <= len(lines) <= 5 and all("HTTP 500" in line and spot.TOKEN_PATH in line for line in lines), lines
+    assert re.search(r"\d+ times", lines[1]), lines
+    assert not no_drain
+
+
+def test_a_repeated_problem_is_reported_at_once_then_at_most_once_a_minute_with_a_count(capsys):
+    now = [1000.0]
+    problems = spot.RepeatedProblems(interval_s=60, clock=lambda: now[0])
+    for _ in range(10):                    # every 10 s for 100 s: printed at 0 s and 60 s
+        problems.report("HTTP 500 /a", "HTTP 500 from /a")
+        now[0] += 10
+    problems.report("HTTP 503 /b", "HTTP 503 from /b")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].endswith("HTTP 500 from /a") and "6 times" in lines[1] and lines[2].endswith("HTTP 503 from /b")
+
+
+def test_the_drain_keeps_within_the_notices_deadline_and_a_timeout_is_one_line(monkeypatch):
+    """Found: `ray drain-node` could take 60 s whatever the notice left, and its timeout was a traceback."""
+    timeouts = []
+
+    def hang(command, **kwargs):
+        timeouts.append(kwargs["timeout"])
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(spot.subprocess, "run", hang)
+    for seconds_left in (118, 20, 0):
+        with pytest.raises(RuntimeError) as error:
+            spot.drain_node(seconds_left, "spot terminate notice", address="127.0.0.1:1", node_id="ab" * 28)
+        assert len(str(error.value).splitlines()) == 1 and "ray drain-node" in str(error.value)
+    assert timeouts[0] <= 60 and timeouts[1] <= 20 - 2 and 3 <= timeouts[2] <= 10, timeouts
+
+
+def test_now_whose_drain_times_out_says_so_in_one_line(listening_address, no_local_ray, monkeypatch, capsys):
+    timeouts = []
+
+    def hang(command, **kwargs):
+        timeouts.append(kwargs["timeout"])
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(spot.subprocess, "run", hang)
+    assert cli.main(["spot-watch", "--now", "--address", listening_address, "spot.now_deadline_s=15"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "ray drain-node" in lines[0] and timeouts[0] < 15, (lines, timeouts)
+
+
+def test_a_notice_drains_through_the_checked_address(scripted, listening_address, no_drain, capsys):
+    """The drain goes to the cluster that was checked at start, and finds this machine's node there."""
+    scripted.replies[spot.NOTICE_PATH] = (200, _notice_body("terminate", 100))
+    notice = spot.watch(scripted.endpoint, 0.02, address=listening_address, stop_after_s=5)
+    assert notice.action == "terminate" and len(no_drain) == 1
+    command, env = no_drain[0]["command"], no_drain[0]["env"]
+    assert command[command.index("--address") + 1] == listening_address and env["RAY_ADDRESS"] == listening_address
+    assert 90 <= int(command[command.index("--deadline-remaining-seconds") + 1]) <= 100
+    assert no_drain[0]["timeout"] <= 100
 
 
 def _model_weights(root, run_name: str) -> dict:

@@ -1,5 +1,6 @@
 """Storage: local paths and s3:// through a real HTTP endpoint (moto), retries, no secrets."""
 
+import os
 import pickle
 
 import pytest
@@ -52,3 +53,33 @@ def test_storage_and_its_filesystem_pickle_without_credentials(s3_endpoint, monk
 def test_unsupported_scheme_is_a_clear_error():
     with pytest.raises(ValueError, match="gs://bucket/x"):
         Storage().read_bytes("gs://bucket/x")
+
+
+def test_read_head_reads_only_the_first_bytes_locally_and_on_s3(tmp_path, s3_endpoint, bucket):
+    storage = Storage(endpoint_url=s3_endpoint)
+    for root in (str(tmp_path / "local"), f"{bucket}/prefix"):
+        storage.write_bytes(f"{root}/ten.bin", b"0123456789")
+        storage.write_bytes(f"{root}/empty.bin", b"")
+        assert storage.read_head(f"{root}/ten.bin", 4) == b"0123"  # a ranged GET on S3: only 4 bytes come
+        assert storage.read_head(f"{root}/ten.bin", 100) == b"0123456789"  # a shorter file comes whole
+        assert storage.read_head(f"{root}/empty.bin", 4) == b""  # S3 answers a range of an empty object 416
+        with pytest.raises(FileNotFoundError, match="zero.bin"):
+            storage.read_head(f"{root}/zero.bin", 4)
+    sparse = tmp_path / "sparse.dcm"
+    with open(sparse, "wb") as handle:
+        handle.truncate(2 * 1024**3)  # 2 GiB without a byte on disk
+    assert storage.read_head(str(sparse), 8) == bytes(8)
+
+
+def test_folder_links_lists_the_links_that_listing_does_not_follow(tmp_path):
+    (tmp_path / "root" / "real").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "f").write_bytes(b"1")
+    (tmp_path / "root" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "root" / "gone").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "root" / "file_link").symlink_to(tmp_path / "elsewhere" / "f")
+    root = str(tmp_path / "root")
+    assert Storage().list_files(root) == [f"{root}/file_link"]  # the folder link is not followed
+    assert Storage().folder_links(root) == {f"{root}/gone": None,
+                                            f"{root}/linked": os.path.realpath(tmp_path / "elsewhere")}
+    assert Storage().folder_links("s3://bucket/prefix") == {}

@@ -7,10 +7,12 @@ resumption, evaluation from the CLI and the checks that no credential leaks all 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hlip_ray import cli
@@ -293,7 +295,8 @@ def test_a_corpus_without_labels_trains_and_validates_on_loss_and_retrieval(trai
                      "train.checkpoint_every=1", "train.validate_every=2"]) == 0
     output = capsys.readouterr().out.splitlines()
     (line,) = [line for line in output if line.startswith("checkpoint at step 2:")]
-    assert "zero-shot" not in line and re.search(r"val loss \d+\.\d{3}, R@1/5/10 \d\.\d\d/", line), line
+    # 7 val studies: recall at 10 is undefined and left out (it was shown as "nan").
+    assert "zero-shot" not in line and re.search(r"val loss \d+\.\d{3}, R@1/5 \d\.\d\d/\d\.\d\d -> ", line), line
     (between,) = [line for line in output if line.startswith("checkpoint at step 1 ")]
     assert between.startswith("checkpoint at step 1 (latest validation at step 0: val loss "), between
     steps = metrics_lines(trained_run["log_dir"].parent / "unlabelled")
@@ -349,6 +352,61 @@ def test_train_state_round_trips_through_json():
     assert math.isnan(TrainState.from_json(TrainState().to_json()).val_zeroshot_auc)
 
 
+def _validation_line(monkeypatch, report: dict, vocabulary: dict | None) -> str:
+    """The checkpoint line the driver prints for a validation whose ``evaluate`` gave ``report``: through
+    the loop's ``Validation.measure`` and the run log's ``numeric`` (no engine, no Ray)."""
+    from types import SimpleNamespace
+
+    import ray.train
+    import torch
+
+    from hlip_ray.train import loop
+    from hlip_ray.train.tracking import checkpoint_line, numeric
+
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: report)
+    monkeypatch.setattr(ray.train, "get_dataset_shard",
+                        lambda name: SimpleNamespace(iter_torch_batches=lambda **kwargs: iter(())))
+    validation = loop.Validation.__new__(loop.Validation)
+    validation.worker = SimpleNamespace(config=load_config(None, []), rank=0, world_size=1)
+    validation.has_val, validation.vocabulary, validation.tokenizer = True, vocabulary, None
+    metrics = {**validation.measure(SimpleNamespace(module=torch.nn.Linear(1, 1))), "val/step": 4, "step": 4}
+    return checkpoint_line(numeric(metrics), "s3://b/runs/r/checkpoint_00000004")
+
+
+def test_a_val_split_whose_auc_is_undefined_is_reported_with_what_it_measured_and_why_no_auc(monkeypatch):
+    """A val split where every label has one class (or no study carries a label) has no zero-shot AUC; the
+    checkpoint line shows the loss and retrieval it has and says why the AUC is missing, never "no val
+    split". A split too small for loss and retrieval says that; a partly undefined AUC counts its labels."""
+    from hlip_ray.eval.zeroshot import auc_report
+
+    vocabulary = {"hemorrhage": {}, "infarct": {}, "mass": {}}
+    scores = {name: np.linspace(0, 1, 5) for name in vocabulary}
+    one_class = auc_report(scores, [{"hemorrhage": 0, "infarct": 1, "mass": 0}] * 5)
+    assert math.isnan(one_class["macro_auc"])
+    retrieval = {"r@1": 0.2, "study_to_report_r@1": 0.2, "report_to_study_r@1": 0.2}
+    line = _validation_line(monkeypatch, {"studies": 5, "loss": 2.31, "retrieval": retrieval, **one_class},
+                            vocabulary)
+    assert line == ("checkpoint at step 4: val loss 2.310, R@1 0.20; zero-shot AUC undefined (no label has both "
+                    "classes among the 5 val studies) -> s3://b/runs/r/checkpoint_00000004"), line
+
+    unlabelled = {"studies": 2, "loss": math.nan, "retrieval": {}, "macro_auc": math.nan, "per_label": {}}
+    line = _validation_line(monkeypatch, unlabelled, vocabulary)
+    assert "no val split" not in line and "val split of 2 studies: too few for loss and retrieval" in line, line
+    assert "zero-shot AUC undefined (no label has both classes among the 2 val studies)" in line, line
+
+    labels = [{"hemorrhage": i % 2, "infarct": 1, "mass": i // 3} for i in range(5)]
+    partly = auc_report(scores, labels)
+    line = _validation_line(monkeypatch, {"studies": 5, "loss": 2.31, "retrieval": retrieval, **partly}, vocabulary)
+    assert re.match(r"checkpoint at step 4: val zero-shot AUC \d\.\d{3} \(hemorrhage \d\.\d{3}, mass \d\.\d{3}, "
+                    r"1 label\(s\) undefined: one class in val\); val loss 2\.310, R@1 0\.20 ->", line), line
+    # Without a vocabulary no AUC is asked for, and none is mentioned; without a val split, nothing is measured.
+    line = _validation_line(monkeypatch, {"studies": 5, "loss": 2.31, "retrieval": retrieval}, None)
+    assert "AUC" not in line and "val loss 2.310, R@1 0.20" in line, line
+    from hlip_ray.train.tracking import validation_text
+
+    assert validation_text({"val/step": 4}) == "no validation (no val split)"
+
+
 def test_the_same_config_and_seed_give_the_same_loss_at_every_step_and_the_same_weights(trained_run, capsys):
     """Training is deterministic end to end: a second run of the same config (another name, so it
     starts afresh) reads the same studies, draws the same masks and writes the same bytes. Its
@@ -400,3 +458,253 @@ def test_a_runs_shared_metrics_copy_keeps_every_step_of_the_run_across_clusters_
     assert any(shared.glob("tensorboard/events.out.tfevents*"))
     for actor in (first, second):
         ray_session.kill(actor)
+
+
+KILL_DRIVER = '''
+import os, sys
+from pathlib import Path
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from hlip_ray.train.tracking import OneLineRestarts
+
+
+def train(config):
+    import os, time
+    from pathlib import Path
+
+    import ray.train
+    import torch
+
+    from hlip_ray.train.loop import stop_on_lost_peer
+    from hlip_ray.train.tracking import quiet_worker_console
+
+    quiet_worker_console()
+    context = ray.train.get_context()
+    rank, size = context.get_world_rank(), context.get_world_size()
+    folder = Path(config["folder"])
+    attempt = len(list(folder.glob(f"rank{rank}-*.pid")))
+    with stop_on_lost_peer(rank, size):
+        import deepspeed
+        import deepspeed.comm
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        (folder / f"rank{rank}-{attempt}.pid").write_text(str(os.getpid()))
+        for _ in range(10 if attempt else 100_000):   # the first group runs until a worker is killed
+            deepspeed.comm.all_reduce(torch.ones(1))
+            time.sleep(config["between_s"])   # a step's work between its collectives
+
+
+ray.init(log_to_driver=True)
+folder = Path(sys.argv[1])
+TorchTrainer(train, train_loop_config={"folder": str(folder), "between_s": float(sys.argv[2])},
+             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+             run_config=RunConfig(name="kill", storage_path=str(folder / "runs"),
+                                  failure_config=FailureConfig(max_failures=1), callbacks=[OneLineRestarts()],
+                                  worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})).fit()
+print("fit returned", flush=True)
+'''
+
+
+def test_a_sigkilled_workers_group_restarts_with_one_line_and_no_traceback(ray_session, tmp_path):
+    """Two Ray Train workers in DeepSpeed's collectives (gloo); one is SIGKILLed. Its peer's collective fails on
+    the lost connection: the peer says so in one line (or is stopped before it gets there), the controller
+    says in one line that the group restarts and which worker died, and no traceback reaches the console
+    (before: the peer's traceback through DeepSpeed's comm layer, and Ray Train's report of both workers'
+    errors with theirs). The group restarts and finishes. The other way a peer's collective fails, after Ray
+    Train shut the process group down: ``test_a_collective_after_the_process_group_is_shut_down_...``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    run = subprocess.Popen([sys.executable, str(driver), str(tmp_path), "0.02"], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not all((tmp_path / f"rank{rank}-0.pid").is_file() for rank in (0, 1)):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0] if run.poll() else ""
+            time.sleep(0.2)
+        time.sleep(1)   # both in the loop of collectives
+        killed = int((tmp_path / "rank0-0.pid").read_text())
+        survivor = int((tmp_path / "rank1-0.pid").read_text())
+        os.kill(killed, signal.SIGKILL)
+        output, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0 and "fit returned" in output, output[-5000:]
+    assert (tmp_path / "rank0-1.pid").is_file()   # the group restarted
+    # Ray Train's placement-group cleaner may fail to find its cluster where several run on one machine, as
+    # in tests (docs/troubleshooting.md): its thread's traceback is not the restart's.
+    lines = [line for line in output.splitlines() if "(PlacementGroupCleaner " not in line]
+    assert not [line for line in lines if "Traceback" in line or "backend not set" in line], output[-5000:]
+    restarts = [line for line in lines if "worker group restarting" in line]
+    assert len(restarts) == 1, output[-5000:]
+    assert re.search(rf"worker group restarting from its latest checkpoint \(failure 1 of 1 allowed\): rank 0 died "
+                     rf"\(process {killed}\)(; rank 1 stopped: lost its peer)?$", restarts[0]), restarts[0]
+    stopped = [line for line in lines if "a peer of the worker group is gone" in line]
+    assert len(stopped) <= 1 and all(f"pid={survivor})" in line and "worker rank 1 of 2 stops" in line
+                                     for line in stopped), stopped
+
+
+SHUT_DOWN_GROUP = """
+import socket
+
+import deepspeed
+import deepspeed.comm
+import torch
+import torch.distributed as dist
+
+from hlip_ray.train.loop import PeerLost, stop_on_lost_peer
+
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+deepspeed.init_distributed(dist_backend="gloo")
+deepspeed.comm.all_reduce(torch.ones(1))
+dist.destroy_process_group()   # what Ray Train's shutdown of the worker group does on every worker
+for collective in (lambda: deepspeed.comm.get_world_size(), lambda: deepspeed.comm.all_reduce(torch.ones(1))):
+    try:
+        with stop_on_lost_peer(1, 2):
+            collective()
+    except PeerLost as error:
+        print(f"{type(error.__cause__).__name__}: {str(error.__cause__)[:60]} -> {error}")
+"""
+
+
+def test_a_collective_after_the_process_group_is_shut_down_stops_the_worker_with_one_line(tmp_path):
+    """A peer working between collectives when its worker group lost a worker reaches its next DeepSpeed
+    collective after Ray Train shut the process group down: DeepSpeed's "backend not set" assertion (or
+    torch's "not initialized"), raised again as ``PeerLost``, one line. In a process of its own (DeepSpeed's
+    and torch's process group are global state)."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SHUT_DOWN_GROUP], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=tmp_path)
+    lines = [line for line in done.stdout.splitlines() if " -> " in line]
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr[-3000:]
+    assert lines[0].startswith("AssertionError: DeepSpeed backend not set"), lines[0]
+    for line in lines:
+        assert line.endswith(" -> worker rank 1 of 2 stops: a peer of the worker group is gone (the worker group's "
+                             "process group was shut down); Ray Train restarts the group from its latest checkpoint "
+                             "while train.max_failures allows"), line
+
+
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:34189: "
+              "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the "
+              "application. Check the logs of the remote worker before")
+
+
+def _peer_lost(monkeypatch):
+    """A ``PeerLost`` as a worker raises it on gloo's reset connection, and the traceback Ray Train logs of it."""
+    import traceback
+
+    import torch.distributed as dist
+
+    from hlip_ray.train.loop import PeerLost, stop_on_lost_peer
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)   # a group of 2, alive
+    try:
+        with stop_on_lost_peer(1, 2):
+            raise RuntimeError(GLOO_RESET)
+    except PeerLost as error:
+        return error, traceback.format_exc()
+
+
+def test_only_a_lost_peer_stops_a_worker_as_peer_lost(monkeypatch):
+    import torch.distributed as dist
+
+    from hlip_ray.train.loop import lost_peer, stop_on_lost_peer
+
+    error, _ = _peer_lost(monkeypatch)
+    assert str(error) == ("worker rank 1 of 2 stops: a peer of the worker group is gone (Read error "
+                          "[127.0.0.1]:34189: Connection reset by peer); Ray Train restarts the group from its latest "
+                          "checkpoint while train.max_failures allows")
+    assert isinstance(error.__cause__, RuntimeError)   # Ray's worker log keeps the collective's traceback
+    assert lost_peer(dist.DistNetworkError("Connection closed by peer"), 2) == "Connection closed by peer"
+    # Any other error, or one worker alone, is raised as it is.
+    assert lost_peer(RuntimeError("CUDA out of memory"), 2) is None
+    assert lost_peer(RuntimeError(GLOO_RESET), 1) is None
+    with pytest.raises(ValueError, match="a bug"), stop_on_lost_peer(0, 2):
+        raise ValueError("a bug")
+
+
+def test_the_workers_console_shows_a_lost_peer_in_one_line(monkeypatch, capsys):
+    """Ray Train logs a worker's exception with its traceback ("Error in training function:"); the console
+    shows a ``PeerLost`` as its message alone, and any other error whole."""
+    from ray._private.log import PlainRayHandler
+    from ray.train.v2._internal import util
+
+    from hlip_ray.train.tracking import quiet_worker_console
+
+    error, formatted = _peer_lost(monkeypatch)
+    console = PlainRayHandler()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [console])
+    quiet_worker_console()
+
+    def shown(text: str) -> str:
+        capsys.readouterr()
+        console.handle(logging.LogRecord(util.__name__, logging.ERROR, __file__, 1, text, None, None))
+        return capsys.readouterr().err
+
+    assert shown(f"Error in training function:\n{formatted}") == f"{error}\n"
+    other = "Error in training function:\nTraceback (most recent call last):\n  ...\nValueError: a bug\n"
+    assert shown(other) == other + "\n"
+
+
+def _restart_record(worker_failures: dict) -> logging.LogRecord:
+    """Ray Train's controller logging its decision to restart the worker group after ``worker_failures``."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.execution.failure_handling import default
+
+    error = WorkerGroupError("[Rank 0 Error Snippet]: ...", worker_failures)
+    message = f"[FailurePolicy] RETRY\n  Source: worker group\n  Error count: 1 (max allowed: 2)\nError: {error}"
+    return logging.LogRecord(default.__name__, logging.INFO, __file__, 1, message, None, (type(error), error, None))
+
+
+def test_the_controllers_console_shows_a_restart_after_a_worker_died_in_one_line(monkeypatch):
+    """Ray Train's report of a restart (every worker's error, tracebacks) is one line where a worker died and
+    the others stopped on losing it; any other failure is left as Ray reports it. The backend shutdown's
+    failure that Ray expects after a crash is not shown."""
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.callbacks import backend_setup
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2._internal.util import construct_user_exception_with_traceback
+
+    from hlip_ray.train.tracking import RestartLine
+
+    peer_lost, _ = _peer_lost(monkeypatch)
+    died = WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(\n  metadata=ActorMetadata("
+                                        "\n    pid=4242,\n  ),\n)", ActorDiedError())
+    try:
+        raise peer_lost
+    except type(peer_lost) as error:
+        wrapped = construct_user_exception_with_traceback(error)   # as a worker's poll may bring it
+    for failures in ({0: died, 1: peer_lost}, {0: died, 1: wrapped}):
+        record = _restart_record(failures)
+        assert RestartLine().filter(record) and record.exc_info is None
+        assert record.getMessage() == ("worker group restarting from its latest checkpoint (failure 1 of 2 allowed): "
+                                       "rank 0 died (process 4242); rank 1 stopped: lost its peer")
+    record = _restart_record({0: died})
+    assert RestartLine().filter(record) and record.getMessage() == (
+        "worker group restarting from its latest checkpoint (failure 1 of 2 allowed): rank 0 died (process 4242)")
+
+    bug = _restart_record({0: died, 1: ValueError("a bug")})
+    message = bug.getMessage()
+    assert RestartLine().filter(bug) and bug.getMessage() == message and bug.exc_info is not None
+
+    shutdown = logging.LogRecord(backend_setup.__name__, logging.WARNING, __file__, 1, "Graceful shutdown of backend "
+                                 "failed. This is expected if one of the workers has crashed.", None,
+                                 (ActorDiedError, ActorDiedError(), None))
+    assert not RestartLine().filter(shutdown)

@@ -9,6 +9,11 @@ warnings are never passed on, because they may quote element values such as the 
 DICOM is recognised by content, whatever a file is named: a Part 10 file (``DICM`` at byte 128), or a
 bare dataset without the preamble (older exports) that pydicom reads and that names a SOP class or a
 series.
+
+Headers are read within a budget (``HEADER_BYTES``, ``read_header``), so that a huge file (a 2 GiB sparse
+file named ``x.dcm``) costs what its head does: a file larger than the budget is judged by its head
+first (``needs_whole_file``), and is read whole only when it is DICOM and no larger than
+``MAX_DICOM_FILE_BYTES``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import gzip
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 
 import nibabel
@@ -27,7 +32,9 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_partial
 from pydicom.pixels import get_decoder
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from hlip_ray.data.records import Decoded, Note, Rejection, Volume
@@ -41,6 +48,23 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index
 # slices differing in any of them are never duplicates, even with identical pixels (blank edge slices).
 ACQUISITION_KEYS = ("EchoNumbers", "EchoTime", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue",
                     "AcquisitionNumber")
+# The budget for a DICOM header: what is read of a file to learn whether it is DICOM and, for the manifest, its
+# PatientID and Modality. The elements up to SeriesNumber (groups 0002-0020: file meta, SOP, study, patient,
+# series) take a few KB even in an enhanced multi-frame object, whose per-frame groups (5200) come after
+# them: 4 MiB leaves a thousand times that, yet a head costs one request and never more than 4 MiB of memory.
+# Files up to this size are read whole at once (their head would be all of them anyway).
+HEADER_BYTES = 4 * 1024**2
+# The largest DICOM file decoded. Decoding holds the file, its pixels and their float32 slices at once
+# (about 5 times the file), so 1 GiB needs some 5 GiB on one CPU worker; it holds 2000 frames of 512 x 512
+# 16-bit pixels, a thin-slice whole-body enhanced CT, the largest CT/MR object we expect. A larger file is
+# refused (``too_large``) from its head, never read.
+MAX_DICOM_FILE_BYTES = 1024**3
+# The elements a header is read for: the manifest's (PatientID, Modality), and what tells a file's series
+# and instance when only its head is read. They all lie before _HEADER_END, where reading stops.
+HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "SeriesInstanceUID", "SeriesNumber")
+_HEADER_END = 0x00200011  # SeriesNumber, the last of HEADER_TAGS in tag order
+_DIRECTORY_GROUP = 0x0004  # the directory records of a DICOMDIR
+NO_ELEMENTS = "zeros after the DICM magic"  # a Part 10 file with no element: pydicom would read zeros for ever
 
 
 class _Reject(Exception):
@@ -60,6 +84,7 @@ class _File:
     ds: pydicom.Dataset | None  # None when the file is not DICOM or does not parse
     truncated: bool  # cut short: its header may still name its series
     skip: str = ""  # why the file is not DICOM at all ("zero bytes", "a DICOMDIR", ...); "" when it is
+    size: int = 0  # a DICOM file over MAX_DICOM_FILE_BYTES, known by its head (``ds``: HEADER_TAGS): its size
 
 
 @dataclass
@@ -79,7 +104,75 @@ class _Slice:
 # --------------------------------------------------------------------------------------------- DICOM
 
 
-def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_slices: int = 1) -> Decoded:
+@dataclass(frozen=True)
+class Header:
+    """What a file's first bytes say (``read_header``). ``problem`` is "" for a DICOM header read in full up
+    to ``HEADER_TAGS``, else why not: "zero bytes", "not DICOM", "a DICOMDIR", ``NO_ELEMENTS``, "unreadable
+    header" (a Part 10 file that does not parse), or a header that does not end within the bytes read.
+    ``dicom`` says whether the file is DICOM by content (module docstring; a DICOMDIR is not). The PatientID
+    is for the manifest's patient-level split only: never store, return in a record, or log it (it is left
+    out of the repr)."""
+
+    dicom: bool
+    problem: str = ""
+    modality: str | None = None
+    patient_id: str | None = field(default=None, repr=False)
+    dataset: pydicom.Dataset | None = field(default=None, repr=False, compare=False)  # HEADER_TAGS read
+
+
+def read_header(head: bytes, whole: bool) -> Header:
+    """The header of a file from its first bytes ``head`` (``whole``: all of it), read no further than
+    ``HEADER_TAGS`` (pixel data never). When ``head`` is not the whole file, the header is complete only if
+    reading got past ``HEADER_TAGS`` within it; otherwise its ``problem`` says the header does not end within
+    ``len(head)`` bytes. Zeros (a sparse or preallocated file) would read as millions of empty elements: they
+    are dropped from the end of ``head``, and a tag that repeats its predecessor (a dataset's tags ascend)
+    ends the read."""
+    if not head:
+        return Header(False, "zero bytes")
+    part10 = _is_part10(head)
+    start = 132 if part10 else 0
+    # Trailing zeros hold no element, and pydicom would read each 8 of them as one: all but 12 are dropped
+    # (12 complete the header of an element whose length ends in zeros).
+    data = head[: len(head.rstrip(b"\x00")) + 12]
+    if len(data) <= start or head[start : start + 8] == bytes(8):  # a null tag of length 0 starts no dataset
+        return Header(True, NO_ELEMENTS) if part10 else Header(False, "not DICOM")
+    seen = {"previous": -1, "past": False, "directory": False}
+
+    def stop(tag: int, vr: str | None, length: int) -> bool:
+        if tag > _HEADER_END or tag >> 16 == _DIRECTORY_GROUP:
+            seen["past"], seen["directory"] = True, tag >> 16 == _DIRECTORY_GROUP
+            return True
+        repeated, seen["previous"] = tag == seen["previous"], tag
+        return repeated
+
+    try:
+        with _quiet_pydicom():
+            ds = read_partial(BytesIO(data), stop_when=stop, force=not part10,
+                              specific_tags=[Tag(keyword) for keyword in HEADER_TAGS])
+            if seen["directory"] or _is_dicomdir(ds):
+                return Header(False, "a DICOMDIR")
+            if not part10 and "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
+                return Header(False, "not DICOM")
+            if not (whole or seen["past"]):
+                return Header(True, f"header does not end within its first {_size(len(head))} (HEADER_BYTES)",
+                              dataset=ds)
+            patient, modality = ds.get("PatientID"), ds.get("Modality")
+    except Exception:  # in a head, an element cut at its end may be why
+        where = "" if whole else f" within its first {_size(len(head))} (HEADER_BYTES)"
+        return Header(True, f"unreadable header{where}") if part10 else Header(False, "not DICOM")
+    return Header(True, "", str(modality) if modality else None, str(patient) if patient else None, ds)
+
+
+def needs_whole_file(head: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes whose first bytes are ``head`` (``HEADER_BYTES`` of it) is read whole
+    for decoding: when it is DICOM by its head and no larger than ``MAX_DICOM_FILE_BYTES``. Otherwise its
+    head is all ``decode_dicom_files`` needs (``heads``) to skip it (not DICOM) or refuse it (too large)."""
+    header = read_header(head, whole=len(head) >= size)
+    return size <= MAX_DICOM_FILE_BYTES and header.dicom and header.problem != NO_ELEMENTS
+
+
+def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_slices: int = 1,
+                       heads: Mapping[str, int] | None = None) -> Decoded:
     """Decode the DICOM files of one scan (a folder or prefix) into one Volume per series.
 
     Files are grouped by SeriesInstanceUID; series are labelled "series-1", "series-2", ... in
@@ -103,7 +196,13 @@ def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_sl
     single images through). A Part 10 file (``DICM`` magic) that does not parse, or a truncated file
     whose header was cut before its SeriesInstanceUID, cannot be attributed to a series: it refuses the
     whole scan as ``corrupt`` (unless its SOPInstanceUID shows it is a copy of an intact file).
+
+    ``heads`` maps the files of ``files`` whose bytes are only their head (their first ``HEADER_BYTES``,
+    where ``needs_whole_file`` said no) to their size. Such a file is judged by its head: one that is not
+    DICOM is skipped (``skipped_file``) as above; a DICOM file over ``MAX_DICOM_FILE_BYTES`` refuses its
+    series (``too_large``, naming the file), or the scan when its head does not name its series.
     """
+    heads = heads or {}
     if not files:
         return _rejected(scan_uri, "missing_object", "no files")
     decoded = Decoded()
@@ -111,7 +210,7 @@ def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_sl
         prefix, parsed = scan_uri.rstrip("/") + "/", []
         for uri, data in files:  # named by their path below the scan's folder
             name = uri[len(prefix) :] if uri.startswith(prefix) else uri.rstrip("/").rsplit("/", 1)[-1]
-            parsed.append(_read(uri, name, data))
+            parsed.append(_read_head(uri, name, data, heads[uri]) if uri in heads else _read(uri, name, data))
         series: dict[str, list[_File]] = defaultdict(list)
         kept_instances: dict[str, str] = {}  # SOPInstanceUID -> the name of the file kept
         for file in sorted(parsed, key=lambda file: file.truncated):  # intact copies first: they are kept
@@ -127,6 +226,10 @@ def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_sl
                 detail = f"{file.name}: {'truncated' if file.truncated else 'not a readable DICOM file'}"
                 decoded.rejections.append(Rejection(scan_uri, "corrupt", f"{detail}; its series is unknown, "
                                                                           "scan rejected"))
+                return decoded
+            if file.size and "SeriesInstanceUID" not in file.ds:
+                detail = f"{_too_large(file)}; its series is unknown, scan rejected"
+                decoded.rejections.append(Rejection(scan_uri, "too_large", detail))
                 return decoded
             if instance:
                 kept_instances[instance] = file.name
@@ -147,26 +250,15 @@ def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_sl
 
 
 def dicom_header(data: bytes) -> tuple[str | None, str | None]:
-    """``(PatientID, Modality)`` from a DICOM header (``data`` may be only the file's first bytes);
-    ``(None, None)`` when ``data`` is not DICOM (module docstring) or is a DICOMDIR, which is an index of
-    files and names no modality of its own.
+    """``(PatientID, Modality)`` from a whole file's DICOM header (``read_header``); ``(None, None)`` when
+    ``data`` is not DICOM (module docstring), does not parse, or is a DICOMDIR, which is an index of files
+    and names no modality of its own.
 
     The PatientID is for patient-level split hashing in the manifest builder only: it identifies a
     person, so use it transiently and never store, return in a record, or log it.
     """
-    tags = ["PatientID", "Modality", "SOPClassUID", "SeriesInstanceUID"]
-    try:
-        with _quiet_pydicom():
-            if _is_part10(data):
-                ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=tags)
-            else:
-                ds = _bare_dataset(data, stop_before_pixels=True, specific_tags=tags)
-            if ds is None or _is_dicomdir(ds):
-                return None, None
-            patient, modality = ds.get("PatientID"), ds.get("Modality")
-    except Exception:
-        return None, None
-    return (str(patient) if patient else None), (str(modality) if modality else None)
+    header = read_header(data, whole=True)
+    return (None, None) if header.problem else (header.patient_id, header.modality)
 
 
 @contextmanager
@@ -206,6 +298,8 @@ def _bare_dataset(data: bytes, **options) -> pydicom.Dataset | None:
     """A dataset without the Part 10 preamble and file meta (older exports), or None when ``data`` is not
     one: pydicom's forced read takes any bytes for a dataset, so it must name a SOP class or a series.
     The transfer syntax it lacks is the encoding the reader found."""
+    if data[:8] == bytes(8):  # a null tag of length 0 starts no dataset: zeros (pydicom would read them all)
+        return None
     try:
         ds = pydicom.dcmread(BytesIO(data), force=True, **options)
         if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
@@ -246,6 +340,27 @@ def _read(uri: str, name: str, data: bytes) -> _File:
     return _File(uri, name, ds, cut or any("end of file" in str(warning.message).lower() for warning in caught))
 
 
+def _read_head(uri: str, name: str, head: bytes, size: int) -> _File:
+    """A file of ``size`` bytes known by its ``head`` only (``decode_dicom_files``' ``heads``): skipped when
+    not DICOM, refused (``size`` set) when over ``MAX_DICOM_FILE_BYTES``, else unreadable (``ds`` None)."""
+    if name.rsplit("/", 1)[-1].upper() == "DICOMDIR":
+        return _File(uri, name, None, False, "a DICOMDIR")
+    header = read_header(head, whole=False)
+    if not header.dicom:
+        why = header.problem if header.problem == "a DICOMDIR" else "not DICOM"
+        return _File(uri, name, None, False, f"{why} ({_size(size)}, judged by its first {_size(len(head))})")
+    if size > MAX_DICOM_FILE_BYTES:
+        return _File(uri, name, header.dataset if header.dataset is not None else pydicom.Dataset(), False,
+                     size=size)
+    return _File(uri, name, None, False)  # DICOM by its magic, but no element follows it
+
+
+def _too_large(file: _File) -> str:
+    """The detail of a file refused for its size."""
+    return (f"{file.name}: {_size(file.size)}, over the {_size(MAX_DICOM_FILE_BYTES)} a DICOM file may have "
+            "(MAX_DICOM_FILE_BYTES)")
+
+
 @contextmanager
 def _as_corrupt(what: str) -> Iterator[None]:
     """Turn any unexpected exception into a "corrupt" rejection naming ``what`` and the exception class."""
@@ -267,6 +382,10 @@ def _series_number(files: list[_File]) -> float:
 def _series_volumes(files: list[_File], scan_uri: str, label: str, min_slices: int,
                     notes: list[Note]) -> list[Volume]:
     """One series' volumes (``decode_dicom_files``); the duplicate slices it drops go to ``notes``."""
+    oversized = [file for file in files if file.size]
+    if oversized:
+        more = f" (and {len(oversized) - 1} more such file(s))" if len(oversized) > 1 else ""
+        raise _Reject("too_large", _too_large(oversized[0]) + more)
     shapes = set()
     for file in files:
         if file.truncated:
@@ -489,6 +608,11 @@ def _nifti_image(data: bytes) -> nibabel.Nifti1Image:
     header_size = {int.from_bytes(data[:4], order) for order in ("little", "big")}
     image_class = nibabel.Nifti2Image if 540 in header_size else nibabel.Nifti1Image
     return image_class.from_bytes(data)
+
+
+def _size(nbytes: int) -> str:
+    """A file size for a detail or a log line: "4 MiB", "2048 MiB", "300 bytes"."""
+    return f"{nbytes / 2**20:.6g} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
 
 
 def _rejected(uri: str, reason: str, detail: str) -> Decoded:

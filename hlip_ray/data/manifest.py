@@ -10,8 +10,9 @@ A DICOM scan's ``uri`` is the folder or key prefix holding its series. Manifests
 Parquet or JSONL files of such rows, as HLIP's JSON layout plus a data root, or from a folder
 listing as PACS exports come (``root/<study>/...``: DICOM files by name, whatever their extension,
 NIfTI files, ``report.txt``; ``build_manifest`` says what it finds, ``hlip-ray manifest`` writes it).
-Listing reads one DICOM header per study; whether each file really is DICOM is decided when the
-scan is decoded (``decode.decode_dicom_files``), where stray files are skipped and counted.
+Listing reads one DICOM header per study, within ``decode.HEADER_BYTES`` (a ranged read); whether each
+file really is DICOM is decided when the scan is decoded (``decode.decode_dicom_files``), where stray
+files are skipped and counted.
 
 Splits are per patient: a salted hash of the DICOM PatientID picks the split, so one patient's
 studies never straddle train and validation. The PatientID and its hash are used in memory
@@ -20,16 +21,17 @@ only, never stored or logged.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hlip_ray.data.decode import dicom_header
+from hlip_ray.data.decode import HEADER_BYTES, read_header
 from hlip_ray.data.storage import Storage, is_s3, join
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # any case; also no extension, or d
 STUDY_FILES = ("report.txt", "labels.json")  # at the top of a study folder: never part of a scan
 MASKS_DIR = "masks"  # lesion masks of a study (the synthetic corpus): never a scan
 HEADER_READS = 8  # files tried per study for its one DICOM header, so junk named like DICOM costs little
+# Byte-order marks, and the encoding each says. UTF-32 LE's mark begins with UTF-16 LE's: it is tried first.
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                    (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+SHOWN = 5  # names given in a warning about many studies, before "and N more"
 
 
 class ManifestError(ValueError):
@@ -121,16 +127,52 @@ def checked_labels(labels: dict, where: str) -> dict[str, int]:
     return {str(name): int(value) for name, value in labels.items()}
 
 
-def decode_report(data: bytes) -> tuple[str, bool]:
-    """A report file's text: UTF-8, else CP1252 (older RIS exports; Latin-1 where CP1252 has a gap).
-    Returns ``(text, fell_back)``."""
-    try:
-        return data.decode("utf-8").strip(), False
-    except UnicodeDecodeError:
+def decode_report(data: bytes) -> tuple[str, str]:
+    """A report file's text, and the encoding that had to be guessed ("" when none was).
+
+    A byte-order mark says the encoding: UTF-8, UTF-16 or UTF-32 in either byte order (Windows' "Unicode"
+    text is UTF-16 LE with a mark). Without one: UTF-8; else UTF-16 when zero bytes fill every other byte
+    (text in UTF-16 without a mark; guessed); else CP1252 (older RIS exports; Latin-1 where CP1252 has a
+    gap; guessed)."""
+    for mark, encoding in BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            try:
+                return data[len(mark) :].decode(encoding).strip(), ""
+            except UnicodeDecodeError:
+                break  # marked, but not in that encoding: guessed below
+    else:
         try:
-            return data.decode("cp1252").strip(), True
+            text = data.decode("utf-8")
+            if "\x00" not in text:
+                return text.strip(), ""
         except UnicodeDecodeError:
-            return data.decode("latin-1").strip(), True
+            pass
+    utf16 = _utf16_by_zero_bytes(data)
+    for encoding in ([utf16] if utf16 else []) + ["cp1252"]:
+        try:
+            return data.decode(encoding).strip(), encoding
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1").strip(), "latin-1"
+
+
+def _utf16_by_zero_bytes(data: bytes) -> str:
+    """ "utf-16-le" or "utf-16-be" when zero bytes fill at least half the odd or the even bytes of ``data``
+    and none of the others (characters below U+0100, most of a report, have a zero high byte), else ""."""
+    if len(data) < 2 or len(data) % 2:
+        return ""
+    even, odd = data[0::2].count(0), data[1::2].count(0)
+    if odd >= len(data) / 4 and not even:
+        return "utf-16-le"
+    if even >= len(data) / 4 and not odd:
+        return "utf-16-be"
+    return ""
+
+
+def _names(names: list[str]) -> str:
+    """The first ``SHOWN`` of ``names``, then how many more."""
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -263,11 +305,20 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
     Without a modality in ``labels.json`` it is read from the study's DICOM header (NIfTI-only studies:
     MR). The split comes from that header's PatientID (NIfTI-only studies: the study id). The header is
     the first of the study's DICOM files (top-level files first, then subfolders in name order) that
-    is DICOM by content and not a DICOMDIR: one read per study, up to ``HEADER_READS`` when the first
-    files are not DICOM. A study with neither DICOM nor NIfTI files is left out (logged, with a count).
+    is DICOM by content and not a DICOMDIR: one read of at most ``decode.HEADER_BYTES`` (``Storage.read_head``:
+    a ranged GET on S3) per study, up to ``HEADER_READS`` when the first files are not DICOM. A header that
+    does not end within ``HEADER_BYTES`` is not used (logged, naming the file). A study with neither DICOM
+    nor NIfTI files is left out (logged, with a count). A study without report text is kept, and logged with
+    a count (and a hint when most have none and ``report.txt`` lies one level deeper: the root is then
+    likely one level too high); preprocessing and training refuse it (``empty_report``). Reports whose
+    encoding had to be guessed (``decode_report``) are logged by study id, never their text.
 
-    A relative local ``root`` is taken from the current folder. The listing does not follow symbolic
-    links to folders (no loop is walked); a dangling link is not listed (``Storage.list_files``).
+    A relative local ``root`` is taken from the current folder. Below the study folders the listing does
+    not follow symbolic links to folders (no loop is walked), and a dangling link is not listed
+    (``Storage.list_files``). A study folder that is itself a link to a folder elsewhere is followed, one
+    level (links inside it are not), and logged; a study-level link is left out, and logged, when it leads
+    to the root or a folder above it (a loop), into the root (a second copy of what is listed already),
+    to the folder another such link leads to, or nowhere (``_linked_studies``).
     """
     if not is_s3(root):
         root = os.path.abspath(root.removeprefix("file://"))
@@ -277,36 +328,100 @@ def build_manifest(root: str, storage: Storage, salt: str, val_fraction: float =
         relative = uri[len(root) + 1 :]
         if "/" in relative:
             by_study[relative.split("/", 1)[0]].append(uri)
-    rows, not_utf8, empty = [], 0, []
+    for name, link in _linked_studies(root, storage).items():
+        by_study[name] += storage.list_files(link)
+    rows, guessed, empty = [], [], []
     for study_id in sorted(by_study):
-        row, fell_back = study_row(study_id, join(root, study_id), by_study[study_id], storage, salt, val_fraction)
-        not_utf8 += fell_back
+        row, encoding = study_row(study_id, join(root, study_id), by_study[study_id], storage, salt, val_fraction)
         if row is None:
             empty.append(study_id)
-        else:
-            rows.append(row)
-    if not_utf8:
-        logger.warning("%d of %d reports were not UTF-8 and were read as CP1252 (older RIS exports)",
-                       not_utf8, len(rows))
+            continue
+        rows.append(row)
+        if encoding:
+            guessed.append((study_id, encoding))
+    if guessed:
+        by_encoding = ", ".join(f"{encoding}: {count}" for encoding, count in
+                                sorted(Counter(encoding for _, encoding in guessed).items()))
+        logger.warning("%d of %d reports were not UTF-8 and had no byte-order mark; their encoding was guessed "
+                       "(%s; CP1252 is that of older RIS exports): %s", len(guessed), len(rows), by_encoding,
+                       _names([study_id for study_id, _ in guessed]))
     if empty:
-        logger.warning("%d study folder(s) under %s hold no DICOM or NIfTI file and were left out: %s%s",
-                       len(empty), root, ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
+        logger.warning("%d study folder(s) under %s hold no DICOM or NIfTI file and were left out: %s",
+                       len(empty), root, _names(empty))
+    _warn_missing_reports(rows, by_study, root)
     return rows
 
 
+def _linked_studies(root: str, storage: Storage) -> dict[str, str]:
+    """The study folders under a local ``root`` that are symbolic links to folders, to be listed through
+    the link: name -> link path. Only this level is followed (``Storage.list_files`` follows no link below
+    it), so no loop is walked. Left out, and logged: a link to the root or a folder above it (a loop), into
+    the root (its folders are listed already: a second copy), to the folder an earlier link (in name order)
+    leads to, or to nothing. The links followed are logged too."""
+    links = storage.folder_links(root)  # none on S3
+    if not links:
+        return {}
+    real_root = os.path.realpath(root)
+    followed: dict[str, str] = {}
+    targets: dict[str, str] = {}  # real path -> the name of the link followed to it
+    left_out = []
+    for link, target in links.items():
+        name = os.path.basename(link)
+        if target is None:
+            why = "it leads nowhere"
+        elif os.path.commonpath([target, real_root]) == target:
+            why = "a loop: it leads to the root or a folder above it"
+        elif os.path.commonpath([target, real_root]) == real_root:
+            why = "it leads into the root, whose folders are listed already"
+        elif target in targets:
+            why = f"it leads where {targets[target]} does"
+        else:
+            followed[name], targets[target] = link, name
+            continue
+        left_out.append(f"{name} ({why})")
+    if followed:
+        logger.warning("%d study folder(s) under %s are symbolic links to folders elsewhere and were followed "
+                       "(one level: links inside them are not): %s", len(followed), root, _names(list(followed)))
+    if left_out:
+        logger.warning("%d symbolic link(s) under %s were left out: %s", len(left_out), root, _names(left_out))
+    return followed
+
+
+def _warn_missing_reports(rows: list[StudyRow], by_study: dict[str, list[str]], root: str) -> None:
+    """Log the studies without report text; when most have none and some hold a ``report.txt`` one level
+    deeper (``root/<site>/<study>/report.txt``), say that the root is likely one level too high."""
+    missing = [row.study_id for row in rows if not row.report.strip()]
+    if not missing:
+        return
+    deeper = []  # a report.txt one level below each study folder that has one there
+    for study_id in missing:
+        prefix = join(root, study_id) + "/"
+        deeper += [uri for uri in by_study[study_id] if uri.startswith(prefix)
+                   and uri[len(prefix) :].count("/") == 1 and uri.endswith("/report.txt")][:1]
+    hint = ""
+    if deeper and 2 * len(missing) > len(rows):
+        hint = (f". {len(deeper)} of them hold a report.txt one level deeper (such as {deeper[0]}): the root "
+                "is likely one level too high; give the folder whose subfolders are the studies "
+                "(hlip-ray manifest --root)")
+    logger.warning("%d of %d studies under %s have no report text (no report.txt in the study folder, or an "
+                   "empty one): %s. They are kept; preprocessing and training refuse them (empty_report)%s",
+                   len(missing), len(rows), root, _names(missing), hint)
+
+
 def study_row(study_id: str, study_dir: str, files: list[str], storage: Storage, salt: str,
-              val_fraction: float = 0.2) -> tuple[StudyRow | None, bool]:
+              val_fraction: float = 0.2) -> tuple[StudyRow | None, str]:
     """The row of one study folder from its listed ``files`` (``build_manifest``'s rules), or None when
-    it holds no DICOM or NIfTI file; and whether its report was read as CP1252 (not UTF-8)."""
+    it holds no DICOM or NIfTI file; and the encoding guessed for its report ("" when none was:
+    ``decode_report``)."""
     dicom_files: dict[str, list[str]] = defaultdict(list)  # scan folder ("" for the study folder) -> uris
-    scans, report, meta, fell_back = [], None, {}, False
+    scans, report, meta, guessed = [], None, {}, ""
     for uri in files:
         relative = uri[len(study_dir) + 1 :]
         parts = relative.split("/")
         if parts[0] == MASKS_DIR:
             continue
         if relative == "report.txt":
-            report, fell_back = decode_report(storage.read_bytes(uri))
+            report, guessed = decode_report(storage.read_bytes(uri))
         elif relative == "labels.json":
             try:
                 meta = json.loads(storage.read_bytes(uri))
@@ -322,17 +437,21 @@ def study_row(study_id: str, study_dir: str, files: list[str], storage: Storage,
     else:
         scans += [ScanRef(name, join(study_dir, name), "dicom") for name in dicom_files]
     if not scans:
-        return None, fell_back
+        return None, guessed
     patient_key, modality = study_id, meta.get("modality")
     candidates = [uri for folder in sorted(dicom_files) for uri in dicom_files[folder]]
     for uri in candidates[:HEADER_READS]:
         try:
-            patient_id, header_modality = dicom_header(storage.read_bytes(uri))
+            head = storage.read_head(uri, HEADER_BYTES)  # a huge file costs what its head does
         except FileNotFoundError:  # gone since the listing
             continue
-        if patient_id or header_modality:
-            patient_key = patient_id or study_id  # goes no further than the split below
-            modality = modality or header_modality
+        header = read_header(head, whole=len(head) < HEADER_BYTES)
+        if header.dicom and header.problem:
+            logger.warning("%s: %s; not used as study %s's header (modality, split)", uri, header.problem, study_id)
+            continue
+        if header.patient_id or header.modality:
+            patient_key = header.patient_id or study_id  # goes no further than the split below
+            modality = modality or header.modality
             break
     scans.sort(key=lambda scan: scan.name)
     return StudyRow(
@@ -342,4 +461,4 @@ def study_row(study_id: str, study_dir: str, files: list[str], storage: Storage,
         scans=scans,
         split=patient_split(patient_key, salt, val_fraction),
         labels=checked_labels(meta.get("labels") or {}, join(study_dir, "labels.json")),
-    ), fell_back
+    ), guessed

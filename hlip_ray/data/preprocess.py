@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -21,6 +22,7 @@ from hlip_ray.config import Config, ConfigError
 from hlip_ray.data.manifest import StudyRow
 from hlip_ray.data.quarantine import QUARANTINE_FILE, run_records
 from hlip_ray.data.shards import SHARDS_DIR, SUMMARY_FILE, index_files, read_index, shard_files, write_index
+from hlip_ray.data.sources import study_source
 from hlip_ray.data.storage import Storage, join
 from hlip_ray.data.streams import study_records
 
@@ -41,9 +43,12 @@ def write_shards(rows: list[StudyRow], config: Config, storage: Storage, out: st
     """Decode and preprocess the studies of ``rows`` not yet in ``out`` on Ray Data workers into
     ``out/shards``, then commit them to the index; returns the summary (also ``out/shards.json``)."""
     started = time.perf_counter()
+    # Ray Data's writers run in other processes, whose working folder is not this one's.
+    out = out if "://" in out else os.path.abspath(out)
     settings = preprocessing_settings(config)
     check_output(out, storage, settings)
     index, leftovers = committed_index(out, storage)
+    check_same_studies(rows, index, out)
     done = {row["study_id"] for row in index}
     todo = [row for row in rows if row.study_id not in done]
     new: list[dict] = []
@@ -109,6 +114,22 @@ def check_output(out: str, storage: Storage, settings: dict) -> None:
                             json.dumps({"settings": settings, "status": "in progress"}, indent=2).encode())
     except OSError as error:
         raise ConfigError(f"--out {out}: cannot be written ({error})") from None
+
+
+def check_same_studies(rows: list[StudyRow], index: list[dict], out: str) -> None:
+    """Before any decoding: a study of the manifest whose id ``out`` holds already must be the same study
+    (its files in the same place, ``sources.study_source``). Two sites' ``ST001`` are different studies:
+    refused, naming both sources, since every reader knows a study by its id. (An index written before
+    sources were kept cannot tell; its studies are taken as the same.)"""
+    there = {row["study_id"]: row.get("source") for row in index}
+    clashes = [(row.study_id, there[row.study_id], study_source(row)) for row in rows
+               if there.get(row.study_id) not in (None, study_source(row))]
+    if clashes:
+        study_id, old, new = clashes[0]
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise ConfigError(f"--out {out} holds another study of id {study_id!r}{more}: from {old}, while the "
+                          f"manifest's is from {new}. Study ids must be unique in a shard folder: preprocess "
+                          "the other site into a folder of its own, or give its studies distinct ids")
 
 
 def committed_index(out: str, storage: Storage) -> tuple[list[dict], dict]:

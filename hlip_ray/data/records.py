@@ -23,6 +23,7 @@ REJECTION_REASONS = (
     "missing_object",             # the file or prefix does not exist
     "unreadable",                 # an I/O error reading it: permission, a link loop, S3 failing after retries
     "unsupported_format",         # neither DICOM nor NIfTI
+    "too_large",                  # a DICOM file over decode.MAX_DICOM_FILE_BYTES: refused from its head, never read
     "empty_report",               # the study has no report text
     "no_usable_scan",             # every scan of the study was rejected
 )

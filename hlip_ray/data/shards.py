@@ -4,10 +4,10 @@
 Parquet shards (``DIR/shards/run-<time>-<id>/*.parquet``, a folder per run): the study record of
 ``sources.py`` (uint8 volumes with their shape, study id, report, modality, split, labels; no
 patient fields), one study per row group, plus ``DIR/index.parquet`` (where each study is: file,
-row group, study id, split, labels), ``DIR/quarantine.jsonl`` and ``DIR/shards.json`` (counts and
-the preprocessing settings the volumes were made with). Readers see only what the index names: a
-run writes its shards first and the index last, so a run that stops half-way leaves nothing a
-reader picks up. Training and evaluation read the shards instead of raw files: a study is one
+row group, study id, split, labels, and where its files were), ``DIR/quarantine.jsonl`` and
+``DIR/shards.json`` (counts and the preprocessing settings the volumes were made with). Readers see
+only what the index names: a run writes its shards first and the index last, so a run that stops
+half-way leaves nothing a reader picks up. Training and evaluation read the shards instead of raw files: a study is one
 ranged read of its row group, so training can visit studies in any order."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SHARDS_DIR = "shards"
 SUMMARY_FILE = "shards.json"
 INDEX_FILE = "index.parquet"
 INDEX_COLUMNS = ["study_id", "split", "labels", "modality"]
+SOURCE_COLUMN = "source"   # where the study's files were (``sources.study_source``); absent from older shards
 OPEN_FILES = 64  # shard files kept open per worker process
 
 
@@ -35,12 +36,13 @@ def index_files(out: str, storage: Storage, files: list[str]) -> tuple[list[dict
         try:
             with filesystem.open_input_file(f"{root}/{name}") as handle:
                 shard = pq.ParquetFile(handle)
+                read = INDEX_COLUMNS + [SOURCE_COLUMN] * (SOURCE_COLUMN in shard.schema_arrow.names)
                 found = []
                 for group in range(shard.num_row_groups):
-                    columns = shard.read_row_group(group, columns=INDEX_COLUMNS).to_pylist()
+                    columns = shard.read_row_group(group, columns=read).to_pylist()
                     if len(columns) != 1:
                         raise ValueError(f"row group {group} holds {len(columns)} studies, not 1")
-                    found.append({"file": name, "row_group": group, **columns[0]})
+                    found.append({"file": name, "row_group": group, SOURCE_COLUMN: None, **columns[0]})
         except (OSError, ValueError, KeyError) as error:   # pyarrow's ArrowInvalid is a ValueError
             damaged.append((name, f"{type(error).__name__}: not a whole shard ({str(error)[:120]})"))
             continue
@@ -64,7 +66,8 @@ def write_index(out: str, storage: Storage, rows: list[dict]) -> None:
     import pyarrow.parquet as pq
 
     empty = pa.schema([("file", pa.string()), ("row_group", pa.int64()), ("study_id", pa.string()),
-                       ("split", pa.string()), ("modality", pa.string())])
+                       ("split", pa.string()), ("modality", pa.string()), (SOURCE_COLUMN, pa.string())])
+    rows = [{SOURCE_COLUMN: None, **row} for row in rows]   # an older index has none
     table = pa.Table.from_pylist(rows) if rows else empty.empty_table()
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -72,7 +75,8 @@ def write_index(out: str, storage: Storage, rows: list[dict]) -> None:
 
 
 def read_index(out: str, storage: Storage) -> list[dict]:
-    """The rows of ``out/index.parquet``: ``file``, ``row_group``, ``study_id``, ``split``, ``labels``, ``modality``."""
+    """The rows of ``out/index.parquet``: ``file``, ``row_group``, ``study_id``, ``split``, ``labels``, ``modality``,
+    ``source`` (None in an index written before sources were kept)."""
     import pyarrow.parquet as pq
 
     uri = join(out, INDEX_FILE)
@@ -80,7 +84,7 @@ def read_index(out: str, storage: Storage) -> list[dict]:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: no shard index (write the shards with `hlip-ray preprocess`)") from None
-    return pq.read_table(io.BytesIO(data)).to_pylist()
+    return [{SOURCE_COLUMN: None, **row} for row in pq.read_table(io.BytesIO(data)).to_pylist()]
 
 
 _OPEN: OrderedDict = OrderedDict()

@@ -11,7 +11,8 @@ the next item while the current one builds. Two sources:
 - ``ShardStudies``: a shard index row -> the study record stored in the shard cache (``shards.py``).
 
 Study record: ``study_id``, ``report``, ``modality``, ``split``, ``labels`` (JSON text), ``pixels``
-(bytes of uint8 ``[n, C, D, H, W]``), ``shape`` (``[n, C, D, H, W]``), ``epoch``.
+(bytes of uint8 ``[n, C, D, H, W]``), ``shape`` (``[n, C, D, H, W]``), ``epoch``, and from raw files
+``source`` (``study_source``: where its files are, which tells apart two studies of one id).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from hlip_ray.config import Config
+from hlip_ray.config import Config, ConfigError
 from hlip_ray.data.manifest import ScanRef, StudyRow, is_scan_member, read_manifest
 from hlip_ray.data.order import study_rng
 from hlip_ray.data.quarantine import quarantine
@@ -75,27 +76,54 @@ class ReadAhead:
 
 
 # -- raw files -----------------------------------------------------------------------------
+def study_source(study: StudyRow) -> str:
+    """Where a study's files are: the deepest folder or key prefix holding every scan of it (a one-scan
+    study's scan itself). Two studies of one id from two sites (``site1/ST001``, ``site2/ST001``) differ here."""
+    common = os.path.commonprefix([scan.uri.rstrip("/") + "/" for scan in study.scans])
+    return common[: common.rfind("/")] or "/"
+
+
 @dataclass
 class ScanFiles:
     """The stored bytes of one manifest scan: ``files`` ``(uri, bytes)``; None when it could not be read,
-    ``error`` then saying why (``missing_object`` or ``unreadable``, and the error's kind)."""
+    ``error`` then saying why (``missing_object`` or ``unreadable``, and the error's kind). ``heads``: the
+    files of ``files`` read as their head only, with their size (``decode.decode_dicom_files``)."""
 
     scan: ScanRef
     files: list[tuple[str, bytes]] | None
     error: tuple[str, str] | None = None
+    heads: dict[str, int] = field(default_factory=dict)
 
 
 def read_scan(scan: ScanRef, storage: Storage) -> ScanFiles:
     """Read one manifest scan's files: a NIfTI object, or every object under a DICOM prefix but NIfTI files
-    and a study's own files (``manifest.is_scan_member``: a DICOM scan may be its study's folder)."""
+    and a study's own files (``manifest.is_scan_member``: a DICOM scan may be its study's folder).
+
+    A DICOM file up to ``decode.HEADER_BYTES`` (a slice, the common case) is read whole in one request. A
+    larger one is read as its head first, and whole only when it is DICOM and no larger than
+    ``decode.MAX_DICOM_FILE_BYTES`` (``decode.needs_whole_file``); else its head is all that is kept
+    (``heads``), so that a huge stray file (a 2 GiB sparse ``x.dcm``) costs what its head does."""
+    from hlip_ray.data.decode import HEADER_BYTES, needs_whole_file
+
     try:
         if scan.format == "nifti":
             return ScanFiles(scan, [(scan.uri, storage.read_bytes(scan.uri))])
         prefix = scan.uri.rstrip("/")
-        uris = [uri for uri in storage.list_files(scan.uri) if is_scan_member(uri[len(prefix) + 1 :])]
-        if not uris:
+        sizes = {uri: size for uri, size in sorted(storage.file_sizes(scan.uri).items())
+                 if is_scan_member(uri[len(prefix) + 1 :])}
+        if not sizes:
             raise FileNotFoundError(scan.uri)
-        return ScanFiles(scan, list(zip(uris, storage.read_many(uris))))
+        whole = [uri for uri, size in sizes.items() if size <= HEADER_BYTES]
+        heads: dict[str, bytes] = {}  # the large files not read whole
+        for uri, size in sizes.items():
+            if size > HEADER_BYTES:
+                head = storage.read_head(uri, HEADER_BYTES)
+                if needs_whole_file(head, size):
+                    whole.append(uri)
+                else:
+                    heads[uri] = head
+        data = {**heads, **dict(zip(whole, storage.read_many(whole)))}
+        return ScanFiles(scan, [(uri, data[uri]) for uri in sizes], heads={uri: sizes[uri] for uri in heads})
     except FileNotFoundError:
         return ScanFiles(scan, None, ("missing_object", "no such file or prefix"))
     except OSError as error:   # permission, a link loop, an S3 failure after the retries: this scan only
@@ -116,7 +144,7 @@ def decode_scan(read: ScanFiles, modality: str, nifti_4d: str, min_slices: int) 
         return Decoded(rejections=[Rejection(scan.uri, reason, detail)])
     if scan.format == "nifti":
         return decode_nifti(scan.uri, read.files[0][1], four_d=nifti_4d, modality=modality)
-    return decode_dicom_files(read.files, scan.uri, min_slices=min_slices)
+    return decode_dicom_files(read.files, scan.uri, min_slices=min_slices, heads=read.heads)
 
 
 class RawStudies:
@@ -125,26 +153,29 @@ class RawStudies:
     ``limit``: scans kept per study. With ``shuffle`` (training from raw files) the scans are
     tried in a random order per (seed, epoch, study) until ``limit`` decode; otherwise in
     manifest order. Rejections, and the notes of files left out of kept scans, go to the ``quarantine``
-    log (a ``QuarantineLog`` actor or None).
+    log (a ``QuarantineLog`` actor or None). A study without report text is refused (``empty_report``)
+    unless ``needs_report`` is off (image embeddings need no text).
     """
 
     drops_studies = True  # a study whose scans are all bad gives no record
 
     def __init__(self, config: dict, storage: Storage, quarantine_log, limit: int, shuffle: bool,
-                 seed: int = 0) -> None:
+                 seed: int = 0, needs_report: bool = True) -> None:
         self.config = Config.model_validate(config)
         self.storage = storage
         self.quarantine_log = quarantine_log
         self.limit = limit
         self.shuffle = shuffle
         self.seed = seed
+        self.needs_report = needs_report
 
     @classmethod
-    def of_config(cls, config: Config, storage: Storage, quarantine_log, *, train: bool) -> RawStudies:
+    def of_config(cls, config: Config, storage: Storage, quarantine_log, *, train: bool,
+                  needs_report: bool = True) -> RawStudies:
         """``data.scans_per_study`` scans in random order (training) or ``data.max_eval_scans`` in order."""
         limit = config.data.scans_per_study if train else config.data.max_eval_scans
         return cls(config.model_dump(mode="json"), storage, quarantine_log, limit=limit, shuffle=train,
-                   seed=config.train.seed)
+                   seed=config.train.seed, needs_report=needs_report)
 
     def _scans(self, study: StudyRow, epoch: int) -> list[ScanRef]:
         """The study's scans in the order they are tried."""
@@ -157,7 +188,7 @@ class RawStudies:
         """The files of the first ``limit`` scans tried (``build`` reads more only where some of these
         are rejected)."""
         study = StudyRow.from_dict(item, f"study {item.get('study_id')}")
-        if not study.report.strip():
+        if self.needs_report and not study.report.strip():
             return []
         return [read_scan(scan, self.storage) for scan in self._scans(study, epoch)[:self.limit]]
 
@@ -165,7 +196,7 @@ class RawStudies:
         from hlip_ray.data.volume import preprocess_volume
 
         study = StudyRow.from_dict(item, f"study {item.get('study_id')}")
-        if not study.report.strip():
+        if self.needs_report and not study.report.strip():
             self._reject([Rejection(study.study_id, "empty_report", "the study has no report text")], study.study_id)
             return []
         data = self.config.data
@@ -188,6 +219,7 @@ class RawStudies:
         pixels = np.stack(volumes)
         return [{
             "study_id": study.study_id,
+            "source": study_source(study),
             "report": study.report,
             "modality": study.modality,
             "split": study.split,
@@ -239,3 +271,22 @@ def study_items(config: Config, storage: Storage, quarantine_log, split: str, *,
     else:
         raise ValueError("data.manifest or data.shards must be set to read studies")
     return sorted(items, key=lambda item: item["study_id"]), source
+
+
+def check_studies(config: Config, storage: Storage, split: str) -> int:
+    """Before any work (no Ray needed): the studies ``config`` names (``data.shards``, else ``data.manifest``)
+    can be listed, and ``split`` has some; returns how many it has. An empty or broken manifest, a missing
+    shard index or an empty split fails here, naming the file."""
+    if config.data.shards:
+        source = config.data.shards
+        splits = [item["split"] for item in read_index(source, storage)]
+    elif config.data.manifest:
+        source = config.data.manifest
+        splits = [row.split for row in read_manifest(source, storage)]
+    else:
+        raise ConfigError("data.manifest or data.shards must be set to read studies")
+    count = splits.count(split)
+    if not count:
+        found = {name: splits.count(name) for name in sorted(set(splits))}
+        raise ConfigError(f"{source}: no study has split {split!r} (its splits: {found})")
+    return count

@@ -107,6 +107,32 @@ class Storage:
         except (FileNotFoundError, IsADirectoryError):
             raise FileNotFoundError(f"no such object: {uri}") from None
 
+    def read_head(self, uri: str, nbytes: int) -> bytes:
+        """The first ``nbytes`` of a file (all of a shorter one), never more: one ranged GET on S3
+        (``Range: bytes=0-{nbytes - 1}``). For headers (a DICOM file's, before deciding to read it whole):
+        a huge file costs what its head does. Errors as ``read_bytes``."""
+        if nbytes <= 0:
+            return b""
+        if is_s3(uri):
+            from botocore.exceptions import ClientError
+
+            bucket, key = _split_s3(uri)
+            client = self._s3_client()
+            with _s3_errors(uri):
+                try:
+                    return client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{nbytes - 1}")["Body"].read()
+                except client.exceptions.NoSuchKey:
+                    raise FileNotFoundError(f"no such object: {uri}") from None
+                except ClientError as error:
+                    if error.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object has no byte 0
+                        return b""
+                    raise
+        try:
+            with open(self._local(uri), "rb") as handle:
+                return handle.read(nbytes)
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"no such object: {uri}") from None
+
     def read_many(self, uris: list[str], threads: int = 8) -> list[bytes]:
         """``read_bytes`` of each URI, in order; S3 objects several at a time (a DICOM series is a file per slice)."""
         if len(uris) < 2 or not is_s3(uris[0]):
@@ -200,6 +226,22 @@ class Storage:
             except OSError:   # removed while listed
                 pass
         return sizes
+
+    def folder_links(self, prefix: str) -> dict[str, str | None]:
+        """The symbolic links directly in a local folder that ``list_files`` does not follow: link path -> the
+        real path of the folder it leads to, or None where it leads nowhere (dangling, or a loop of links).
+        Links to files are not here (``list_files`` lists them). S3 has no links: ``{}``."""
+        if is_s3(prefix):
+            return {}
+        links: dict[str, str | None] = {}
+        with os.scandir(self._local(prefix)) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    if os.path.isdir(entry.path):
+                        links[entry.path] = os.path.realpath(entry.path)
+                    elif not os.path.exists(entry.path):
+                        links[entry.path] = None
+        return dict(sorted(links.items()))
 
     @staticmethod
     def _local(uri: str) -> str:

@@ -138,13 +138,14 @@ def _read_studies(items, source: StudySource, config: Config, epoch: int = 0):
 
 
 def study_records(rows: list[StudyRow], config: Config, storage: Storage, quarantine, *,
-                  train: bool, epoch: int = 0):
+                  train: bool, epoch: int = 0, needs_report: bool = True):
     """Ray Dataset of study records decoded from raw files, in manifest order (streamed).
 
     Training keeps ``data.scans_per_study`` scans per study, tried in random order;
-    evaluation and the shard cache keep up to ``data.max_eval_scans`` in manifest order.
+    evaluation and the shard cache keep up to ``data.max_eval_scans`` in manifest order. Studies without
+    report text are refused unless ``needs_report`` is off (``RawStudies``).
     """
-    loader = RawStudies.of_config(config, storage, quarantine, train=train)
+    loader = RawStudies.of_config(config, storage, quarantine, train=train, needs_report=needs_report)
     # Small blocks of manifest rows: each decode task takes ``STUDIES_PER_TASK``, so the work spreads
     # evenly over the workers however uneven the studies are (1 to many scans).
     manifest = ray.data.from_items([row.to_item() for row in rows], override_num_blocks=_decode_blocks(len(rows)))

@@ -9,7 +9,8 @@ into Parquet files of embeddings.
         ──> this process: OUT/embeddings/part-<run>-<n>.parquet, written as the embeddings come
 
 Studies are decoded from their raw files at the test-time size (``eval.grid``, else ``data.grid``) by
-the data plane's own decode stage; each actor loads the model once and encodes batches of
+the data plane's own decode stage (a study without a report is embedded too: an image embedding needs no
+text); each actor loads the model once and encodes batches of
 ``embed.batch_size`` studies. An actor asks for what a training worker does (one CPU, ``resources.trainer``)
 and, where ``eval.device`` resolves to CUDA, ``embed.num_gpus`` of a GPU (one where that is 0). A part
 file's rows: ``study_id``, ``embedding`` (list<float32>, the L2-normalised ``[P]`` of ``encode_study``),
@@ -208,7 +209,7 @@ def embed_archive(manifest: str, checkpoint: str, config: Config, storage: Stora
     if todo:
         load_model(checkpoint, storage, config)   # a checkpoint that does not load fails here, not in an actor
         announce_wait(placement, "embed: the embedding actors")
-        records = study_records(todo, config, storage, quarantine_log, train=False)
+        records = study_records(todo, config, storage, quarantine_log, train=False, needs_report=False)
         embed = config.embed
         embeddings = records.map_batches(
             StudyEmbedder, batch_size=embed.batch_size, batch_format="pyarrow",

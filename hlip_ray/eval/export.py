@@ -15,18 +15,24 @@ model config: projection size, ``vision_cfg`` naming HLIP's timm model where the
 ``from_hlip_checkpoint`` needs to rebuild this very model (``attention_layout``, ``num_heads``,
 ``pixel_mean``, ``pixel_std``, ``text_name_or_path``). Either file reads back with ``from_hlip_checkpoint``
 (and ``--checkpoint`` takes it, with a ``--config`` for the text tower).
+
+``check_target`` refuses, before any model loads, an ``--out`` of the wrong shape for the format, a file
+that is already there (and, for a folder, any of the three files already in it) unless ``force``, and, even
+with ``force``, any place inside a run checkpoint (a folder holding ``train_state.json``), the one being
+read included.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 
 import torch
 
 from hlip_ray.config import Config, config_from_dict, dump_config, read_yaml
-from hlip_ray.data.storage import Storage, join
-from hlip_ray.eval.trained_model import CONFIG_FILE, MODEL_FILE
+from hlip_ray.data.storage import Storage, is_s3, join
+from hlip_ray.eval.trained_model import CONFIG_FILE, MODEL_FILE, STATE_FILE
 from hlip_ray.layouts import expand_layout
 from hlip_ray.model.hlip_export import hlip_state_dict
 from hlip_ray.model.hlip_import import HLIP_MODELS
@@ -37,24 +43,47 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 POOLERS = {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}   # open_clip's names
 
 
-def export_model(model, config: Config, fmt: str, out: str, storage: Storage) -> list[str]:
-    """Write ``model`` (a ``StudyCLIP``) in ``fmt`` to ``out`` (module docstring); returns the URIs written.
-    ``config``: the config it was loaded with (text tower, data recipe)."""
+def check_target(fmt: str, out: str, storage: Storage, force: bool = False) -> None:
+    """Refuse (``ValueError``, one line naming the path) an ``out`` that ``fmt`` cannot write, one that would
+    overwrite files without ``force``, and one inside a run checkpoint whatever ``force`` says. Cheap: run it
+    before loading the model."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt == "hlip" and not out.endswith(TORCH_SUFFIXES):
+        raise ValueError(f"--out {out}: --format hlip writes one torch file, named {' or '.join(TORCH_SUFFIXES)}")
+    if fmt == "safetensors" and out.rstrip("/").endswith((*TORCH_SUFFIXES, ".safetensors", ".json", ".yaml")):
+        raise ValueError(f"--out {out}: --format safetensors writes a folder ({MODEL_FILE}, {CONFIG_FILE}, "
+                         f"{OPEN_CLIP_CONFIG}), not a file")
+    out_exists = storage.exists(out)   # first: an unsupported URI is refused here, naming it
+    checkpoint = _enclosing_run_checkpoint(out if fmt == "safetensors" else _parent(out), storage)
+    if checkpoint is not None:
+        raise ValueError(f"{checkpoint} is a run checkpoint: export writes no file into one; name another --out")
+    if not is_s3(out) and out_exists and os.path.isdir(out.removeprefix("file://")) != (fmt == "safetensors"):
+        wanted = "a folder" if fmt == "safetensors" else "one torch file"
+        raise ValueError(f"--out {out} is {'a file' if fmt == 'safetensors' else 'a folder'}: "
+                         f"--format {fmt} writes {wanted}")
+    if force or not out_exists:
+        return
+    if fmt == "hlip":
+        raise ValueError(f"{out} already exists: pass --force to overwrite it")
+    present = [name for name in (MODEL_FILE, CONFIG_FILE, OPEN_CLIP_CONFIG) if storage.exists(join(out, name))]
+    if present:
+        raise ValueError(f"{out} already holds {', '.join(present)}: pass --force to overwrite them")
+
+
+def export_model(model, config: Config, fmt: str, out: str, storage: Storage, force: bool = False) -> list[str]:
+    """Write ``model`` (a ``StudyCLIP``) in ``fmt`` to ``out`` (module docstring); returns the URIs written.
+    ``config``: the config it was loaded with (text tower, data recipe). ``out`` is refused as ``check_target``
+    refuses it."""
+    check_target(fmt, out, storage, force)
     state_dict = hlip_state_dict(model)
     if fmt == "hlip":
-        if not out.endswith(TORCH_SUFFIXES):
-            raise ValueError(f"--out {out}: --format hlip writes one torch file, named {' or '.join(TORCH_SUFFIXES)}")
         buffer = io.BytesIO()
         torch.save({"state_dict": state_dict}, buffer)
         storage.write_bytes(out, buffer.getvalue())
         return [out]
     from safetensors.torch import save
 
-    if out.endswith((*TORCH_SUFFIXES, ".safetensors", ".json", ".yaml")):
-        raise ValueError(f"--out {out}: --format safetensors writes a folder ({MODEL_FILE}, {CONFIG_FILE}, "
-                         f"{OPEN_CLIP_CONFIG}), not a file")
     described = exported_config(model, config)
     files = {MODEL_FILE: save(state_dict),
              CONFIG_FILE: dump_config(described).encode(),
@@ -64,6 +93,29 @@ def export_model(model, config: Config, fmt: str, out: str, storage: Storage) ->
         storage.write_bytes(join(out, name), data)
         written.append(join(out, name))
     return written
+
+
+def _parent(uri: str) -> str:
+    """The folder a file ``uri`` goes into (``s3://bucket`` at the top of a bucket)."""
+    if is_s3(uri):
+        head, _, _ = uri.rstrip("/").rpartition("/")
+        return head if len(head) > len("s3://") else uri.rstrip("/")
+    return os.path.dirname(os.path.realpath(uri.removeprefix("file://")))
+
+
+def _enclosing_run_checkpoint(folder: str, storage: Storage) -> str | None:
+    """``folder`` or the nearest folder above it that is a run checkpoint (holds ``train_state.json``, complete
+    or not), else ``None``. Locally, links are followed: a link to a checkpoint is the checkpoint."""
+    if is_s3(folder):
+        bucket, _, key = folder[len("s3://"):].rstrip("/").partition("/")
+        parts = [part for part in key.split("/") if part]
+        candidates = [join(f"s3://{bucket}", *parts[:depth]) for depth in range(len(parts), -1, -1)]
+    else:
+        path = os.path.realpath(folder.removeprefix("file://"))
+        candidates = [path]
+        while os.path.dirname(candidates[-1]) != candidates[-1]:
+            candidates.append(os.path.dirname(candidates[-1]))
+    return next((candidate for candidate in candidates if storage.exists(join(candidate, STATE_FILE))), None)
 
 
 def exported_config(model, config: Config) -> Config:

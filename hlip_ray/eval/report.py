@@ -78,6 +78,11 @@ def markdown(report: dict) -> str:
         for way, title in (("study_to_report_", "study → report"), ("report_to_study_", "report → study"),
                            ("", "mean")):
             lines.append(f"| {title} | " + " | ".join(_figure(retrieval[f"{way}r@{k}"]) for k in ks) + " |")
+    skipped = report.get("skipped")
+    if skipped:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in skipped["by_reason"].items())
+        where = f" (each with its reason in `{skipped['quarantine']}`)" if skipped.get("quarantine") else ""
+        lines += ["", f"Skipped studies and scans, by reason: {reasons}{where}."]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ import torch
 
 from hlip_ray.config import Config
 from hlip_ray.data.sources import study_items
-from hlip_ray.data.storage import Storage
+from hlip_ray.data.storage import Storage, join
 from hlip_ray.data.streams import collate_study_batch, evaluation_stream
 from hlip_ray.eval import metrics
 from hlip_ray.eval.held_out import Encoded, encode, summarize
@@ -67,10 +67,12 @@ def evaluate_split(model, config: Config, split: str = "val", *, checkpoint: str
     ``resources.trainer`` (module docstring), which runs every forward pass; here it gives only its loss
     type and temperature to the figures.
     """
+    from hlip_ray.data.quarantine import create_quarantine_log
     from hlip_ray.eval.report import roc_figure, write_report
 
     placement = actor_placement(config)   # eval.device=cuda without a GPU fails here, before any work
     storage = Storage.from_config(config.storage)
+    quarantine_log = create_quarantine_log()
     vocabulary = None
     if config.eval.vocabulary:
         vocabulary = load_vocabulary(storage.read_bytes(config.eval.vocabulary), config.eval.vocabulary)
@@ -79,7 +81,7 @@ def evaluate_split(model, config: Config, split: str = "val", *, checkpoint: str
     model.eval()
     encoder = SplitEncoder.start(model, placement)
     try:
-        encoded = _encode_split(encoder, model, config, storage, split, names)
+        encoded = _encode_split(encoder, model, config, storage, split, names, quarantine_log, out)
         classes = None
         if vocabulary and (encoded.labels >= 0).any():
             classes = encoder.class_embeddings(load_tokenizer(config.model.text.name_or_path), vocabulary,
@@ -97,7 +99,7 @@ def evaluate_split(model, config: Config, split: str = "val", *, checkpoint: str
             if chosen_on == split:
                 threshold_scores, threshold_labels = scores, labels
             else:
-                other = _encode_split(encoder, model, config, storage, chosen_on, names)
+                other = _encode_split(encoder, model, config, storage, chosen_on, names, quarantine_log, out)
                 threshold_scores, threshold_labels = zeroshot_scores(other.study, classes), other.labels.numpy()
             report["classification"] = metrics.classification_report(scores, labels, names, threshold_scores,
                                                                       threshold_labels, chosen_on)
@@ -109,10 +111,34 @@ def evaluate_split(model, config: Config, split: str = "val", *, checkpoint: str
             report["relevance_maps"] = _relevance_maps(encoder, config, storage, split, names, classes, interpret)
     finally:
         encoder.stop()
+    skipped = _skipped(quarantine_log, out, storage)
+    if skipped:
+        report["skipped"] = skipped
     report["seconds"] = round(time.perf_counter() - started, 2)
     if out:
         write_report(out, report, storage, roc_png)
     return report
+
+
+def _skipped(quarantine_log, out: str | None, storage: Storage) -> dict:
+    """The studies and scans the evaluation skipped, by reason (``out/quarantine.jsonl`` with ``out``)."""
+    import ray
+
+    from hlip_ray.data.quarantine import QUARANTINE_FILE, write_quarantine
+    from hlip_ray.data.records import NOTE_REASONS
+
+    if out:
+        counts = write_quarantine(quarantine_log, out, storage)
+        where = join(out, QUARANTINE_FILE)
+    else:
+        records = ray.get(quarantine_log.records_list.remote())
+        ray.get(quarantine_log.close.remote())
+        counts = {}
+        for record in records:
+            counts[record["reason"]] = counts.get(record["reason"], 0) + 1
+        where = None
+    counts = {reason: count for reason, count in counts.items() if reason not in NOTE_REASONS}
+    return {"by_reason": counts, **({"quarantine": where} if where else {})} if counts else {}
 
 
 class EncoderActor:
@@ -212,10 +238,11 @@ class SplitEncoder:
         ray.kill(self.actor)
 
 
-def _split_stream(config: Config, storage: Storage, split: str):
+def _split_stream(config: Config, storage: Storage, split: str, quarantine_log=None):
     """``(studies, count)``: the studies of ``split`` through the data plane (a Ray Dataset, which the encoder
-    actor reads and so executes), and how many are listed."""
-    items, source = study_items(config, storage, None, split, train=False)
+    actor reads and so executes), and how many are listed. Studies that cannot be read are skipped into
+    ``quarantine_log`` (a ``QuarantineLog``; None: logged only)."""
+    items, source = study_items(config, storage, quarantine_log, split, train=False)
     if not items:
         raise ValueError(f"the data has no studies in split {split!r}")
     studies = evaluation_stream(items, source, config)
@@ -223,9 +250,10 @@ def _split_stream(config: Config, storage: Storage, split: str):
 
 
 def _encode_split(encoder: SplitEncoder, model, config: Config, storage: Storage, split: str,
-                  names: list[str]) -> Encoded:
-    """The studies of ``split``, encoded by the encoder actor (``model``, here, gives only the empty start)."""
-    studies, count = _split_stream(config, storage, split)
+                  names: list[str], quarantine_log, out: str | None) -> Encoded:
+    """The studies of ``split``, encoded by the encoder actor (``model``, here, gives only the empty start).
+    A split of which no study could be read is refused, with the reasons (figures of no study would be NaN)."""
+    studies, count = _split_stream(config, storage, split, quarantine_log)
     progress = _Progress(f"encoded studies of split {split!r}", count)
     parts = [encode(model, [], names)]   # no study: the empty tensors of the right widths
     done = 0
@@ -235,6 +263,13 @@ def _encode_split(encoder: SplitEncoder, model, config: Config, storage: Storage
         if done < count:
             progress(done)
     progress(done, last=True)   # fewer than listed where studies could not be read
+    if not done:
+        skipped = _skipped(quarantine_log, out, Storage.from_config(config.storage))
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.get("by_reason", {}).items()) or "no reason"
+        where = f"; every reason in {skipped['quarantine']}" if skipped.get("quarantine") else (
+            "; with --out the quarantine (each study's reason) is written there")
+        raise ValueError(f"none of the {count} studies of split {split!r} could be read "
+                         f"({reasons or 'no reason recorded'}){where}")
     return Encoded(**{field.name: torch.cat([getattr(part, field.name) for part in parts])
                       for field in dataclasses.fields(Encoded)})
 

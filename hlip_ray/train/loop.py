@@ -8,7 +8,8 @@ latest checkpoint; every global step then takes this worker's share of the globa
 those a flat report goes to Ray every ``train.report_every`` steps. ``Reclaim`` watches for a reclaim
 notice (a drain of a node of the run) and checkpoints before the node goes. Rank 0 sends every step's
 metrics to the run's log (``tracking.RunLog``: ``metrics.jsonl``, TensorBoard, the console's progress
-lines).
+lines). A worker whose peer is gone (killed, its node lost) stops with one line (``PeerLost``), and Ray
+Train restarts the group.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray.train
@@ -55,6 +57,13 @@ def train_loop(loop_config: dict) -> None:
     (where this run's checkpoints are), ``train_studies``, ``init_checkpoint``, ``provenance`` and
     ``run_log`` (the ``RunLog`` actor)."""
     quiet_worker_console()
+    context = ray.train.get_context()
+    with stop_on_lost_peer(context.get_world_rank(), context.get_world_size()):
+        train(loop_config)
+
+
+def train(loop_config: dict) -> None:
+    """The training loop of one worker (``train_loop``)."""
     worker = Worker.create(loop_config)
     engine, scheduler, state, resumed = start(worker, loop_config)
     validate = Validation(worker, loop_config.get("validate", False))
@@ -94,6 +103,45 @@ def train_loop(loop_config: dict) -> None:
             if validated or state.step % train.report_every == 0:
                 ray.train.report(metrics)
     log.close()
+
+
+class PeerLost(RuntimeError):
+    """This worker stops because a peer of its worker group is gone (its process killed, its node lost): a
+    collective failed on the lost connection, or Ray Train, restarting the group, shut the process group down
+    under it (DeepSpeed then asserts "backend not set"). Its message is one line, which is all the console
+    shows of it (``tracking.quiet_worker_console``); Ray's worker log keeps the collective's traceback."""
+
+
+@contextmanager
+def stop_on_lost_peer(rank: int, world_size: int):
+    """A failure inside that means a lost peer (``lost_peer``) raised again as ``PeerLost``; any other as it is."""
+    try:
+        yield
+    except Exception as error:
+        cause = lost_peer(error, world_size)
+        if cause is None:
+            raise
+        raise PeerLost(f"worker rank {rank} of {world_size} stops: a peer of the worker group is gone ({cause}); "
+                       "Ray Train restarts the group from its latest checkpoint while train.max_failures allows"
+                       ) from error
+
+
+def lost_peer(error: BaseException, world_size: int) -> str | None:
+    """Why ``error`` means a peer of the worker group is gone, or None where it does not: the process group
+    shut down under this worker (Ray Train initialises it before the loop starts and destroys it when it
+    stops the group), or a collective's connection to a peer failed (gloo's TCP transport, torch's network
+    errors)."""
+    import torch.distributed as dist
+
+    if world_size < 2 or isinstance(error, PeerLost):
+        return None
+    if not dist.is_initialized():
+        return "the worker group's process group was shut down"
+    text = str(error)
+    if isinstance(error, dist.DistNetworkError) or "gloo/transport/" in text:
+        # "[.../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:34189: Connection reset by peer. This is ..."
+        return text.split("] ", 1)[-1].split(". ", 1)[0].strip() or type(error).__name__
+    return None
 
 
 class Reclaim:
@@ -302,6 +350,8 @@ class Validation:
                    "val/studies": report["studies"]}
         metrics.update({f"val/retrieval_{name}": value for name, value in report["retrieval"].items()})
         metrics.update({f"val/auc/{label}": auc for label, auc in report.get("per_label", {}).items()})
+        if self.vocabulary:   # the labels an AUC was asked for (those of one class in val have none)
+            metrics["val/labels"] = len(self.vocabulary)
         return metrics
 
 

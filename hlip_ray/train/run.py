@@ -83,7 +83,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
     from hlip_ray.data.quarantine import create_quarantine_log
     from hlip_ray.train.checkpoints import checkpoint_at
     from hlip_ray.train.loop import train_loop
-    from hlip_ray.train.tracking import start_run_log
+    from hlip_ray.train.tracking import OneLineRestarts, start_run_log
 
     check_setup(config)
     train = config.train
@@ -128,7 +128,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
             worker_runtime_env={"env_vars": {} if train.use_gpu else {"DS_ACCELERATOR": "cpu"}},
-            callbacks=list(callbacks),
+            callbacks=[OneLineRestarts(), *callbacks],
         ),
         datasets=datasets,
         dataset_config=dataset_config,
@@ -137,18 +137,110 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
 
 
 def check_setup(config: Config) -> None:
-    """What the config alone cannot tell, checked before any work: shared storage on any cluster but this
-    machine's own, and the text embedding's size without a projection."""
+    """What the config alone cannot tell, checked before any work: the run's storage reachable and writable
+    (``check_storage``), shared storage on any cluster but this machine's own, and the text embedding's size
+    without a projection."""
     from hlip_ray.model.text import check_projection
     from hlip_ray.text_source import hidden_size
 
     check_output_paths(config)
+    check_storage(config)
     check_shared_storage(config.train.storage_path, "train.storage_path")
     if config.model.text.projection == "none":
         try:
             check_projection("none", config.model.projection_dim, hidden_size(config.model.text.name_or_path))
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+def check_storage(config: Config) -> None:
+    """``train.storage_path`` reachable and writable (``check_storage_path``). Needs no Ray: ``hlip-ray train``
+    calls it before it connects, so that a wrong endpoint or bucket costs one line and no cluster."""
+    check_storage_path(config.train.storage_path, "train.storage_path", config.storage)
+
+
+PROBE_ATTEMPTS = 2       # the storage probe's requests: one retry (a dropped connection), not storage.retries
+PROBE_TIMEOUT_S = 5.0    # its connect and read timeouts, each: a wrong endpoint costs seconds, not minutes
+PROBE_MARKER = ".hlip-ray-write-check-"
+
+
+def check_storage_path(uri: str, key: str, storage_config) -> None:
+    """An s3:// ``uri`` (``key``'s value) that the run could not use, refused in one line naming it and the
+    cause: the endpoint unreachable, the bucket missing, credentials missing or refused, access denied.
+    Three small requests, each bounded (``PROBE_ATTEMPTS``, ``PROBE_TIMEOUT_S``): a listing of the prefix
+    (``MaxKeys=1``: the bucket, its endpoint and read access) and a write and delete of an empty marker
+    object below it (write access; nothing is left behind). Local paths and ``file://`` are checked where the
+    run's processes read them (``check_shared_storage``). ``storage_config``: the config's ``storage``."""
+    if not is_s3(uri):
+        return
+    import uuid
+
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    storage = Storage.from_config(storage_config)
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    prefix = prefix.strip("/")
+    marker = f"{prefix}/{PROBE_MARKER}{uuid.uuid4().hex}" if prefix else f"{PROBE_MARKER}{uuid.uuid4().hex}"
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=storage.endpoint_url, region_name=storage._region(),
+        config=BotoConfig(retries={"max_attempts": PROBE_ATTEMPTS, "mode": "standard"},
+                          connect_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S))
+    endpoint = _without_userinfo(client.meta.endpoint_url)
+    doing = "listing"
+    try:
+        client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        doing = "writing"
+        client.put_object(Bucket=bucket, Key=marker, Body=b"")
+        doing = "deleting"
+        client.delete_object(Bucket=bucket, Key=marker)
+        return
+    except NoCredentialsError:
+        cause = ("no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run "
+                 "where an instance profile or pod identity provides them)")
+    except (ConnectTimeoutError, ReadTimeoutError):
+        cause = (f"the S3 endpoint {endpoint} is unreachable (no answer within {PROBE_TIMEOUT_S:g} s, "
+                 f"{PROBE_ATTEMPTS} tries); check storage.endpoint_url")
+    except (EndpointConnectionError, ConnectionClosedError):
+        cause = (f"the S3 endpoint {endpoint} is unreachable (could not connect, {PROBE_ATTEMPTS} tries); "
+                 "check storage.endpoint_url")
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code") or "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket", "404") or (status == 404 and doing == "listing"):
+            cause = f"bucket {bucket!r} does not exist at {endpoint}"
+        elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            cause = f"the S3 endpoint {endpoint} refused the credentials ({code})"
+        elif code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
+            cause = f"access denied {doing} {'the prefix' if doing == 'listing' else 'an object'} ({code or status})"
+            if doing == "deleting":   # Ray Train deletes old checkpoints (train.keep_checkpoints)
+                cause += f"; the probe's empty object s3://{bucket}/{marker} is left there"
+        else:
+            message = error.response.get("Error", {}).get("Message") or ""
+            cause = f"{doing} failed at {endpoint}: {code or status} {message}".rstrip()
+    except BotoCoreError as error:
+        cause = f"{doing} failed at {endpoint}: {error}"
+    raise ConfigError(f"{key} {uri}: {cause}")
+
+
+def _without_userinfo(url: str) -> str:
+    """A URL as it may be shown: without a user or password in it."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if "@" not in parsed.netloc:
+        return url
+    return parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[1]).geturl()
 
 
 def check_initial_weights(source: str, config: Config, storage: Storage) -> None:
@@ -223,18 +315,20 @@ def in_job_working_dir() -> bool:
 
 
 def check_output_paths(config: Config) -> None:
-    """A relative local output path in a job's working_dir copy would be written where nothing outlives the
-    job: refused, naming the key (metrics need ``train.log_dir`` only where ``train.storage_path`` is local)."""
+    """A local output path in a job's working_dir copy (a relative one, which the command line made absolute
+    there) would be written where nothing outlives the job: refused, naming the key (metrics need
+    ``train.log_dir`` only where ``train.storage_path`` is local)."""
     if not in_job_working_dir():
         return
     keys = {"train.storage_path": config.train.storage_path}
     if shared_log_dir(config) is None:
         keys["train.log_dir"] = config.train.log_dir
+    copy = os.getcwd()
     for key, path in keys.items():
-        if "://" not in path and not os.path.isabs(path):
-            raise ConfigError(f"{key} {path!r} is relative, and this job runs in a temporary copy of its working_dir "
-                              "that Ray deletes with the cluster's session: give s3://bucket/prefix, a shared mount "
-                              "as file:///mnt/shared/..., or an absolute path on the head")
+        if "://" not in path and (not os.path.isabs(path) or os.path.commonpath([copy, path]) == copy):
+            raise ConfigError(f"{key} {path!r} lies in this job's temporary copy of its working_dir (a relative "
+                              "path), which Ray deletes with the cluster's session: give s3://bucket/prefix, a "
+                              "shared mount as file:///mnt/shared/..., or an absolute path on the head")
 
 
 def fit(config: Config, *, init_checkpoint: str | None = None, resume_from: str | None = None, callbacks: tuple = (),

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import ray
+from ray.train.v2.api.callback import UserCallback
 
 from hlip_ray.config import Config
 
@@ -168,17 +169,33 @@ def checkpoint_line(values: dict[str, float], checkpoint: str) -> str:
 
 
 def validation_text(values: dict[str, float]) -> str:
-    """A validation's metrics as a person reads them."""
+    """A validation's metrics as a person reads them, and which are undefined and why. ``values`` are
+    ``numeric``: an undefined figure (NaN) is absent. ``val/studies`` is there whenever a val split was
+    validated, ``val/labels`` (the vocabulary's size) whenever a zero-shot AUC was asked for."""
+    if "val/studies" not in values:
+        return "no validation (no val split)"
+    studies, labels = int(values["val/studies"]), values.get("val/labels")
     shown = []
     auc = values.get("val/zeroshot_auc")
-    if auc is not None and math.isfinite(auc):
-        per_label = ", ".join(f"{key.removeprefix('val/auc/')} {value:.3f}" for key, value in values.items()
-                              if key.startswith("val/auc/"))
-        shown.append(f"val zero-shot AUC {auc:.3f}" + (f" ({per_label})" if per_label else ""))
-    if values.get("val/loss") is not None:
-        recalls = "/".join(f"{values.get(f'val/retrieval_r@{k}', float('nan')):.2f}" for k in (1, 5, 10))
-        shown.append(f"val loss {values['val/loss']:.3f}, R@1/5/10 {recalls}")
-    return "; ".join(shown) or "no validation (no val split)"
+    if auc is not None:
+        per_label = [f"{key.removeprefix('val/auc/')} {value:.3f}" for key, value in values.items()
+                     if key.startswith("val/auc/")]
+        undefined = int(labels) - len(per_label) if labels is not None else 0
+        if undefined > 0:
+            per_label.append(f"{undefined} label(s) undefined: one class in val")
+        shown.append(f"val zero-shot AUC {auc:.3f}" + (f" ({', '.join(per_label)})" if per_label else ""))
+    if studies <= 2:   # evaluate ranks nothing in a smaller set
+        shown.append(f"val split of {studies} stud{'y' if studies == 1 else 'ies'}: too few for loss and retrieval")
+    else:
+        loss = values.get("val/loss")
+        shown.append(f"val loss {loss:.3f}" if loss is not None else "val loss not finite")
+        ks = [k for k in (1, 5, 10) if f"val/retrieval_r@{k}" in values]   # a k of the set's size or more is left out
+        if ks:
+            recalls = "/".join(f"{values[f'val/retrieval_r@{k}']:.2f}" for k in ks)
+            shown[-1] += f", R@{'/'.join(str(k) for k in ks)} {recalls}"
+    if auc is None and labels is not None:
+        shown.append(f"zero-shot AUC undefined (no label has both classes among the {studies} val studies)")
+    return "; ".join(shown)
 
 
 def duration(seconds: float) -> str:
@@ -268,12 +285,16 @@ def quiet_worker_console() -> None:
     validation stream's execution at every validation on every rank: its INFO stays in its
     ``ray-data`` log file. DeepSpeed's import warns on CPU that no CUDA runtime is found, and its
     checkpoints call a torch collective that torch has deprecated (a warning at every checkpoint,
-    nothing for a user to act on).
+    nothing for a user to act on). A worker that stops because a peer is gone (``loop.PeerLost``) says so
+    in one line, instead of Ray Train's "Error in training function" and the collective's traceback.
     """
+    from ray.train.v2._internal import util
     from ray.train.v2._internal.execution import context, storage
 
     class RayTrainChatter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
+            if record.name == util.__name__ and record.levelno == logging.ERROR:
+                one_line(record, peer_lost_line(record.getMessage()))
             return record.name != context.__file__ and not (
                 record.name == storage.__name__ and record.levelno < logging.WARNING)
 
@@ -285,3 +306,84 @@ def quiet_worker_console() -> None:
             handler.addFilter(lambda record: record.levelno >= logging.WARNING)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+
+PEER_LOST = "hlip_ray.train.loop.PeerLost: "   # how a traceback's last line names ``loop.PeerLost``
+
+
+def peer_lost_line(text: str) -> str | None:
+    """``loop.PeerLost``'s one-line message where ``text`` (a formatted traceback, or a message ending with one)
+    ends with it; else None."""
+    lines = text.rstrip().splitlines()
+    if lines and lines[-1].startswith(PEER_LOST):
+        return lines[-1].removeprefix(PEER_LOST)
+    return None
+
+
+def one_line(record: logging.LogRecord, line: str | None) -> None:
+    """``record`` shown as ``line`` alone, where ``line`` is given. Filters of the console handler call it: Ray's
+    handlers of the same logger (its log files) come first in its list, and have written the record whole."""
+    if line is not None:
+        record.msg, record.args, record.exc_info, record.exc_text = line, None, None, None
+
+
+class OneLineRestarts(UserCallback):
+    """In the run's Train controller: a restart of the worker group because a worker died (its process
+    killed, its node lost) in one console line, ``worker group restarting from its latest checkpoint (failure
+    1 of 2 allowed): rank 0 died (process 4242); rank 1 stopped: lost its peer``, instead of Ray Train's
+    report of every worker's error with its traceback and the traceback of the backend's shutdown, which a
+    crashed worker makes fail as Ray expects. Ray's controller log keeps them; other failures, and the last
+    one (no restart left), are shown as Ray shows them."""
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        # Before Ray Train's failure policy logs its decision on these errors.
+        for handler in logging.getLogger("ray.train").handlers:
+            if type(handler).__name__ == "PlainRayHandler" and not any(
+                    isinstance(existing, RestartLine) for existing in handler.filters):
+                handler.addFilter(RestartLine())
+
+
+class RestartLine(logging.Filter):
+    """The console filter ``OneLineRestarts`` puts on the controller's ``ray.train`` console handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ray.exceptions import RayActorError
+        from ray.train.v2._internal.callbacks import backend_setup
+        from ray.train.v2._internal.execution.failure_handling import default
+
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name == backend_setup.__name__ and isinstance(error, RayActorError):
+            return False   # "Graceful shutdown of backend failed. This is expected if one of the workers has crashed."
+        if record.name == default.__name__ and str(record.msg).startswith("[FailurePolicy] RETRY"):
+            one_line(record, restart_line(error, str(record.msg)))
+        return True
+
+
+def restart_line(error, decision: str) -> str | None:
+    """The line for a restart after ``error`` (Ray Train's ``WorkerGroupError``; ``decision``: its failure
+    policy's message), where every worker's failure is its death or ``loop.PeerLost``; else None."""
+    import re
+
+    from ray.exceptions import RayActorError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    if not isinstance(error, WorkerGroupError) or not error.worker_failures:
+        return None
+    parts = []
+    for rank, failure in sorted(error.worker_failures.items()):
+        if isinstance(failure, WorkerHealthCheckFailedError) and isinstance(failure.health_check_failure,
+                                                                            RayActorError):
+            pid = re.search(r"\bpid=(\d+)", str(failure))
+            parts.append(f"rank {rank} died" + (f" (process {pid.group(1)})" if pid else ""))
+        elif f"{type(failure).__module__}.{type(failure).__qualname__}: " == PEER_LOST or \
+                peer_lost_line(str(failure)) is not None:   # the worker's exception, or its traceback
+            parts.append(f"rank {rank} stopped: lost its peer")
+        else:
+            return None
+    allowed = ""
+    count = re.search(r"Error count: (\d+) \(max allowed: (-?\d+)\)", decision)
+    if count:
+        failures, most = count.groups()
+        allowed = f" (failure {failures} of {most} allowed)" if int(most) >= 0 else f" (failure {failures})"
+    return f"worker group restarting from its latest checkpoint{allowed}: {'; '.join(parts)}"

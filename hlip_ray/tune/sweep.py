@@ -16,6 +16,7 @@ from typing import Any
 from hlip_ray.config import Config, ConfigError, with_values
 from hlip_ray.data.storage import Storage, is_s3, join
 from hlip_ray.ray_runtime import check_shared_storage
+from hlip_ray.train.run import check_storage_path
 from hlip_ray.tune.space import Space, check_space
 from hlip_ray.tune.trial import run_trial
 
@@ -36,7 +37,9 @@ def sweep_dir(config: Config) -> str:
 
 def sweep_config(config: Config, space: Space) -> Config:
     """The config every trial starts from: local paths absolute, the trials' runs inside the sweep's
-    folder. Fails (naming key and value) on a space or setting no trial could run with."""
+    folder. Fails (naming key and value) on a space or setting no trial could run with, and on an s3://
+    ``tune.storage_path`` the sweep could not write (``check_storage_path``: endpoint, bucket, access;
+    the trials' runs are below it). Needs no Ray: ``hlip-ray tune`` calls it before it connects."""
     if config.tune.metric.startswith("val/zeroshot") and not config.eval.vocabulary:
         raise ConfigError(f"tune.metric {config.tune.metric!r} is measured by zero-shot validation, which needs "
                           "eval.vocabulary (a label vocabulary) and a 'val' split; for a corpus without labels "
@@ -52,6 +55,7 @@ def sweep_config(config: Config, space: Space) -> Config:
                               "PBT would never perturb a trial")
         if space.trials(config.tune.num_samples) < 2:
             raise ConfigError("PBT needs a population: tune.num_samples (times the space's grid values) is 1")
+    check_storage_path(config.tune.storage_path, "tune.storage_path", config.storage)
     values: dict[str, Any] = {"train.storage_path": join(sweep_dir(config), "runs")}
     for key in PATH_KEYS:
         section, name = key.split(".")
