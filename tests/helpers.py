@@ -90,3 +90,16 @@ def tiny_run_checkpoint(folder: Path, text_dir: Path, *overrides: str, seed: int
     (folder / CONFIG_FILE).write_text(dump_config(config))
     (folder / STATE_FILE).write_text(TrainState(step=1, seed=seed).to_json())
     return folder, config
+
+
+def measured(call):
+    """``(call(), seconds, peak bytes of Python memory allocated meanwhile)``."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        return call(), time.monotonic() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

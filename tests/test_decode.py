@@ -5,8 +5,6 @@ from __future__ import annotations
 import gzip
 import logging
 import random
-import time
-import tracemalloc
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -35,6 +33,7 @@ from hlip_ray.data.records import Decoded, Volume
 from hlip_ray.data.sources import decode_scan, read_scan
 from hlip_ray.data.storage import Storage
 from hlip_ray.data.volume import preprocess_volume
+from tests.helpers import measured
 
 NIFTI_DATA = Path(nibabel.__file__).parent / "tests" / "data"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -384,16 +383,6 @@ def _sparse(path: Path, size: int, head: bytes = b"") -> Path:
     return path
 
 
-def _measured(call):
-    """``(call(), seconds, peak bytes of Python memory allocated meanwhile)``."""
-    tracemalloc.start()
-    start = time.monotonic()
-    try:
-        return call(), time.monotonic() - start, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def _decode_folder(folder: Path) -> Decoded:
     """Read and decode a scan folder the way ``hlip-ray preprocess`` does, without Ray."""
     return decode_scan(read_scan(ScanRef(folder.name, str(folder), "dicom"), Storage()), "CT", "scans", 1)
@@ -404,7 +393,7 @@ def test_a_2_gib_sparse_file_named_dcm_is_skipped_by_its_head_without_reading_it
     scan = tmp_path / "ST1" / "CT"
     _sparse(scan / "x.dcm", 2 * 1024**3)  # `truncate -s 2G x.dcm`: read whole, it hung decoding
     (scan / "IM0001.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
-    decoded, seconds, peak = _measured(lambda: _decode_folder(scan))
+    decoded, seconds, peak = measured(lambda: _decode_folder(scan))
     assert len(decoded.volumes) == 1 and decoded.rejections == []
     assert [(note.uri, note.reason) for note in decoded.notes] == [(str(scan / "x.dcm"), "skipped_file")]
     assert decoded.notes[0].detail.startswith("x.dcm: not DICOM")
@@ -418,7 +407,7 @@ def test_a_dicom_file_over_the_size_cap_is_refused_from_its_head_naming_it(tmp_p
     (scan / "IM0001.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
     mr = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # another series: its header, then a hole
     _sparse(scan / "huge.dcm", MAX_DICOM_FILE_BYTES + 1, head=mr)
-    decoded, seconds, peak = _measured(lambda: _decode_folder(scan))
+    decoded, seconds, peak = measured(lambda: _decode_folder(scan))
     assert [volume.modality for volume in decoded.volumes] == ["CT"]  # the other series is kept
     assert [(r.uri, r.reason) for r in decoded.rejections] == [(str(scan), "too_large")]
     detail = decoded.rejections[0].detail

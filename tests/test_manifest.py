@@ -4,8 +4,6 @@ import codecs
 import json
 import logging
 import re
-import time
-import tracemalloc
 from io import BytesIO
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from hlip_ray.data.manifest import (
     write_manifest,
 )
 from hlip_ray.data.storage import Storage
+from tests.helpers import measured
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # a real CT slice
 REPORT = "Lésion hypodense périventriculaire, 3 mm."
@@ -175,22 +174,12 @@ def _study(root: Path, study_id: str, report: bytes | None = b"No acute findings
     return folder
 
 
-def _measured(call):
-    """``(call(), seconds, peak bytes of Python memory allocated meanwhile)``."""
-    tracemalloc.start()
-    start = time.monotonic()
-    try:
-        return call(), time.monotonic() - start, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.timeout(120)
 def test_a_2_gib_sparse_file_named_dcm_does_not_hang_the_manifest(tmp_path):
     study = _study(tmp_path / "root", "ST001")
     with open(study / "CT" / "00000000.dcm", "wb") as handle:  # sorts first: the first header tried
         handle.truncate(2 * 1024**3)  # `truncate -s 2G`: sparse, no disk
-    rows, seconds, peak = _measured(lambda: build_manifest(str(tmp_path / "root"), Storage(), salt="s"))
+    rows, seconds, peak = measured(lambda: build_manifest(str(tmp_path / "root"), Storage(), salt="s"))
     assert [(row.study_id, row.modality, len(row.scans)) for row in rows] == [("ST001", "CT", 1)]
     assert peak < 64 * 1024**2 and seconds < 30, (peak, seconds)
 
