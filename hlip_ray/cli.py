@@ -76,8 +76,11 @@ def _synth_command(args: argparse.Namespace) -> int:
     storage = _storage(config)
     out = args.out.rstrip("/")
     with storage.parallel_writer(out) as write:
-        summary = write_corpus(write, studies=args.studies, seed=args.seed, size=args.size)
-    print(f"wrote {summary.studies} studies, {summary.scans} scans, {summary.files} files to {out}")
+        summary = write_corpus(write, studies=args.studies, seed=args.seed, size=args.size,
+                               transfer_syntax=args.transfer_syntax, slices=args.slices, modality=args.modality)
+    syntaxes = ", ".join(f"{count} {name}" for name, count in summary.syntaxes.items() if count)
+    print(f"wrote {summary.studies} studies, {summary.scans} scans, {summary.files} files to {out} "
+          f"({summary.bytes / 2**20:.0f} MiB; DICOM series: {syntaxes or 'none'})")
     return 0
 
 
@@ -320,7 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
     synth.add_argument("--studies", type=int, default=24)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", choices=["small", "medium"], default="small")
+    synth.add_argument("--size", choices=["small", "medium", "real"], default="small",
+                       help="small, medium: toy grids (16-80 slices of 48-192 pixels); real: as archives hold "
+                            "studies, CT one series of 300-600 slices at 512x512, MR 4-10 series of 176-256 slices "
+                            "at 256-512 pixels, DICOM in a mix of transfer syntaxes (0.1-1.3 GB a study uncompressed)")
+    synth.add_argument("--transfer-syntax", choices=["explicit", "rle", "jpeg2000", "jpegls"],
+                       help="every DICOM series in this one (all lossless; explicit: uncompressed), rather than "
+                            "the size's mix")
+    synth.add_argument("--slices", type=int, help="every scan's slice count, rather than the size's range")
+    synth.add_argument("--modality", choices=["CT", "MR"], help="every study's modality, rather than half of each")
     synth.set_defaults(run=_synth_command)
 
     manifest = with_config(commands.add_parser("manifest", help="build a manifest from a folder listing"))

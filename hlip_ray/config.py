@@ -173,6 +173,14 @@ class DataConfig(_Section):
     decode_concurrency: int = Field(2, gt=0)
     """Ray Data tasks per stream that read, decode, preprocess and tokenize at the same time (one CPU
     each)."""
+    decode_memory_mb: int = Field(2048, gt=0)
+    """MiB of memory that each Ray Data task decoding raw files asks Ray for (Ray's ``memory`` resource),
+    so a node runs only as many at once as its memory holds and the rest wait instead of being killed
+    for memory. It covers one task at its peak: the worker process (about 0.5 GiB with torch and the
+    tokenizer), the study being decoded (its files and the decode's working copies, up to 3x its int16
+    size) and the next study's files, read meanwhile. The default holds a one-series study of 600
+    512x512 slices (300 MiB int16); raise it for studies of several large series (brain MRI), lower it
+    for smaller ones. Streams from the shard cache (``data.shards``) ask for none."""
 
     @field_validator("windows")
     @classmethod

@@ -13,15 +13,26 @@ import nibabel
 import numpy as np
 import pydicom
 import pytest
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    MPEG2MPML,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from hlip_ray.data.decode import (
+    DEFER_BYTES,
     HEADER_BYTES,
     MAX_DICOM_FILE_BYTES,
     NO_ELEMENTS,
+    _get,
     decode_dicom_files,
     decode_nifti,
     dicom_header,
@@ -32,7 +43,7 @@ from hlip_ray.data.manifest import ScanRef
 from hlip_ray.data.records import Decoded, Volume
 from hlip_ray.data.sources import decode_scan, read_scan
 from hlip_ray.data.storage import Storage
-from hlip_ray.data.volume import preprocess_volume
+from hlip_ray.data.volume import preprocess_volume, resize
 from tests.helpers import measured
 
 NIFTI_DATA = Path(nibabel.__file__).parent / "tests" / "data"
@@ -121,8 +132,12 @@ def test_ct_small_is_in_hounsfield_units_with_an_ras_affine():
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     volume = _only_volume(decode_dicom_files([_testdata("CT_small.dcm")], "s3://bucket/ct"))
     expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    assert volume.pixels.shape == (1, 128, 128) and volume.pixels.dtype == np.float32
-    np.testing.assert_array_equal(volume.pixels[0], expected.astype(np.float32))
+    # Kept as stored (int16) with the rescale; values() gives HU as float32.
+    assert volume.pixels.shape == (1, 128, 128) and volume.pixels.dtype == np.int16
+    assert volume.rescale == (float(ds.RescaleSlope), float(ds.RescaleIntercept))
+    np.testing.assert_array_equal(volume.pixels[0], ds.pixel_array)
+    assert volume.values().dtype == np.float32
+    np.testing.assert_array_equal(volume.values()[0], expected.astype(np.float32))
     assert volume.modality == "CT" and volume.uri == "s3://bucket/ct" and volume.series == "series-1"
     x, y, z = (float(v) for v in ds.ImagePositionPatient)
     np.testing.assert_allclose(volume.affine @ [0, 0, 0, 1], [-x, -y, z, 1])
@@ -183,7 +198,7 @@ def test_enhanced_multi_frame_is_ordered_by_per_frame_positions():
         RescaleIntercept=None,
     )
     volume = _only_volume(decode_dicom_files([("s3://bucket/enhanced.dcm", data)], "s3://bucket/enhanced"))
-    np.testing.assert_array_equal(volume.pixels[:, 0, 0], [1 - 1000, 2 - 1000, 0 - 1000])
+    np.testing.assert_array_equal(volume.values()[:, 0, 0], [1 - 1000, 2 - 1000, 0 - 1000])
     assert volume.spacing == (2.0, 0.8, 0.8)
 
 
@@ -195,7 +210,7 @@ def test_shuffled_series_is_ordered_along_the_normal(orientation):
     steps = (3, 0, 5, 1, 4, 2)
     volume = _only_volume(decode_dicom_files(_series(orientation, steps), "s3://bucket/scan"))
     order = np.argsort(steps)  # file index at each depth
-    np.testing.assert_array_equal(volume.pixels[:, 0, 0], 2 * order - 1024)  # slope 2, intercept -1024
+    np.testing.assert_array_equal(volume.values()[:, 0, 0], 2 * order - 1024)  # slope 2, intercept -1024
     assert volume.pixels.shape == (6, 4, 5)
     np.testing.assert_allclose(volume.spacing, (2.5, 0.5, 0.75))
     rows, columns = np.reshape(orientation, (2, 3))
@@ -208,7 +223,7 @@ def test_shuffled_series_is_ordered_along_the_normal(orientation):
 def test_instance_number_orders_slices_without_positions():
     files = _series(ImagePositionPatient=None, ImageOrientationPatient=None)
     volume = _only_volume(decode_dicom_files(files, "s3://bucket/scan"))
-    np.testing.assert_array_equal(volume.pixels[:, 0, 0], 2 * np.arange(6) - 1024)  # InstanceNumber = i + 1
+    np.testing.assert_array_equal(volume.values()[:, 0, 0], 2 * np.arange(6) - 1024)  # InstanceNumber = i + 1
 
 
 def test_each_series_of_a_folder_is_a_volume():
@@ -228,8 +243,8 @@ def test_repeated_positions_split_into_one_volume_per_repetition():
     files = _series(steps=(0, 1, 2, 0, 1, 2))  # e.g. two echoes; instance numbers put echo 1 first
     decoded = decode_dicom_files(files, "s3://bucket/scan")
     assert [v.series for v in decoded.volumes] == ["series-1.1", "series-1.2"]
-    np.testing.assert_array_equal(decoded.volumes[0].pixels[:, 0, 0], 2 * np.array([0, 1, 2]) - 1024)
-    np.testing.assert_array_equal(decoded.volumes[1].pixels[:, 0, 0], 2 * np.array([3, 4, 5]) - 1024)
+    np.testing.assert_array_equal(decoded.volumes[0].values()[:, 0, 0], 2 * np.array([0, 1, 2]) - 1024)
+    np.testing.assert_array_equal(decoded.volumes[1].values()[:, 0, 0], 2 * np.array([3, 4, 5]) - 1024)
 
 
 def test_copies_are_dropped_and_noted_but_blank_echoes_are_not():
@@ -291,6 +306,121 @@ def test_dicom_is_found_by_content_whatever_the_file_is_called():
     assert sorted(note.detail for note in decoded.notes) == ["DICOMDIR: a DICOMDIR", "notes.txt: not DICOM",
                                                              "x.dcm: zero bytes"]
     assert dicom_header(Path(get_testdata_file("DICOMDIR")).read_bytes()) == (None, None)
+
+
+
+# ------------------------------------------------------------- a series held once, in its stored type
+
+
+def _slices_over_defer_size(count: int = 12, shape=(192, 200), per_file=None) -> list[tuple[str, bytes]]:
+    """A shuffled CT series of ``count`` random int16 slices, each's pixel data over ``DEFER_BYTES`` (so it
+    stays in the file's bytes until decoded); ``per_file`` maps a file index to its attributes."""
+    rng = np.random.default_rng(count)
+    files = [(f"s3://bucket/scan/slice-{i}.dcm",
+              _dicom(rng.integers(-1024, 3000, shape), ImagePositionPatient=[0.0, 0.0, 2.5 * ((7 * i) % count)],
+                     InstanceNumber=i + 1, **(per_file or {}).get(i, {})))
+             for i in range(count)]
+    random.Random(1).shuffle(files)
+    return files
+
+
+def _hu_as_before(files: list[tuple[str, bytes]]) -> np.ndarray:
+    """float32 HU ``[D, H, W]`` of a one-series scan, each slice rescaled as the decoder did before it kept
+    stored values: pixel_array * slope + intercept in float64, then float32; ordered by position."""
+    datasets = sorted((pydicom.dcmread(BytesIO(data)) for _, data in files), key=lambda ds: ds.ImagePositionPatient[2])
+    return np.stack([(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)).astype(np.float32)
+                     for ds in datasets])
+
+
+def test_a_series_keeps_its_stored_values_and_rescale():
+    assert len(_dicom(np.zeros((192, 200)))) > DEFER_BYTES
+    files = _slices_over_defer_size()
+    volume = _only_volume(decode_dicom_files(files, "s3://bucket/scan"))
+    assert volume.pixels.dtype == np.int16 and volume.rescale == (2.0, -1024.0)  # _dicom: slope 2, intercept -1024
+    np.testing.assert_array_equal(volume.values(), _hu_as_before(files))
+
+
+def test_files_stored_in_different_types_widen_the_volume():
+    files = _slices_over_defer_size(per_file={3: {"PixelRepresentation": 0}})  # one slice stored as uint16
+    volume = _only_volume(decode_dicom_files(files, "s3://bucket/scan"))
+    assert volume.pixels.dtype == np.int32
+    np.testing.assert_array_equal(volume.values(), _hu_as_before(files))
+
+
+def test_slices_with_their_own_rescale_become_float32_values():
+    files = _slices_over_defer_size(per_file={5: {"RescaleSlope": 0.5, "RescaleIntercept": -1000.25}})
+    volume = _only_volume(decode_dicom_files(files, "s3://bucket/scan"))
+    assert volume.pixels.dtype == np.float32 and volume.rescale == (1.0, 0.0)
+    np.testing.assert_array_equal(volume.pixels, _hu_as_before(files))
+
+
+@pytest.mark.parametrize(
+    "bits, syntax",
+    [((16, 16, 1), ExplicitVRLittleEndian), ((16, 12, 1), ExplicitVRLittleEndian),
+     ((16, 12, 0), ImplicitVRLittleEndian), ((16, 16, 0), ImplicitVRLittleEndian), ((8, 8, 0), ExplicitVRLittleEndian),
+     ((8, 6, 1), ExplicitVRLittleEndian), ((32, 32, 1), ExplicitVRLittleEndian)],
+    ids=["int16", "int12-garbage-high-bits", "uint12-implicit", "uint16-implicit", "uint8", "int6-in-8", "int32"],
+)
+def test_uncompressed_pixels_read_in_place_are_pydicoms(bits, syntax):
+    """Uncompressed 8/16-bit pixel data is read from the file's bytes where pydicom left it, not by pydicom: it
+    must give what pydicom's pixel_array gives (unused high bits, set to garbage here, shifted away), frame by
+    frame; other widths go through pydicom."""
+    allocated, stored, signed = bits
+    shape = (320, 256) if allocated == 8 else (256, 200)
+    frames = [np.random.default_rng(i).integers(0, 2**allocated, shape, dtype=np.uint64).astype(f"<u{allocated // 8}")
+              for i in range(3)]
+    assert frames[0].nbytes > DEFER_BYTES
+
+    def dicom(frame: np.ndarray, **attributes) -> bytes:
+        return _dicom(np.zeros(frame.shape[-2:]), syntax=syntax, BitsAllocated=allocated, BitsStored=stored,
+                      HighBit=stored - 1, PixelRepresentation=signed, PixelData=frame.tobytes(), **attributes)
+
+    for size in (shape, (24, 20)):  # pixel data left in the file's bytes, and read with a small image's header
+        files = [(f"s3://bucket/scan/f{i}.dcm",
+                  dicom(frame[: size[0], : size[1]], ImagePositionPatient=[0, 0, 2.5 * i]))
+                 for i, frame in enumerate(frames)]
+        volume = _only_volume(decode_dicom_files(files, "s3://bucket/scan"))
+        expected = np.stack([pydicom.dcmread(BytesIO(file)).pixel_array for _, file in files])
+        assert volume.pixels.dtype == expected.dtype
+        np.testing.assert_array_equal(volume.pixels, expected)
+    multi_frame = dicom(np.stack(frames), NumberOfFrames=3, SOPClassUID="1.2.840.10008.5.1.4.1.1.2.1")
+    volume = _only_volume(decode_dicom_files([("s3://bucket/mf.dcm", multi_frame)], "s3://bucket/mf"))
+    np.testing.assert_array_equal(volume.pixels, pydicom.dcmread(BytesIO(multi_frame)).pixel_array)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian],
+                         ids=["explicit", "implicit", "big-endian"])
+def test_header_values_read_from_their_bytes_are_pydicoms(syntax):
+    data = _dicom(np.zeros((4, 4)), syntax=syntax, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], InstanceNumber=" 7",
+                  RescaleSlope="1.5", EchoTime="", BurnedInAnnotation="NO", PixelSpacing=["0.5", " 0.75 "])
+    ds, fresh = (pydicom.dcmread(BytesIO(data)) for _ in range(2))
+    for keyword in ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+                    "InstanceNumber", "RescaleSlope", "RescaleIntercept", "SliceThickness", "SOPClassUID",
+                    "SeriesInstanceUID", "ImageType", "BurnedInAnnotation", "EchoTime", "NumberOfFrames", "BitsStored",
+                    "PhotometricInterpretation"]:
+        mine, pydicoms = _get(fresh, keyword, "absent"), ds.get(keyword, "absent")
+        if isinstance(pydicoms, list | pydicom.multival.MultiValue):
+            assert list(mine) == list(pydicoms), keyword
+        else:
+            assert mine == pydicoms and type(mine) in (int, float, str, type(pydicoms)), keyword
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99, -7])
+def test_a_file_cut_inside_its_pixel_data_left_in_its_bytes_is_corrupt(cut):
+    files = _slices_over_defer_size()
+    name, data = files[4]
+    files[4] = (name, data[: int(len(data) * cut) if cut > 0 else cut])
+    decoded = decode_dicom_files(files, "s3://bucket/scan")
+    assert _reasons(decoded) == ["corrupt"] and "truncated" in decoded.rejections[0].detail
+
+
+def test_decoding_holds_a_series_once_in_its_stored_type():
+    files = _slices_over_defer_size(count=24, shape=(256, 256))
+    stored = 24 * 256 * 256 * 2
+    decoded, _, peak = measured(lambda: decode_dicom_files(files, "s3://bucket/scan"))
+    assert _only_volume(decoded).pixels.nbytes == stored
+    # Before: a parsed copy of every file's pixel data, then float32 slices, then their float32 stack (~6x).
+    assert peak < 1.5 * stored, peak / stored
 
 
 # ---------------------------------------------------------------------------------- bad DICOM input
@@ -551,12 +681,194 @@ def test_constant_volume_does_not_divide_by_zero():
 def test_ras_reorientation_of_a_dicom_volume():
     axial = _only_volume(decode_dicom_files(_series(AXIAL), "s3://bucket/scan"))  # W to L, H to P, D to S
     axial.pixels = np.random.default_rng(0).normal(size=axial.pixels.shape).astype(np.float32)
+    axial.rescale = (1.0, 0.0)
     plain = preprocess_volume(axial, (6, 4, 5), [(-3, 3)])
     ras = preprocess_volume(axial, (6, 4, 5), [(-3, 3)], reorient_to_ras=True)
     np.testing.assert_array_equal(ras, plain[:, :, ::-1, ::-1])
 
     sagittal = _only_volume(decode_dicom_files(_series(SAGITTAL), "s3://bucket/scan"))  # W to P, H to I, D to R
-    sagittal.pixels = axial.pixels
+    sagittal.pixels, sagittal.rescale = axial.pixels, axial.rescale
     plain = preprocess_volume(sagittal, (6, 4, 5), [(-3, 3)])
     ras = preprocess_volume(sagittal, (4, 5, 6), [(-3, 3)], reorient_to_ras=True)
     np.testing.assert_array_equal(ras[0], plain[0, :, ::-1, ::-1].transpose(1, 2, 0))  # new (S, A, R)
+
+
+# ------------------------------------------- the recipe against its oracle: the one change is the resize
+
+
+def _preprocess_before(volume, grid, windows, mri_percentiles=(0.5, 99.5), reorient_to_ras=False,
+                       crop_foreground=False, resize_first=False):
+    """``preprocess_volume`` as it was before issue #34, the oracle: float32 HU (``Volume.values()``, what the
+    decoder gave then), each window (or the MR percentiles) applied at full resolution, then a trilinear resize.
+    ``resize_first``: the one deliberate change since, and nothing else: the HU volume is resized first (an
+    exact area average along an axis that shrinks, computed here from running sums; linear interpolation along
+    one that grows), and the windows are applied on the grid."""
+    pixels = volume.values()
+    if reorient_to_ras:
+        to_ras = ornt_transform(io_orientation(volume.affine), axcodes2ornt(("S", "A", "R")))
+        pixels = np.ascontiguousarray(apply_orientation(pixels, to_ras))
+    ct = volume.modality.upper() == "CT"
+    if crop_foreground:
+        threshold = -500.0 if ct else 0.1 * float(np.percentile(pixels, mri_percentiles[1]))
+        foreground = pixels > threshold
+        if foreground.any():
+            box = []
+            for axis in range(3):
+                present = np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis)))
+                box.append(slice(int(present[0]), int(present[-1]) + 1))
+            pixels = pixels[tuple(box)]
+    if ct:
+        bounds = windows
+    else:
+        low, high = np.percentile(pixels, mri_percentiles)
+        bounds = [(float(low), float(high))]
+    if resize_first:
+        pixels = _resized_reference(pixels.astype(np.float64), grid).astype(np.float32)
+    channels = np.stack([_scale_before(pixels, low, high) for low, high in bounds])
+    if not resize_first:
+        channels = F.interpolate(torch.from_numpy(channels)[None], size=tuple(grid), mode="trilinear",
+                                 align_corners=False)[0].numpy()
+    quantised = (torch.from_numpy(channels).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return quantised if len(quantised) == len(windows) else np.repeat(quantised, len(windows), axis=0)
+
+
+def _scale_before(pixels, low, high):
+    if high <= low:
+        return np.zeros_like(pixels)
+    scaled = np.clip(pixels, low, high)
+    scaled -= low
+    scaled /= high - low
+    return scaled
+
+
+def _resized_reference(pixels: np.ndarray, grid) -> np.ndarray:
+    """float64 ``pixels`` resized to ``grid`` one axis at a time: where an axis shrinks, output i is the integral
+    of the piecewise-constant input over [i, i + 1) * n / out (from its running sum) divided by n / out; where
+    it grows or keeps its size, torch's linear interpolation (align_corners=False)."""
+    for axis, out in enumerate(grid):
+        moved = np.moveaxis(pixels, axis, 0)
+        size = len(moved)
+        if out < size:
+            running = np.concatenate([np.zeros((1, *moved.shape[1:])), np.cumsum(moved, axis=0)])
+            edges = np.arange(out + 1) * size / out
+            whole = np.floor(edges).astype(int)
+            part = (edges - whole).reshape(-1, 1, 1)
+            integral = running[whole] + part * moved[np.minimum(whole, size - 1)]
+            moved = np.diff(integral, axis=0) / (size / out)
+        else:
+            rows = torch.from_numpy(np.ascontiguousarray(moved.reshape(size, -1).T))[:, None]
+            line = F.interpolate(rows, size=out, mode="linear", align_corners=False)[:, 0]
+            moved = line.T.numpy().reshape(out, *moved.shape[1:])
+        pixels = np.moveaxis(moved, 0, axis)
+    return pixels
+
+
+def _anatomy(shape, modality="CT", seed=0) -> np.ndarray:
+    """int16 stored values ``[D, H, W]`` of a body in air: soft tissue, a bone, thin lines and noise (CT:
+    HU + 1024, for a rescale intercept of -1024; MR: arbitrary units)."""
+    rng = np.random.default_rng(seed)
+    d, h, w = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    hu = np.full(shape, -1000.0)
+    hu[(h / 0.7) ** 2 + (w / 0.8) ** 2 < 1 - 0.3 * d**2] = 40
+    hu[(h - 0.3) ** 2 + w**2 < 0.02] = 700
+    hu[:, :, shape[2] // 3] += 400  # a line a voxel wide
+    hu[shape[0] // 2] += 300       # a plane a slice thick
+    hu += rng.normal(0, 20, shape)
+    if modality == "MR":
+        return np.clip(hu + 1000, 0, None).astype(np.int16)
+    return np.round(hu + 1024).astype(np.int16)
+
+
+# Affines (voxel (d, h, w) -> RAS): axial as DICOM gives it (W to L, H to P, D to S) and sagittal (W to P,
+# H to I, D to R): reorientation flips the first and permutes the second.
+AXIAL_AFFINE = np.array([[0, 0, -0.7, 0], [0, -0.7, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]], float)
+SAGITTAL_AFFINE = np.array([[1.5, 0, 0, 0], [0, 0, -0.9, 0], [0, -0.9, 0, 0], [0, 0, 0, 1]], float)
+RECIPES = {  # name: (volume, windows, reorient, crop)
+    "ct-two-windows": (Volume(_anatomy((23, 41, 37)), AXIAL_AFFINE, "CT", "v", rescale=(1.0, -1024.0)),
+                       [(-1150, 350), (-160, 240)], False, False),
+    "ct-cropped-reoriented": (Volume(_anatomy((19, 36, 45), seed=1), SAGITTAL_AFFINE, "CT", "v",
+                                     rescale=(1.0, -1024.0)), [(-1000, 1000), (0, 80), (-1350, 150)], True, True),
+    "ct-fractional-rescale": (Volume(_anatomy((17, 29, 31), seed=2), AXIAL_AFFINE, "CT", "v",
+                                     rescale=(0.5, -512.25)), [(-600, 400)], True, False),
+    "mr-percentiles": (Volume(_anatomy((21, 33, 27), "MR", seed=3), AXIAL_AFFINE, "MR", "v"),
+                       [(0, 1)] * 2, False, False),
+    "mr-cropped-reoriented": (Volume(_anatomy((15, 44, 38), "MR", seed=4), SAGITTAL_AFFINE, "MR", "v",
+                                     rescale=(1.25, 3.0)), [(0, 1)], True, True),
+    "nifti-float": (Volume(_anatomy((13, 27, 35), seed=5).astype(np.float32) - 1024, AXIAL_AFFINE, "CT", "v"),
+                    [(-1150, 350)], False, True),
+    "single-slice": (Volume(_anatomy((1, 30, 26), seed=6), AXIAL_AFFINE, "CT", "v", rescale=(1.0, -1024.0)),
+                     [(-1150, 350)], False, False),
+}
+
+
+def _grid_as_is(volume, reorient, crop, mri_percentiles=(0.5, 99.5)) -> tuple[int, int, int]:
+    """The shape a volume has when it reaches the resize (reoriented, cropped), by the oracle."""
+    marker = Volume(volume.pixels, volume.affine, volume.modality, volume.uri, rescale=volume.rescale)
+    probe = _preprocess_before(marker, (1, 1, 1), [(0, 1)], mri_percentiles, reorient, crop)
+    assert probe.shape == (1, 1, 1, 1)
+    pixels = volume.values()
+    if reorient:
+        pixels = apply_orientation(pixels, ornt_transform(io_orientation(volume.affine), axcodes2ornt(("S", "A", "R"))))
+    if not crop:
+        return pixels.shape
+    threshold = -500.0 if volume.modality == "CT" else 0.1 * float(np.percentile(pixels, mri_percentiles[1]))
+    return tuple(int(np.ptp(np.flatnonzero((pixels > threshold).any(axis=tuple(a for a in range(3) if a != axis)))))
+                 + 1 for axis in range(3))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_on_a_grid_of_the_volumes_own_shape_the_output_is_todays(name):
+    """Without resizing, windows, percentiles, rescale, cropping and reorientation are unchanged: the output
+    equals the oracle's (the recipe before #34), bit for bit; MR percentiles of stored integers may differ from
+    those of float32 values in their last bit (numpy interpolates them in float64), so one level there."""
+    volume, windows, reorient, crop = RECIPES[name]
+    grid = _grid_as_is(volume, reorient, crop)
+    out = preprocess_volume(volume, grid, windows, reorient_to_ras=reorient, crop_foreground=crop)
+    before = _preprocess_before(volume, grid, windows, reorient_to_ras=reorient, crop_foreground=crop)
+    assert out.shape == before.shape == (len(windows), *grid) and out.dtype == np.uint8
+    integers_in_mr = volume.modality == "MR" and volume.pixels.dtype.kind in "iu"
+    if integers_in_mr:
+        assert np.abs(out.astype(int) - before).max() <= 1 and np.mean(out != before) < 1e-3
+    else:
+        np.testing.assert_array_equal(out, before)
+
+
+@pytest.mark.parametrize("grid", [(8, 16, 16), (5, 12, 40), (30, 9, 11)], ids=["shrink", "mixed", "grow-depth"])
+@pytest.mark.parametrize("name", RECIPES)
+def test_resized_output_is_the_oracles_with_the_resize_first(name, grid):
+    """Resized, the output is the oracle's with its one deliberate change (the HU volume averaged over each
+    output voxel's extent first, then windowed), to one level: float32 sums here, float64 in the oracle, may
+    round a value on either side of a level's edge."""
+    volume, windows, reorient, crop = RECIPES[name]
+    out = preprocess_volume(volume, grid, windows, reorient_to_ras=reorient, crop_foreground=crop)
+    oracle = _preprocess_before(volume, grid, windows, reorient_to_ras=reorient, crop_foreground=crop,
+                                resize_first=True)
+    assert out.shape == oracle.shape == (len(windows), *grid)
+    assert np.abs(out.astype(int) - oracle).max() <= 1 and np.mean(out != oracle) < 1e-3
+
+
+def test_shrinking_keeps_the_mean_of_the_volume():
+    pixels = _anatomy((37, 61, 53)).astype(np.float64)
+    resized = resize(pixels.astype(np.int16), (8, 16, 16))
+    assert resized.dtype == np.float32 and resized.shape == (8, 16, 16)
+    assert abs(resized.mean() - pixels.mean()) < 1e-3 * np.abs(pixels).mean()  # every voxel counts, once
+
+
+def test_a_pattern_finer_than_the_grid_is_averaged_not_aliased():
+    """Columns alternating 0 / 1000 HU, two voxels a period, on a grid 2.3 times coarser: the area average
+    is near 500 everywhere; trilinear sampling (before #34) picked 0, 1000 or any mix, by where it fell."""
+    stripes = np.zeros((4, 8, 64), np.float32)
+    stripes[..., ::2] = 1000
+    volume = Volume(stripes, np.eye(4), "CT", "v")
+    now = preprocess_volume(volume, (4, 8, 28), [(0, 1000)])[0].astype(float)
+    before = _preprocess_before(volume, (4, 8, 28), [(0, 1000)])[0].astype(float)
+    assert np.abs(now - 127.5).max() < 20 and before.max() - before.min() > 100
+
+
+def test_preprocessing_makes_no_full_resolution_float_copy():
+    volume = Volume(_anatomy((64, 128, 128)), AXIAL_AFFINE, "CT", "v", rescale=(1.0, -1024.0))
+    out, _, peak = measured(lambda: preprocess_volume(volume, (16, 32, 32), [(-1150, 350), (-160, 240), (0, 80)]))
+    assert out.shape == (3, 16, 32, 32)
+    # Before: a float32 copy, then one per window (and their stack): 2 + 2 x 3 x 2 = 14 times the int16 volume.
+    # Now: the few slices of one output slice in float32, and the grid.
+    assert peak < 0.5 * volume.pixels.nbytes, peak / volume.pixels.nbytes

@@ -12,10 +12,15 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
+from hlip_ray.data.decode import decode_dicom_files
+from hlip_ray.demo import synth
 from hlip_ray.demo.synth import (
     LABELS,
     MAX_LESION_FRACTION,
+    MR_MATRICES,
+    REAL_SIZES,
     SIZES,
+    TRANSFER_SYNTAXES,
     VOCABULARY,
     CorpusSummary,
     folder_writer,
@@ -265,3 +270,81 @@ def test_medium_size_doubles_the_grid_and_keeps_the_content(tmp_path):
                 assert low <= depth <= high and small_side <= cols <= large_side
     reports = [(tmp_path / size / "study-0000" / "report.txt").read_text() for size in ("small", "medium")]
     assert reports[0] == reports[1]
+
+
+# -- size "real": studies as archives hold them, in the transfer syntaxes PACS exports use
+
+REAL_SLICES = 10   # the real grids in-plane; few slices, so that a test writes them in seconds
+
+
+def test_real_size_draws_archive_sizes_and_a_mix_of_transfer_syntaxes():
+    """Drawn without rendering: CT one axial series of 300-600 slices at 512x512, MR 4-10 series of 176-256 slices
+    at 256-512 pixels; every series DICOM, one file per slice, every transfer syntax among them."""
+    syntaxes, counts = Counter(), {"CT": set(), "MR": set()}
+    for index in range(24):
+        patient = synth._draw_patient(3, index, fine=True)
+        assert len(patient.vessels) == 24 and len(patient.calcifications) == 16
+        study = synth._draw_study(3, index, patient, 0, None, "real", None)
+        (fewest, most), (low, high), (small, large) = REAL_SIZES[study.modality]
+        assert fewest <= len(study.scans) <= most
+        counts[study.modality].add(len(study.scans))
+        for scan in study.scans:
+            depth, rows, cols = scan.shape
+            assert low <= depth <= high and small <= cols <= large and rows == cols
+            assert scan.format == "dicom" and not scan.multiframe and set(scan.fine) == {"vessel", "calcification"}
+            assert study.modality == "MR" or (scan.orientation == "ax" and cols == 512)
+            assert study.modality == "CT" or cols in MR_MATRICES
+            syntaxes[scan.syntax] += 1
+    assert set(syntaxes) == set(TRANSFER_SYNTAXES) and counts["CT"] == {1} and len(counts["MR"]) > 2
+    with pytest.raises(ValueError, match="transfer_syntax"):
+        write_corpus(folder_writer("unused"), 1, 0, "real", transfer_syntax="jpeg")
+
+
+@pytest.fixture(scope="module")
+def real_corpora(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, CorpusSummary]]:
+    """(modality, transfer syntax) -> a one-study real-size corpus of ``REAL_SLICES`` slices per series."""
+    root = tmp_path_factory.mktemp("real")
+    return {(modality, syntax): (root / modality / syntax, write_corpus(
+                folder_writer(root / modality / syntax), 1, 4, "real", transfer_syntax=syntax, slices=REAL_SLICES,
+                modality=modality))
+            for modality in ("CT", "MR") for syntax in TRANSFER_SYNTAXES}
+
+
+def decoded_series(study: Path) -> dict[str, tuple[np.ndarray, list]]:
+    """scan folder name -> ([D, H, W] pixels from the pipeline's DICOM decoder, the files' datasets)."""
+    out = {}
+    for folder in sorted(path for path in study.iterdir() if path.is_dir() and path.name != "masks"):
+        paths = sorted(folder.glob("*.dcm"))
+        decoded = decode_dicom_files([(str(path), path.read_bytes()) for path in paths], str(folder))
+        assert not decoded.rejections and len(decoded.volumes) == 1, decoded.rejections
+        out[folder.name] = decoded.volumes[0].pixels, [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+    return out
+
+
+def test_real_size_writes_what_it_says_and_lossless_syntaxes_decode_to_the_uncompressed_pixels(real_corpora):
+    """Each series: one file per slice, ``REAL_SLICES`` of them, at its modality's grid, 16-bit, in the transfer
+    syntax asked for; and through ``decode_dicom_files`` RLE, JPEG 2000 and JPEG-LS give the uncompressed
+    series' pixels exactly. CT shows its fine structure (contrast-filled vessels at 180-260 HU)."""
+    for modality in ("CT", "MR"):
+        uncompressed = decoded_series(real_corpora[modality, "explicit"][0] / "study-0000")
+        (fewest, most), _, (small, large) = REAL_SIZES[modality]
+        assert fewest <= len(uncompressed) <= most
+        for syntax, uid in TRANSFER_SYNTAXES.items():
+            folder, summary = real_corpora[modality, syntax]
+            assert summary.syntaxes == {name: len(uncompressed) * (name == syntax) for name in TRANSFER_SYNTAXES}
+            assert json.loads((folder / "corpus.json").read_text())["transfer_syntax"] == syntax
+            series = decoded_series(folder / "study-0000")
+            assert series.keys() == uncompressed.keys()
+            for name, (pixels, datasets) in series.items():
+                assert len(datasets) == REAL_SLICES and pixels.shape[0] == REAL_SLICES
+                assert {ds.file_meta.TransferSyntaxUID for ds in datasets} == {uid}
+                assert {(ds.Modality, ds.Rows, ds.Columns, ds.BitsAllocated) for ds in datasets} == {
+                    (modality, pixels.shape[1], pixels.shape[2], 16)}
+                assert small <= pixels.shape[2] <= large and pixels.shape[1] == pixels.shape[2]
+                np.testing.assert_array_equal(pixels, uncompressed[name][0], err_msg=f"{modality} {syntax} {name}")
+        if modality == "CT":
+            (folder,) = (path for path in (real_corpora[modality, "explicit"][0] / "study-0000").iterdir()
+                         if path.is_dir() and path.name != "masks")
+            hounsfield = read_scan(folder)[0]
+            assert 0 < np.mean((hounsfield > 150) & (hounsfield < 300)) < 0.005   # vessels: nothing else is there
+

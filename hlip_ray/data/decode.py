@@ -18,6 +18,7 @@ first (``needs_whole_file``), and is read whole only when it is DICOM and no lar
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import warnings
@@ -30,10 +31,11 @@ from io import BytesIO
 import nibabel
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_partial
-from pydicom.pixels import get_decoder
+from pydicom.pixels import get_decoder, pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -54,11 +56,14 @@ ACQUISITION_KEYS = ("EchoNumbers", "EchoTime", "TemporalPositionIdentifier", "Tr
 # them: 4 MiB leaves a thousand times that, yet a head costs one request and never more than 4 MiB of memory.
 # Files up to this size are read whole at once (their head would be all of them anyway).
 HEADER_BYTES = 4 * 1024**2
-# The largest DICOM file decoded. Decoding holds the file, its pixels and their float32 slices at once
-# (about 5 times the file), so 1 GiB needs some 5 GiB on one CPU worker; it holds 2000 frames of 512 x 512
-# 16-bit pixels, a thin-slice whole-body enhanced CT, the largest CT/MR object we expect. A larger file is
-# refused (``too_large``) from its head, never read.
+# The largest DICOM file decoded. Decoding holds the file, its pixel data read from it and the volume of stored
+# values at once (about 3 times the file), so 1 GiB needs some 3 GiB on one CPU worker; it holds 2000 frames of
+# 512 x 512 16-bit pixels, a thin-slice whole-body enhanced CT, the largest CT/MR object we expect. A larger file
+# is refused (``too_large``) from its head, never read.
 MAX_DICOM_FILE_BYTES = 1024**3
+# A parsed file leaves values larger than this (its pixel data) in the file's bytes: they are read from there
+# when its frames are decoded into the volume, one file at a time, so a series' pixel data is never held twice.
+DEFER_BYTES = 64 * 1024
 # The elements a header is read for: the manifest's (PatientID, Modality), and what tells a file's series
 # and instance when only its head is read. They all lie before _HEADER_END, where reading stops.
 HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "SeriesInstanceUID", "SeriesNumber")
@@ -85,20 +90,23 @@ class _File:
     truncated: bool  # cut short: its header may still name its series
     skip: str = ""  # why the file is not DICOM at all ("zero bytes", "a DICOMDIR", ...); "" when it is
     size: int = 0  # a DICOM file over MAX_DICOM_FILE_BYTES, known by its head (``ds``: HEADER_TAGS): its size
+    data: bytes = b""  # the file's bytes, which a deferred value (DEFER_BYTES) is still read from
 
 
 @dataclass
 class _Slice:
-    """One decoded frame with its geometry (DICOM patient coordinates, LPS)."""
+    """One frame of a file with its geometry (DICOM patient coordinates, LPS), its pixels not yet decoded."""
 
-    pixels: np.ndarray  # float32 [H, W], rescaled (HU for CT)
+    frame: int  # its index among the frames of its file
+    frames: int  # the frames of its file
+    rescale: tuple[float, float]  # (RescaleSlope, RescaleIntercept): stored value -> HU for CT
     position: np.ndarray | None  # [3] mm, centre of the first pixel
     orientation: np.ndarray | None  # [2, 3]: row cosines (direction of W), column cosines (direction of H)
     pixel_spacing: tuple[float, float]  # (H, W) mm
     thickness: float  # mm along the normal, used only when positions are unknown
     order: tuple[int, int]  # (InstanceNumber, frame index): the order when positions are unknown
     source: _File  # the file it came from
-    acquisition: tuple[str, ...]  # the ACQUISITION_KEYS values
+    acquisition: tuple  # the ACQUISITION_KEYS values ("" where absent)
 
 
 # --------------------------------------------------------------------------------------------- DICOM
@@ -176,10 +184,14 @@ def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_sl
     """Decode the DICOM files of one scan (a folder or prefix) into one Volume per series.
 
     Files are grouped by SeriesInstanceUID; series are labelled "series-1", "series-2", ... in
-    (SeriesNumber, SeriesInstanceUID) order. Each Volume has float32 ``pixels`` ``[D, H, W]``: D sorted
-    along the slice normal (InstanceNumber when positions are missing), H = rows, W = columns, rescaled
-    by RescaleSlope/RescaleIntercept. A series whose positions repeat evenly (echoes, b-values, time
-    points in one series) becomes one Volume per repetition, labelled "series-1.1", "series-1.2", ...
+    (SeriesNumber, SeriesInstanceUID) order. Each Volume has ``pixels`` ``[D, H, W]``: D sorted along the
+    slice normal (InstanceNumber when positions are missing), H = rows, W = columns. They are the stored
+    values (int16 for most CT) with the series' RescaleSlope/RescaleIntercept as the Volume's ``rescale``
+    (``Volume.values()``: HU for CT), or float32 rescaled values with rescale (1, 0) when slices differ in
+    it. Each file's frames are decoded straight into the volume and the file's parsed copy released, so a
+    series' pixels are held once, in their stored type. A series whose positions repeat evenly (echoes,
+    b-values, time points in one series) becomes one Volume per repetition, labelled "series-1.1",
+    "series-1.2", ...
 
     Left out of the scan, each with a :class:`Note`, and never fatal to it:
 
@@ -233,7 +245,7 @@ def decode_dicom_files(files: Sequence[tuple[str, bytes]], scan_uri: str, min_sl
                 return decoded
             if instance:
                 kept_instances[instance] = file.name
-            series[str(file.ds.get("SeriesInstanceUID", ""))].append(file)
+            series[str(_get(file.ds, "SeriesInstanceUID", ""))].append(file)
         if not series:
             detail = f"none of its {len(files)} file(s) is DICOM"
             decoded.rejections.append(Rejection(scan_uri, "unsupported_format", detail))
@@ -274,6 +286,38 @@ def _quiet_pydicom() -> Iterator[None]:
         logger.disabled = disabled
 
 
+_TEXT_VALUES = {"DS": float, "IS": int, "UI": str, "CS": str}
+
+
+def _get(ds: pydicom.Dataset, keyword: str, default=None):
+    """``ds.get(keyword, default)`` for the header values read from every slice, parsed straight from the
+    element's bytes while pydicom has not converted it: numbers (DS, IS, US) as float / int, UI and CS as
+    str, several values as a list. pydicom's conversion (its value classes and their validation) cost more
+    per slice than reading the slice's pixels in place. Any other VR, an empty value or one that does not
+    parse, or an element already converted, is pydicom's."""
+    tag = _tag(keyword)
+    element = ds.get_item(tag, keep_deferred=True)
+    if element is None:
+        return default
+    if isinstance(element, RawDataElement) and element.value:
+        vr = element.VR or dictionary_VR(tag)
+        if vr == "US" and len(element.value) == 2:
+            return int.from_bytes(element.value, "little" if element.is_little_endian else "big")
+        if vr in _TEXT_VALUES:
+            try:
+                values = [_TEXT_VALUES[vr](part.strip(" \x00")) for part in element.value.decode("ascii").split("\\")]
+            except ValueError:  # empty, non-ASCII or not a number: as pydicom reads it
+                values = []
+            if values and all(value != "" for value in values):
+                return values[0] if len(values) == 1 else values
+    return ds.get(keyword, default)
+
+
+@functools.cache
+def _tag(keyword: str) -> int:
+    return tag_for_keyword(keyword)
+
+
 def _instance_uid(file: _File) -> str:
     """The file's SOPInstanceUID ("" when unknown); of a truncated file, the file meta's copy, since the
     dataset's may be the value cut short."""
@@ -282,7 +326,7 @@ def _instance_uid(file: _File) -> str:
     meta = getattr(file.ds, "file_meta", None) or {}
     if file.truncated and meta.get("MediaStorageSOPInstanceUID"):
         return str(meta["MediaStorageSOPInstanceUID"].value)
-    return str(file.ds.get("SOPInstanceUID", ""))
+    return str(_get(file.ds, "SOPInstanceUID", ""))
 
 
 def _is_part10(data: bytes) -> bool:
@@ -324,20 +368,30 @@ def _read(uri: str, name: str, data: bytes) -> _File:
     with warnings.catch_warnings(record=True) as caught:  # recorded, never shown: they may quote values
         warnings.simplefilter("always")
         if not _is_part10(data):
-            ds = _bare_dataset(data)
+            ds = _bare_dataset(data, defer_size=DEFER_BYTES)
             if ds is None:
                 return _File(uri, name, None, False, "not DICOM")
         else:
             try:
-                ds = pydicom.dcmread(BytesIO(data))
+                ds = pydicom.dcmread(BytesIO(data), defer_size=DEFER_BYTES)
             except Exception:
                 return _File(uri, name, None, False)
     if _is_dicomdir(ds):
         return _File(uri, name, None, False, "a DICOMDIR")
     # pydicom reads a value cut short by the end of the file without complaint: check the last one.
-    last = ds.get_item(next(reversed(ds.keys()))) if len(ds) else None
-    cut = isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH and len(last.value or b"") < last.length
-    return _File(uri, name, ds, cut or any("end of file" in str(warning.message).lower() for warning in caught))
+    last = ds.get_item(next(reversed(ds.keys())), keep_deferred=True) if len(ds) else None
+    return _File(uri, name, ds, _cut_short(last, len(data))
+                 or any("end of file" in str(warning.message).lower() for warning in caught), data=data)
+
+
+def _cut_short(element, size: int) -> bool:
+    """Whether ``element``, the last one read of a file of ``size`` bytes, is cut short by the file's end; a
+    deferred value (``DEFER_BYTES``: not read yet, ``value`` None) by where it would end."""
+    if not isinstance(element, RawDataElement) or element.length == UNDEFINED_LENGTH:
+        return False
+    if element.value is None and element.length:
+        return element.value_tell + element.length > size
+    return len(element.value or b"") < element.length
 
 
 def _read_head(uri: str, name: str, head: bytes, size: int) -> _File:
@@ -392,35 +446,129 @@ def _series_volumes(files: list[_File], scan_uri: str, label: str, min_slices: i
             raise _Reject("corrupt", f"{file.name}: truncated")
         with _as_corrupt(f"{file.name}: header"):
             _screen(file.name, file.ds)
-            shapes.add((int(file.ds.Rows), int(file.ds.Columns)))
+            shapes.add((int(_get(file.ds, "Rows")), int(_get(file.ds, "Columns"))))
     if len(shapes) > 1:
         raise _Reject("inconsistent_slice_shapes", f"rows x columns differ: {sorted(shapes)}")
     slices = []
     for file in files:
         with _as_corrupt(f"{file.name}: pixel data"):
             slices += _slices(file.ds, file)
-    stacks = _stacks(slices, label, notes)
-    if len(stacks[0]) < min_slices:
-        raise _Reject("too_few_slices", f"{len(stacks[0])} slice(s) per volume after dropping duplicates, "
-                                        f"fewer than min_slices {min_slices}")
+    found: list[Note] = []  # the duplicates dropped, noted unless pixel data does not decode (as if decoded first)
+    try:
+        stacks = _stacks(slices, label, found)
+        if len(stacks[0]) < min_slices:
+            raise _Reject("too_few_slices", f"{len(stacks[0])} slice(s) per volume after dropping duplicates, "
+                                            f"fewer than min_slices {min_slices}")
+    except _Reject as reject:
+        if reject.reason != "corrupt":  # pixel data that does not decode refuses a series first
+            _check_pixels(files)
+            notes += found
+        raise
     modality = str(files[0].ds.get("Modality", "")) or "OT"
+    volumes = _fill(stacks, files)
+    notes += found
     labels = [label] if len(stacks) == 1 else [f"{label}.{i}" for i in range(1, len(stacks) + 1)]
-    return [_volume(stack, modality, scan_uri, series) for stack, series in zip(stacks, labels)]
+    return [_volume(stack, modality, scan_uri, series, pixels, rescale)
+            for stack, series, (pixels, rescale) in zip(stacks, labels, volumes)]
+
+
+def _decode(file: _File, frame: int, frames: int) -> np.ndarray:
+    """Frame ``frame`` (of ``frames``) of a file's pixel data, decoded: stored values ``[rows, columns]``."""
+    with _as_corrupt(f"{file.name}: pixel data"):
+        ds = file.ds
+        rows, columns = int(_get(ds, "Rows")), int(_get(ds, "Columns"))
+        native = _native_frame(file, frame, rows * columns)
+        if native is not None:
+            return native.reshape(rows, columns)
+        pixels = pixel_array(ds) if frames == 1 else pixel_array(ds, index=frame)
+        return pixels.reshape(rows, columns)
+
+
+_NATIVE_DTYPES = {(8, 0): "u1", (8, 1): "i1", (16, 0): "<u2", (16, 1): "<i2"}
+
+
+def _native_frame(file: _File, frame: int, pixels: int) -> np.ndarray | None:
+    """A frame of uncompressed little-endian grey pixels of 8 or 16 bits, read in place from the file's bytes
+    where its pixel data was left (``DEFER_BYTES``; or from the value read with a small image's header), as
+    pydicom decodes it (unused high bits cleared, or filled with the sign, by the same shifts); None for any
+    other pixel data, which pydicom decodes. A read-only view when no bits are unused. (pydicom re-reads a
+    deferred value and checks its options per call: three to six times the cost of this.)"""
+    ds = file.ds
+    if ds.file_meta.get("TransferSyntaxUID") not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        return None
+    element = ds.get_item(0x7FE00010, keep_deferred=True)  # PixelData
+    allocated, stored = int(_get(ds, "BitsAllocated", 0)), int(_get(ds, "BitsStored", 0))
+    dtype = _NATIVE_DTYPES.get((allocated, int(_get(ds, "PixelRepresentation", 0))))
+    if not isinstance(element, RawDataElement) or dtype is None or not 0 < stored <= allocated:
+        return None
+    # Left in the file's bytes (deferred), or read with the header (a small image) and not converted yet.
+    data, start = (file.data, element.value_tell) if element.value is None else (element.value, 0)
+    size = np.dtype(dtype).itemsize * pixels
+    if (frame + 1) * size > min(element.length, len(data) - start):
+        raise ValueError("pixel data shorter than its frames")
+    array = np.frombuffer(data, dtype, pixels, start + frame * size)
+    if stored < allocated:
+        array = np.right_shift(np.left_shift(array, allocated - stored), allocated - stored)
+    return array
+
+
+def _check_pixels(files: list[_File]) -> None:
+    """Decode every frame of ``files``, keeping none: raises "corrupt" for pixel data that does not decode."""
+    for file in files:
+        frames = int(_get(file.ds, "NumberOfFrames") or 1)
+        for frame in range(frames):
+            _decode(file, frame, frames)
+
+
+def _rescaled(stored: np.ndarray, rescale: tuple[float, float]) -> np.ndarray:
+    """Stored values -> float32 rescaled values (HU for CT), computed in float64 and rounded once."""
+    slope, intercept = rescale
+    return (stored * slope + intercept).astype(np.float32)
+
+
+def _fill(stacks: list[list[_Slice]], files: list[_File]) -> list[tuple[np.ndarray, tuple[float, float]]]:
+    """Each stack's ``(pixels [D, H, W], rescale)``, its frames decoded file by file straight into place; a
+    file's dataset (with its pixel data) is released once its frames are in. ``pixels`` holds the stored values
+    (their dtype, widened only if files disagree) when the stack's slices share one rescale, else float32
+    rescaled values with rescale (1, 0)."""
+    places: dict[int, list[tuple[int, int]]] = defaultdict(list)  # id(file) -> (stack, depth) of its frames
+    for index, stack in enumerate(stacks):
+        for depth, s in enumerate(stack):
+            places[id(s.source)].append((index, depth))
+    shared = [stack[0].rescale if all(s.rescale == stack[0].rescale for s in stack) else None for stack in stacks]
+    volumes: list[np.ndarray | None] = [None] * len(stacks)
+    for file in files:
+        for index, depth in places.get(id(file), ()):
+            s = stacks[index][depth]
+            pixels = _decode(file, s.frame, s.frames)
+            if shared[index] is None:
+                pixels = _rescaled(pixels, s.rescale)
+            volume = volumes[index]
+            if volume is None:
+                volume = np.empty((len(stacks[index]), *pixels.shape), pixels.dtype)
+            elif not np.can_cast(pixels.dtype, volume.dtype):
+                volume = volume.astype(np.promote_types(volume.dtype, pixels.dtype))
+            volume[depth] = pixels
+            volumes[index] = volume
+        file.ds, file.data = None, b""
+    return [(volume, rescale or (1.0, 0.0)) for volume, rescale in zip(volumes, shared)]
 
 
 def _screen(name: str, ds: pydicom.Dataset) -> None:
     """Reject, before decoding any pixels, a file that cannot be one slice of a grey-level volume."""
-    sop_class = ds.get("SOPClassUID")
-    sop_name = str(getattr(sop_class, "name", sop_class))
+    def sop_name() -> str:  # for a detail: named by pydicom ("CT Image Storage")
+        sop_class = ds.get("SOPClassUID")
+        return str(getattr(sop_class, "name", sop_class))
+
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
-        if "Rows" in ds or "Image Storage" in sop_name:  # an image cut short at an element boundary
-            raise _Reject("corrupt", f"{name}: {sop_name} without pixel data (truncated?)")
-        raise _Reject("not_an_image", f"{name}: no pixel data ({sop_name})")
-    if sop_class in SECONDARY_CAPTURE:
-        raise _Reject("secondary_capture", f"{name}: {sop_name}")
-    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        if "Rows" in ds or "Image Storage" in sop_name():  # an image cut short at an element boundary
+            raise _Reject("corrupt", f"{name}: {sop_name()} without pixel data (truncated?)")
+        raise _Reject("not_an_image", f"{name}: no pixel data ({sop_name()})")
+    if _get(ds, "SOPClassUID") in SECONDARY_CAPTURE:
+        raise _Reject("secondary_capture", f"{name}: {sop_name()}")
+    if str(_get(ds, "BurnedInAnnotation", "")).strip().upper() == "YES":
         raise _Reject("burned_in_annotation", f"{name}: BurnedInAnnotation YES")
-    image_type = ds.get("ImageType") or []
+    image_type = _get(ds, "ImageType") or []
     if "LOCALIZER" in {str(value).strip().upper() for value in ([image_type] if isinstance(image_type, str)
                                                                  else image_type)}:
         raise _Reject("localizer", f"{name}: ImageType LOCALIZER")
@@ -433,28 +581,27 @@ def _screen(name: str, ds: pydicom.Dataset) -> None:
         decodable = False
     if not decodable:
         raise _Reject("unsupported_transfer_syntax", f"{name}: {syntax.name}")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    photometric = str(_get(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if int(_get(ds, "SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise _Reject("unsupported_format", f"{name}: {photometric} with {ds.get('SamplesPerPixel', 1)} samples")
 
 
 def _slices(ds: pydicom.Dataset, source: _File) -> list[_Slice]:
-    """The frames of one (single- or multi-frame) object (the file ``source``), each rescaled, with its
-    position."""
-    frames = int(ds.get("NumberOfFrames") or 1)
-    pixels = ds.pixel_array.reshape(frames, int(ds.Rows), int(ds.Columns))
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    """The frames of one (single- or multi-frame) object (the file ``source``), each with its position and
+    rescale; pixels are decoded later (``_fill``)."""
+    frames = int(_get(ds, "NumberOfFrames") or 1)
+    shared = _get(ds, "SharedFunctionalGroupsSequence")
+    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
 
     def attribute(frame: int, sequence: str, keyword: str, default=None):
         """A functional-group attribute: the frame's group, then the shared group, then the top level."""
         for groups in (per_frame[frame] if per_frame else None, shared[0] if shared else None):
             if groups is not None and sequence in groups and keyword in groups[sequence][0]:
                 return groups[sequence][0][keyword].value
-        return ds.get(keyword, default)
+        return _get(ds, keyword, default)
 
-    instance = int(ds.get("InstanceNumber") or 0)
-    acquisition = tuple(str(ds.get(keyword, "")) for keyword in ACQUISITION_KEYS)
+    instance = int(_get(ds, "InstanceNumber") or 0)
+    acquisition = tuple(_get(ds, keyword, "") for keyword in ACQUISITION_KEYS)  # compared by value
     thickness = float(
         attribute(0, "PixelMeasuresSequence", "SpacingBetweenSlices")
         or attribute(0, "PixelMeasuresSequence", "SliceThickness")
@@ -462,7 +609,7 @@ def _slices(ds: pydicom.Dataset, source: _File) -> list[_Slice]:
     )
     # Multi-frame objects without per-frame positions stack their frames from the first position.
     stacked = frames > 1 and not (per_frame and "PlanePositionSequence" in per_frame[0])
-    offsets = np.asarray(ds.get("GridFrameOffsetVector") or np.arange(frames) * thickness, dtype=float)
+    offsets = np.asarray(_get(ds, "GridFrameOffsetVector") or np.arange(frames) * thickness, dtype=float)
     slices = []
     for frame in range(frames):
         position = attribute(frame, "PlanePositionSequence", "ImagePositionPatient")
@@ -476,7 +623,9 @@ def _slices(ds: pydicom.Dataset, source: _File) -> list[_Slice]:
         spacing = attribute(frame, "PixelMeasuresSequence", "PixelSpacing") or (1.0, 1.0)
         slices.append(
             _Slice(
-                pixels=(pixels[frame] * slope + intercept).astype(np.float32),
+                frame=frame,
+                frames=frames,
+                rescale=(slope, intercept),
                 position=position,
                 orientation=orientation,
                 pixel_spacing=(float(spacing[0]), float(spacing[1])),
@@ -527,12 +676,16 @@ def _stacks(slices: list[_Slice], label: str, notes: list[Note]) -> list[list[_S
 
 def _duplicate(s: _Slice, kept: _Slice) -> bool:
     """Whether ``s`` is a copy of ``kept``: another file's slice at the same position, with the same
-    acquisition attributes and identical pixels (frames of one object are never copies of each other)."""
+    acquisition attributes and identical rescaled pixels (frames of one object are never copies of each
+    other). Pixels are decoded for this only when all else matches."""
     return (s.source is not kept.source and s.acquisition == kept.acquisition
-            and np.allclose(s.position, kept.position, atol=1e-3) and np.array_equal(s.pixels, kept.pixels))
+            and np.allclose(s.position, kept.position, atol=1e-3)
+            and np.array_equal(_rescaled(_decode(s.source, s.frame, s.frames), s.rescale),
+                               _rescaled(_decode(kept.source, kept.frame, kept.frames), kept.rescale)))
 
 
-def _volume(stack: list[_Slice], modality: str, uri: str, series: str) -> Volume:
+def _volume(stack: list[_Slice], modality: str, uri: str, series: str, pixels: np.ndarray,
+            rescale: tuple[float, float]) -> Volume:
     first = stack[0]
     rows, columns = first.orientation if first.orientation is not None else np.eye(3)[:2]
     normal = np.cross(rows, columns)
@@ -546,12 +699,13 @@ def _volume(stack: list[_Slice], modality: str, uri: str, series: str) -> Volume
     affine[:3, 0], affine[:3, 1], affine[:3, 2] = step, columns * spacing_h, rows * spacing_w
     affine[:3, 3] = first.position if first.position is not None else 0.0
     return Volume(
-        pixels=np.stack([s.pixels for s in stack]),
+        pixels=pixels,
         affine=LPS_TO_RAS @ affine,
         modality=modality,
         uri=uri,
         series=series,
         spacing=(slice_spacing, spacing_h, spacing_w),
+        rescale=rescale,
     )
 
 

@@ -63,9 +63,13 @@ class Note(Rejection):
 class Volume:
     """One decoded 3D scan.
 
-    ``pixels`` is float32 ``[D, H, W]``: D runs along the slice normal for DICOM (ordered by
-    position), along the third voxel axis for NIfTI; CT values are in HU. ``affine`` maps a
-    voxel index ``(d, h, w, 1)`` to RAS+ world millimetres. ``spacing`` is ``(D, H, W)`` mm.
+    ``pixels`` is ``[D, H, W]``: D runs along the slice normal for DICOM (ordered by position), along the
+    third voxel axis for NIfTI. Its values are as stored, mapped to physical ones (HU for CT) by
+    ``rescale`` = ``(slope, intercept)``: ``values()`` = pixels * slope + intercept, in float32. DICOM keeps
+    the stored integers (int16 for most CT: half the memory of float32) with the series' RescaleSlope and
+    RescaleIntercept; NIfTI, and DICOM series whose slices differ in rescale, hold float32 physical values
+    with rescale (1, 0). ``affine`` maps a voxel index ``(d, h, w, 1)`` to RAS+ world millimetres.
+    ``spacing`` is ``(D, H, W)`` mm.
     """
 
     pixels: np.ndarray
@@ -74,6 +78,14 @@ class Volume:
     uri: str
     series: str = ""
     spacing: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
+    rescale: tuple[float, float] = (1.0, 0.0)
+
+    def values(self) -> np.ndarray:
+        """float32 ``[D, H, W]`` physical values (HU for CT): a new array unless ``pixels`` already are them."""
+        slope, intercept = self.rescale
+        if (slope, intercept) == (1.0, 0.0):
+            return np.asarray(self.pixels, dtype=np.float32)
+        return (self.pixels * slope + intercept).astype(np.float32)
 
 
 @dataclass

@@ -7,7 +7,9 @@
 
 Items are manifest rows or shard index rows, and the source reads them (``sources.py``); a training
 stream reads them at positions of the data order (``order.py``). Ray Data fuses the per-study steps
-of a stream into one task per block, up to ``data.decode_concurrency`` at a time on CPU nodes.
+of a stream into one task per block, up to ``data.decode_concurrency`` at a time on CPU nodes; a task
+that decodes raw files also asks Ray for ``data.decode_memory_mb`` of memory, so that a node starts no
+more of them than its memory holds (the others wait).
 
 Example (one study; batches stack them): ``pixels [K, C, D, H, W]`` uint8, ``scan_mask [K]`` bool,
 ``input_ids`` / ``attention_mask [L]`` int64, ``study_id``, ``labels`` (JSON text), ``epoch``; in a
@@ -28,7 +30,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from hlip_ray.config import Config
 from hlip_ray.data.manifest import StudyRow
 from hlip_ray.data.order import StudiesAtPositions, study_rng
-from hlip_ray.data.sources import RawStudies, ReadAhead, StudySource
+from hlip_ray.data.sources import RawStudies, ReadAhead, ShardStudies, StudySource
 from hlip_ray.data.storage import Storage
 
 MAX_BLOCKS = 4096  # manifest blocks fed to the decode tasks
@@ -125,16 +127,26 @@ def _placement(config: Config) -> dict[str, Any]:
     return {"num_cpus": 1, "num_gpus": 0, **({"resources": resources} if resources else {})}
 
 
-def _per_study(config: Config) -> dict[str, Any]:
+def _per_study(config: Config, raw: bool) -> dict[str, Any]:
     """Ray Data arguments of a per-study step: up to ``data.decode_concurrency`` tasks at a time on
-    CPU nodes. Every step of a stream gets the same ones, so Ray Data fuses them into one task."""
-    return {"compute": ray.data.TaskPoolStrategy(size=config.data.decode_concurrency), **_placement(config)}
+    CPU nodes, each asking for ``data.decode_memory_mb`` of memory where it decodes ``raw`` files (a
+    shard-cache task holds a few uint8 studies, and asks for none). Every step of a stream gets the
+    same ones, so Ray Data fuses them into one task, and the memory covers the whole of it."""
+    memory = {"memory": config.data.decode_memory_mb * 2**20} if raw else {}
+    return {"compute": ray.data.TaskPoolStrategy(size=config.data.decode_concurrency), **_placement(config),
+            **memory}
 
 
-def _read_studies(items, source: StudySource, config: Config, epoch: int = 0):
-    """A dataset of items -> the study records a source gives them, reading ahead in each task."""
+def _decodes(source: StudySource) -> bool:
+    """Whether ``source`` decodes raw files (every source but the shard cache)."""
+    return not isinstance(source, ShardStudies)
+
+
+def _read_studies(items, source: StudySource, config: Config, epoch: int = 0, *, raw: bool = True):
+    """A dataset of items -> the study records a source gives them, reading ahead in each task;
+    ``raw``: the source decodes raw files (``_per_study``)."""
     return items.map_batches(ReadAhead(source, epoch), batch_size=None, batch_format="pyarrow",
-                             **_per_study(config))
+                             **_per_study(config, raw))
 
 
 def study_records(rows: list[StudyRow], config: Config, storage: Storage, quarantine, *,
@@ -152,21 +164,22 @@ def study_records(rows: list[StudyRow], config: Config, storage: Storage, quaran
     return _read_studies(manifest, loader, config, epoch)
 
 
-def training_examples(records, config: Config, *, train: bool, batch_size: int | None = 8):
+def training_examples(records, config: Config, *, train: bool, batch_size: int | None = 8, raw: bool = True):
     """Study records -> tokenized fixed-K examples (the training batch contract).
 
     Ray Data fuses decoding, scan sampling and tokenizing into one task per block, up to
     ``data.decode_concurrency`` at a time; each task worker loads the tokenizer once
-    (``worker_tokenizer``). Tasks, not an actor pool: run in Ray Data's actors the same fused
-    steps on raw DICOM from S3 gave 2.3-2.5 studies/s against 4.0-4.3 as tasks (64 studies,
-    2 CPUs, moto; ``benchmarks/bench_data.py``'s corpus).
+    (``worker_tokenizer``). ``raw``: the records are decoded from raw files (``study_records``), so
+    these steps ask for the decode's memory too, and fuse with it. Tasks, not an actor pool: run in
+    Ray Data's actors the same fused steps on raw DICOM from S3 gave 2.3-2.5 studies/s against 4.0-4.3
+    as tasks (64 studies, 2 CPUs, moto; ``benchmarks/bench_data.py``'s corpus).
     """
     scans = config.data.scans_per_study if train else config.data.max_eval_scans
-    examples = records.map(ScanSampler(scans, train, config.train.seed), **_per_study(config))
+    examples = records.map(ScanSampler(scans, train, config.train.seed), **_per_study(config, raw))
     text = config.model.text
     tokenizer = ReportTokenizer(text.name_or_path, text.context_length,
                                 config.data.shuffle_sentences and train, config.train.seed)
-    return examples.map_batches(tokenizer, batch_size=batch_size, **_per_study(config))
+    return examples.map_batches(tokenizer, batch_size=batch_size, **_per_study(config, raw))
 
 
 def training_stream(items: list[dict], source: StudySource, config: Config, *, start: int, stop: int):
@@ -187,8 +200,9 @@ def training_stream(items: list[dict], source: StudySource, config: Config, *, s
     chunks = -(-count // chunk)
     positions = ray.data.from_items([{"id": k} for k in range(chunks * chunk)],
                                     override_num_blocks=min(chunks, MAX_BLOCKS))
-    records = _read_studies(positions, StudiesAtPositions(items, source, config.train.seed, start), config)
-    examples = training_examples(records, config, train=True, batch_size=None)
+    raw = _decodes(source)
+    records = _read_studies(positions, StudiesAtPositions(items, source, config.train.seed, start), config, raw=raw)
+    examples = training_examples(records, config, train=True, batch_size=None, raw=raw)
     if source.drops_studies or chunks > MAX_BLOCKS:   # blocks not exactly one chunk
         examples = examples.repartition(target_num_rows_per_block=chunk, strict=True)
     # A block is never split for size: 4 examples of a full-size study are over Ray's 128 MiB default.
@@ -208,8 +222,9 @@ def _ordered_quietly(examples):
 def evaluation_stream(items: list[dict], source: StudySource, config: Config):
     """Evaluation examples of ``items``, in order: up to ``data.max_eval_scans`` scans, no randomness."""
     listed = ray.data.from_items(items, override_num_blocks=_decode_blocks(len(items)))
-    records = _read_studies(listed, source, config)
-    examples = training_examples(records, config, train=False, batch_size=None)
+    raw = _decodes(source)
+    records = _read_studies(listed, source, config, raw=raw)
+    examples = training_examples(records, config, train=False, batch_size=None, raw=raw)
     return _ordered_quietly(examples)
 
 

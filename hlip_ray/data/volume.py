@@ -1,16 +1,22 @@
-"""HLIP's volume recipe: intensity windows, resize to the model grid, uint8."""
+"""HLIP's volume recipe: resize to the model grid, intensity windows, uint8.
+
+A volume is read as stored (``Volume.pixels``, int16 for most CT, with its ``rescale``) and a few slices at a
+time: no full-resolution float copy of it is made, whatever the number of windows. Its slices are averaged
+into the grid's depth first, then each plane is resized, and the windows are applied on the grid.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from hlip_ray.data.records import Volume
 
 # (d, h, w) as a RAS NIfTI's (k, j, i): W runs to the right, H to anterior, D to superior.
 RAS_AXES = ("S", "A", "R")
+FOREGROUND_HU = -500.0       # CT: air is about -1000 HU, soft tissue about 0
+FOREGROUND_FRACTION = 0.1    # MR: a tenth of the upper percentile separates the body from background noise
+CHUNK_SLICES = 16            # slices converted to float32 at a time where a whole volume is scanned
 
 
 def preprocess_volume(
@@ -23,56 +29,164 @@ def preprocess_volume(
 ) -> np.ndarray:
     """The model input for one volume: uint8 ``[C, D, H, W]`` with C = len(windows), (D, H, W) = grid.
 
-    CT (``modality == "CT"``, pixels in HU): channel c is the volume clipped to ``windows[c]`` =
-    (low, high) HU and scaled to [0, 1]. Any other modality: the volume clipped to its own
-    ``mri_percentiles`` and scaled to [0, 1], repeated in all C channels so CT and MR batches share C.
-    Then trilinear resize of the voxel grid to ``grid`` (no resampling to a physical spacing) and
-    rounding of [0, 1] to 0..255. ``reorient_to_ras`` first flips/permutes the axes so that W runs
-    to the right, H to anterior and D to superior (the layout of a RAS NIfTI read as (k, j, i)).
+    The volume's values (``Volume.values()``: HU for CT) are resized to ``grid`` (``resize``: an area
+    average along each axis that shrinks, linear interpolation along one that grows; no resampling to a
+    physical spacing). Until issue #34 each window was applied first and the windowed volume sampled
+    trilinearly, which aliases fine structure (docs/data.md, "Resizing to the grid"). Then CT
+    (``modality == "CT"``): channel c is the resized volume clipped to ``windows[c]`` = (low, high) HU and
+    scaled to [0, 1]. Any other modality: clipped to the volume's own ``mri_percentiles`` (of its voxels
+    before resizing) and scaled to [0, 1], repeated in all C channels so CT and MR batches share C. Last,
+    [0, 1] is rounded to 0..255. ``reorient_to_ras`` first flips/permutes the axes so that W runs to the
+    right, H to anterior and D to superior (the layout of a RAS NIfTI read as (k, j, i)).
     ``crop_foreground`` first crops the volume to the bounding box of the body (voxels above
     ``FOREGROUND_HU`` for CT, above ``FOREGROUND_FRACTION`` of the upper percentile for MR), so the
     anatomy, not the air around it, fills the grid.
+
+    Memory beyond the volume: a few of its slices in float32, the grid, and for MR a copy of the stored
+    values (percentiles partition it).
     """
     if not windows or any(high <= low for low, high in windows):
         raise ValueError(f"windows must be a non-empty list of (low, high) with low < high, not {windows}")
-    pixels = np.asarray(volume.pixels, dtype=np.float32)
-    if reorient_to_ras:
-        to_ras = ornt_transform(io_orientation(volume.affine), axcodes2ornt(RAS_AXES))
-        pixels = np.ascontiguousarray(apply_orientation(pixels, to_ras))
+    pixels, rescale = np.asarray(volume.pixels), tuple(volume.rescale)
+    if reorient_to_ras:  # flips and a transpose: a view
+        pixels = apply_orientation(pixels, ornt_transform(io_orientation(volume.affine), axcodes2ornt(RAS_AXES)))
+    ct = volume.modality.upper() == "CT"
     if crop_foreground:
-        pixels = _crop_to_foreground(pixels, volume.modality.upper() == "CT", mri_percentiles[1])
-    if volume.modality.upper() == "CT":
-        channels = np.stack([_scale(pixels, low, high) for low, high in windows])
-    else:
-        low, high = np.percentile(pixels, mri_percentiles)
-        channels = _scale(pixels, float(low), float(high))[None]
-    resized = F.interpolate(torch.from_numpy(channels)[None], size=tuple(grid), mode="trilinear", align_corners=False)
-    quantised = (resized[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    return quantised if len(quantised) == len(windows) else np.repeat(quantised, len(windows), axis=0)
+        pixels = pixels[_foreground_box(pixels, rescale, ct, mri_percentiles[1])]
+    bounds = [(float(low), float(high)) for low, high in windows] if ct else [
+        _percentiles(pixels, rescale, mri_percentiles)]
+    slope, intercept = rescale
+    values = resize(pixels, grid).astype(np.float64)
+    values = (values * slope + intercept).astype(np.float32)  # as Volume.values() rounds, on the grid only
+    channels = np.stack([_quantised(values, low, high) for low, high in bounds])
+    return channels if len(channels) == len(windows) else np.repeat(channels, len(windows), axis=0)
 
 
-FOREGROUND_HU = -500.0       # CT: air is about -1000 HU, soft tissue about 0
-FOREGROUND_FRACTION = 0.1    # MR: a tenth of the upper percentile separates the body from background noise
+def resize(pixels: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+    """float32 ``grid`` from ``pixels`` ``[D, H, W]`` (any real dtype; a strided view is read as it is).
+
+    Separable, one axis at a time. An axis that shrinks is box-filtered: output voxel i is the mean of the
+    input over its extent [i, i + 1) x in/out, input voxels cut by its edges weighted by the part inside
+    (area averaging: every input voxel counts, by the share of it an output voxel covers, so fine structure
+    is averaged rather than sampled and does not alias). An axis that grows, or keeps its size, is
+    interpolated linearly, as torch's ``trilinear`` with ``align_corners=False`` does. Each output slice
+    is the average of the few input slices it covers (converted to float32 as they are read), then resized
+    in its plane.
+    """
+    depth, rows, columns = (_taps(size, out) for size, out in zip(pixels.shape, grid))
+    if grid[0] > pixels.shape[0]:  # more slices: resize the planes first, then interpolate between them
+        planes = np.concatenate([_plane(np.asarray(pixels[start : start + CHUNK_SLICES], np.float32), rows, columns)
+                                 for start in range(0, len(pixels), CHUNK_SLICES)])
+        return np.stack(list(_along_depth(planes, depth)))
+    out = np.empty(grid, np.float32)
+    for index, average in enumerate(_along_depth(pixels, depth)):  # each output slice's average, then its plane
+        out[index] = _plane(average[None], rows, columns)[0]
+    return out
 
 
-def _crop_to_foreground(pixels: np.ndarray, ct: bool, upper_percentile: float) -> np.ndarray:
-    """``[D, H, W]`` cropped to the bounding box of the foreground (unchanged if there is none)."""
-    threshold = FOREGROUND_HU if ct else FOREGROUND_FRACTION * float(np.percentile(pixels, upper_percentile))
-    foreground = pixels > threshold
-    if not foreground.any():
-        return pixels
-    box = []
-    for axis in range(3):
-        present = np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(present[0]), int(present[-1]) + 1))
-    return pixels[tuple(box)]
+def _taps(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resampling ``size`` voxels to ``out`` along one axis: ``(start [out], weight [out, K])``, output i being
+    ``sum_k weight[i, k] * input[start[i] + k]`` (``resize``)."""
+    starts, weights = [], []
+    if out < size:  # box: output i covers input [i, i + 1) * size / out
+        for i in range(out):
+            low, high = i * size / out, (i + 1) * size / out
+            first, last = int(np.floor(low)), min(int(np.ceil(high)), size)
+            cover = np.minimum(np.arange(first + 1, last + 1), high) - np.maximum(np.arange(first, last), low)
+            starts.append(first)
+            weights.append(cover / cover.sum())
+    else:  # linear, torch's align_corners=False: the centre of output i lies at (i + 0.5) * size / out - 0.5
+        for i in range(out):
+            source = min(max((i + 0.5) * size / out - 0.5, 0.0), size - 1)
+            first = min(int(source), max(size - 2, 0))  # the last voxel is the right one of the last pair
+            right = source - first
+            starts.append(first)
+            weights.append(np.array([1.0 - right, right]) if size > 1 else np.ones(1))
+    width = max(len(w) for w in weights)
+    start = np.minimum(np.array(starts), size - width)  # every output reads `width` voxels inside the axis
+    weight = np.zeros((out, width))
+    for i, (first, w) in enumerate(zip(starts, weights)):
+        weight[i, first - start[i] : first - start[i] + len(w)] = w
+    return start, weight.astype(np.float32)
 
 
-def _scale(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
-    """``[D, H, W]`` clipped to [low, high] and mapped to [0, 1]; all zeros when high == low (a constant volume)."""
+def _along_depth(pixels: np.ndarray, taps: tuple[np.ndarray, np.ndarray]):
+    """Each output slice, float32 ``[H, W]``, of axis 0 resampled by ``taps``: a weighted sum of the few input
+    slices it reads, each converted to float32 as it is added; the slices a box covers whole share one weight,
+    applied once to their sum. (Elementwise on one thread: BLAS's threads made this sum slower, not faster, on
+    a busy node.)"""
+    start, weight = taps
+    term = np.empty(pixels.shape[1:], np.float32)
+    for first, w in zip(start, weight):
+        used = np.flatnonzero(w)
+        common = w[used].max()
+        average = np.zeros(pixels.shape[1:], np.float32)
+        for k in used:
+            if w[k] == common:
+                np.add(average, pixels[first + k], out=average, dtype=np.float32)
+            else:
+                np.multiply(pixels[first + k], w[k] / common, out=term, dtype=np.float32)
+                average += term
+        average *= common
+        yield average
+
+
+def _plane(slices: np.ndarray, rows: tuple[np.ndarray, np.ndarray],
+           columns: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """float32 ``[n, H', W']``: axes 1 and 2 of ``slices`` ``[n, H, W]`` resampled by ``rows`` and ``columns``."""
+    for axis, (start, weight) in ((1, rows), (2, columns)):
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        out = None
+        for k in range(weight.shape[1]):
+            term = np.take(slices, start + k, axis=axis).astype(np.float32, copy=False)
+            term *= weight[:, k].reshape(shape)
+            out = term if out is None else np.add(out, term, out=out)
+        slices = out
+    return slices
+
+
+def _values(pixels: np.ndarray, rescale: tuple[float, float]) -> np.ndarray:
+    """float32 physical values of stored ``pixels``, as ``Volume.values()`` computes them."""
+    slope, intercept = rescale
+    if (slope, intercept) == (1.0, 0.0):
+        return np.asarray(pixels, dtype=np.float32)
+    return (pixels * slope + intercept).astype(np.float32)
+
+
+def _percentiles(pixels: np.ndarray, rescale: tuple[float, float], percentiles) -> tuple[float, ...]:
+    """The ``percentiles`` of the physical values. Taken of the stored values and rescaled (a rescale with a
+    positive slope keeps their order), so that no float copy of the volume is made: they may differ from
+    those of float32 values in the last bit (numpy interpolates integers in float64, float32 in float32)."""
+    slope, intercept = rescale
+    if slope <= 0:
+        return tuple(float(p) for p in np.percentile(_values(pixels, rescale), percentiles))
+    return tuple(float(p) * slope + intercept for p in np.percentile(pixels, percentiles))
+
+
+def _foreground_box(pixels: np.ndarray, rescale: tuple[float, float], ct: bool,
+                    upper_percentile: float) -> tuple[slice, slice, slice]:
+    """The bounding box of the foreground of ``[D, H, W]`` (all of it if there is none), scanned a few slices
+    at a time."""
+    threshold = FOREGROUND_HU if ct else FOREGROUND_FRACTION * _percentiles(pixels, rescale, [upper_percentile])[0]
+    present = [np.zeros(size, bool) for size in pixels.shape]
+    for start in range(0, len(pixels), CHUNK_SLICES):
+        foreground = _values(pixels[start : start + CHUNK_SLICES], rescale) > threshold
+        present[0][start : start + len(foreground)] = foreground.any(axis=(1, 2))
+        present[1] |= foreground.any(axis=(0, 2))
+        present[2] |= foreground.any(axis=(0, 1))
+    if not present[0].any():
+        return (slice(None),) * 3
+    return tuple(slice(int(np.flatnonzero(p)[0]), int(np.flatnonzero(p)[-1]) + 1) for p in present)
+
+
+def _quantised(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """uint8: ``values`` clipped to [low, high], mapped to [0, 1] and rounded to 0..255; all zeros when
+    high <= low (a constant volume's percentiles)."""
     if high <= low:
-        return np.zeros_like(pixels)
-    scaled = np.clip(pixels, low, high)
-    scaled -= low  # in place: volumes are large
+        return np.zeros(values.shape, np.uint8)
+    scaled = np.clip(values, low, high)
+    scaled -= low
     scaled /= high - low
-    return scaled
+    scaled *= 255
+    return np.round(scaled).astype(np.uint8)

@@ -1,8 +1,8 @@
 """A deterministic synthetic corpus of head CT and brain MRI studies, written as real DICOM and NIfTI files.
 
 ``write_corpus(write, studies, seed, size)`` calls ``write(relative_path, data)`` once per file; the
-same ``(studies, seed, size, canary)`` always gives byte-identical files (numpy generators keyed on the
-seed, UIDs hashed from it, fixed dates, no clock). Layout, relative to the corpus root::
+same arguments always give byte-identical files (numpy generators keyed on the seed, UIDs hashed from
+it, fixed dates, no clock). Layout, relative to the corpus root::
 
     <study_id>/<scan_name>/0001.dcm ...            a DICOM series, one file per slice
     <study_id>/<scan_name>/0001.dcm                or one enhanced multi-frame DICOM object
@@ -20,6 +20,17 @@ or brain MRI with 1-8 scans (P(n) ~ 1/n): axial, coronal or sagittal, varied gri
 (``SIZES``), about a quarter NIfTI, the rest DICOM (some RLE Lossless, some stored top-down): most as one
 enhanced multi-frame object (per-frame positions, as current scanners write), the rest one file per slice.
 CT decodes to HU through RescaleSlope/Intercept; MR (T1, T2, FLAIR contrasts) is in arbitrary units.
+
+Sizes. ``small`` and ``medium`` (``SIZES``) are toy grids for tests and the demo. ``real`` writes studies at the
+size archives hold them (``REAL_SIZES``): a CT study is one thin-slice axial series of 300-600 slices at 512x512
+int16, an MR study 4-10 series of 176-256 slices at 256-512 pixels; all DICOM, one file per slice (as PACS
+exports are), in a mix of transfer syntaxes (``REAL_SYNTAX_SHARES``: uncompressed, RLE Lossless, JPEG 2000
+Lossless, JPEG-LS Lossless), with fine structure a downsampling to the model grid has to average rather than
+sample: vessels 0.7-2 mm across and calcifications of 1.5-5 mm (``FINE_STRUCTURE``), the same in every scan of
+a patient. ``transfer_syntax`` writes every DICOM series in one syntax (``TRANSFER_SYNTAXES``); ``slices`` sets
+every scan's slice count (the same anatomy, sampled more or less finely: a reduced real-size corpus for
+tests); ``modality`` makes every study CT or MR. A lossless syntax stores the same pixels as the uncompressed
+series of the same arguments.
 
 Anatomy (millimetres, DICOM patient LPS axes): a head-like ellipsoid of scalp fat (-90 to -60 HU), skull
 (850-1000 HU), grey-matter rim and white matter (26-40 HU), CSF ventricles (0-6 HU), air (-1000 HU) and
@@ -71,6 +82,8 @@ from pydicom.uid import (
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
     MRImageStorage,
     RLELossless,
     generate_uid,
@@ -83,6 +96,17 @@ MAX_LESION_FRACTION = 0.02
 NIFTI_FRACTION, RLE_FRACTION, TOP_DOWN_FRACTION, MULTIFRAME_FRACTION = 0.25, 0.2, 0.3, 0.75
 # size -> (slices per scan, in-plane pixels per side), inclusive ranges
 SIZES = {"small": ((16, 40), (48, 96)), "medium": ((32, 80), (96, 192))}
+# size "real", by modality: (series per study, slices per series, in-plane pixels per side), inclusive ranges
+REAL_SIZES = {"CT": ((1, 1), (300, 600), (512, 512)), "MR": ((4, 10), (176, 256), (256, 512))}
+MR_MATRICES = (256, 320, 384, 448, 512)   # real-size MR columns (acquisition matrices scanners use)
+SIZE_NAMES = (*SIZES, "real")
+# transfer syntax name -> UID, all lossless; pydicom encodes RLE itself, JPEG 2000 through pylibjpeg-openjpeg,
+# JPEG-LS through pyjpegls (and decodes them through those or pylibjpeg-libjpeg)
+TRANSFER_SYNTAXES = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpeg2000": JPEG2000Lossless,
+                     "jpegls": JPEGLSLossless}
+REAL_SYNTAX_SHARES = {"explicit": 0.4, "rle": 0.2, "jpeg2000": 0.2, "jpegls": 0.2}   # size "real"'s series
+# size "real"'s fine structure per patient: count, radius (mm), and for vessels their length (mm)
+FINE_STRUCTURE = {"vessels": (24, (0.35, 1.0), (30.0, 80.0)), "calcifications": (16, (0.75, 2.5), None)}
 
 VOCABULARY = {
     "hemorrhage": {
@@ -116,6 +140,11 @@ MR_TABLE = {  # scalp fat is the brightest tissue in every contrast, so percenti
     "flair": {"scalp": 2.1, "skull": 0.1, "gm": 1.0, "wm": 0.8, "csf": 0.15, "hemorrhage": 0.4, "infarct": 1.5,
               "mass": 1.22},
 }
+# Size "real"'s fine structure (``FINE_STRUCTURE``): CT in HU (contrast-filled arteries, calcium), MR relative to
+# white matter on T1 as ``MR_TABLE`` (bright arteries on T1, flow voids on T2 and FLAIR, calcium dark in all).
+FINE_LEVELS = {"ct": {"vessel": (180, 260), "calcification": (400, 900)},
+               "t1": {"vessel": 1.8, "calcification": 0.15}, "t2": {"vessel": 0.1, "calcification": 0.15},
+               "flair": {"vessel": 0.1, "calcification": 0.15}}
 MR_SEQUENCE = {  # TR, TE, TI (ms), scanning sequence
     "t1": (500.0, 10.0, None, "SE"), "t2": (4000.0, 100.0, None, "SE"), "flair": (9000.0, 120.0, 2500.0, "IR")
 }
@@ -140,6 +169,7 @@ class CorpusSummary:
     files: int = 0
     bytes: int = 0
     prevalence: dict[str, float] = field(default_factory=dict)
+    syntaxes: dict[str, int] = field(default_factory=dict)   # DICOM series per transfer syntax (``TRANSFER_SYNTAXES``)
 
 
 def folder_writer(root: str | Path) -> Callable[[str, bytes], None]:
@@ -155,15 +185,25 @@ def folder_writer(root: str | Path) -> Callable[[str, bytes], None]:
 
 
 def write_corpus(
-    write: Callable[[str, bytes], None], studies: int, seed: int, size: str = "small", canary: str | None = None
+    write: Callable[[str, bytes], None], studies: int, seed: int, size: str = "small", canary: str | None = None,
+    *, transfer_syntax: str | None = None, slices: int | None = None, modality: str | None = None,
 ) -> CorpusSummary:
-    """Write ``studies`` synthetic studies (module docstring: layout and content) through ``write``.
+    """Write ``studies`` synthetic studies (module docstring: layout, content and sizes) through ``write``.
 
     ``canary``, when given, becomes the first study's PatientName and a sentence of its report (for
-    tests that patient names and report text never leak); no other file changes.
+    tests that patient names and report text never leak); no other file changes. ``transfer_syntax``
+    (a ``TRANSFER_SYNTAXES`` name): every DICOM series in it, rather than the size's mix. ``slices``: every
+    scan's slice count, rather than the size's range. ``modality`` ("CT" or "MR"): every study's.
     """
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, not {size!r}")
+    if size not in SIZE_NAMES:
+        raise ValueError(f"size must be one of {list(SIZE_NAMES)}, not {size!r}")
+    if transfer_syntax is not None and transfer_syntax not in TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer_syntax must be one of {list(TRANSFER_SYNTAXES)}, not {transfer_syntax!r}")
+    if modality not in (None, "CT", "MR"):
+        raise ValueError(f"modality must be 'CT' or 'MR', not {modality!r}")
+    if slices is not None and slices < 2:
+        raise ValueError(f"slices must be at least 2, not {slices}")
+    options = {"transfer_syntax": transfer_syntax, "slices": slices, "modality": modality}
     written = {"files": 0, "bytes": 0}
 
     def put(path: str, data: bytes) -> None:
@@ -173,8 +213,9 @@ def write_corpus(
 
     rows, scans, patients, previous = [], [], {}, {}   # previous: each patient's last labels
     for index, (number, visit) in enumerate(_patient_visits(studies, seed)):
-        patient = patients[number] = patients.get(number) or _draw_patient(seed, number)
-        study = _draw_study(seed, index, patient, visit, previous.get(number), size, None if index else canary)
+        patient = patients[number] = patients.get(number) or _draw_patient(seed, number, fine=size == "real")
+        study = _draw_study(seed, index, patient, visit, previous.get(number), size, None if index else canary,
+                            **options)
         previous[number] = study.present
         rows.append(_write_study(put, study))
         scans += study.scans
@@ -187,11 +228,13 @@ def write_corpus(
     dicom = [scan for scan in scans if scan.format == "dicom"]
     summary = CorpusSummary(
         studies=studies, patients=len(patients), scans=len(scans), dicom_series=len(dicom),
-        nifti_scans=len(scans) - len(dicom), rle_series=sum(scan.rle for scan in dicom),
+        nifti_scans=len(scans) - len(dicom), rle_series=sum(scan.syntax == "rle" for scan in dicom),
         multiframe_series=sum(scan.multiframe for scan in dicom), **written,
         prevalence={label: round(sum(row["labels"][label] for row in rows) / max(studies, 1), 4) for label in LABELS},
+        syntaxes={name: sum(scan.syntax == name for scan in dicom) for name in TRANSFER_SYNTAXES},
     )
-    write("corpus.json", json.dumps({"seed": seed, "size": size, **asdict(summary)}, indent=2).encode())
+    chosen = {key: value for key, value in options.items() if value is not None}
+    write("corpus.json", json.dumps({"seed": seed, "size": size, **chosen, **asdict(summary)}, indent=2).encode())
     return summary
 
 
@@ -208,6 +251,14 @@ class Blob:
 
 
 @dataclass
+class Tube:
+    """A vessel: a chain of balls of one radius along a smooth curve (head coordinates, mm)."""
+
+    points: np.ndarray  # (n, 3), each within half a radius of the next
+    radius: float
+
+
+@dataclass
 class Patient:
     id: str
     brain: np.ndarray         # (3,) brain semi-axes, mm
@@ -218,6 +269,8 @@ class Patient:
     lesions: dict[str, Blob]  # where each label's lesion sits in every study that has it
     shift_mm: float
     first_visit: datetime.date
+    vessels: list[Tube] = field(default_factory=list)          # fine structure (size "real" only)
+    calcifications: list[Blob] = field(default_factory=list)
 
 
 @dataclass
@@ -233,9 +286,10 @@ class Scan:
     noise: float
     bias: np.ndarray          # (3,) MR relative gain change per mm (zeros for CT)
     storage: tuple[int, float] = (0, 0.0)   # DICOM PixelRepresentation and RescaleIntercept (CT)
-    rle: bool = False
+    syntax: str = "explicit"  # a TRANSFER_SYNTAXES name (DICOM)
     top_down: bool = False
     multiframe: bool = False  # one enhanced multi-frame object rather than one file per slice
+    fine: dict[str, float] = field(default_factory=dict)   # size "real": vessel and calcification intensities
 
     def affine(self) -> np.ndarray:
         """4x4: voxel ``(d, h, w, 1)`` -> RAS+ mm."""
@@ -289,8 +343,9 @@ def _patient_visits(studies: int, seed: int) -> list[tuple[int, int]]:
     return visits[:studies]
 
 
-def _draw_patient(seed: int, index: int) -> Patient:
-    """Head size, ventricles (normal and shifted) and where each label's lesion sits for patient ``index``."""
+def _draw_patient(seed: int, index: int, fine: bool = False) -> Patient:
+    """Head size, ventricles (normal and shifted) and where each label's lesion sits for patient ``index``;
+    with ``fine``, also vessels and calcifications (``FINE_STRUCTURE``)."""
     rng = np.random.default_rng([seed, 1, index])
     brain = rng.uniform([62, 78, 58], [70, 88, 66])
     scale = brain / [66, 83, 62]
@@ -304,8 +359,37 @@ def _draw_patient(seed: int, index: int) -> Patient:
         avoid = shifted if label == "mass" else ventricles + shifted   # ventricles it shifts, the others of both
         lesions[label] = _place(rng, label, brain, avoid, list(lesions.values()), mass_side if label == "mass" else 0)
     first_visit = datetime.date(2023, 1, 1) + datetime.timedelta(days=int(rng.integers(365)))
-    return Patient(f"SYNTH-P{index:04d}", brain, rng.uniform(6, 8), rng.uniform(3, 5), ventricles, shifted, lesions,
-                   shift, first_visit)
+    patient = Patient(f"SYNTH-P{index:04d}", brain, rng.uniform(6, 8), rng.uniform(3, 5), ventricles, shifted,
+                      lesions, shift, first_visit)
+    if fine:
+        patient.vessels, patient.calcifications = _draw_fine_structure(np.random.default_rng([seed, 7, index]), brain)
+    return patient
+
+
+def _draw_fine_structure(rng, brain: np.ndarray) -> tuple[list[Tube], list[Blob]]:
+    """Vessels (smooth random curves: a line plus three sinusoids, kept inside the brain) and calcifications
+    (small balls) for ``FINE_STRUCTURE``; the lesions, drawn later, paint over any that cross them."""
+
+    def inside_point(reach: float) -> np.ndarray:
+        while True:
+            point = rng.uniform(-reach, reach, 3) * brain
+            if ((point / brain) ** 2).sum() < reach ** 2:
+                return point
+
+    count, radii, lengths = FINE_STRUCTURE["vessels"]
+    vessels = []
+    for _ in range(count):
+        radius, length = rng.uniform(*radii), rng.uniform(*lengths)
+        along = np.arange(0.0, length, radius / 2)[:, None]
+        direction = rng.normal(size=3)
+        curve = inside_point(0.7) + (along - length / 2) * direction / np.linalg.norm(direction)
+        for k in (1, 2, 3):
+            curve += np.sin(2 * np.pi * k * along / length + rng.uniform(0, 2 * np.pi)) * rng.normal(size=3) * (
+                length / (10 * k))
+        vessels.append(Tube(curve[((curve / brain) ** 2).sum(1) < 0.9 ** 2], float(radius)))
+    count, radii, _ = FINE_STRUCTURE["calcifications"]
+    calcifications = [Blob(inside_point(0.8), np.full(3, rng.uniform(*radii)), "calcification") for _ in range(count)]
+    return vessels, calcifications
 
 
 # test points of the unit ball: a lattice inside it and the lattice's directions on its surface
@@ -332,19 +416,30 @@ def _place(rng, label: str, brain, avoid: list[Blob], placed: list[Blob], side: 
 
 
 def _draw_study(
-    seed: int, index: int, patient: Patient, visit: int, previous: dict | None, size: str, canary: str | None
+    seed: int, index: int, patient: Patient, visit: int, previous: dict | None, size: str, canary: str | None,
+    transfer_syntax: str | None = None, slices: int | None = None, modality: str | None = None,
 ) -> Study:
     """Labels, intensities and scans of study ``index``; a follow-up keeps each finding of the previous study
-    with probability FOLLOW_UP_KEEPS. Scans come from their own generator: both sizes of a seed share the rest."""
+    with probability FOLLOW_UP_KEEPS. Scans come from their own generator: small and medium of a seed share the
+    rest. Size "real"'s own draws (series count, transfer syntaxes, fine-structure levels) come from another."""
     rng = np.random.default_rng([seed, 2, index])
+    real = size == "real"
+    real_rng = np.random.default_rng([seed, 8, index])
     fresh = rng.random(len(LABELS)) < PREVALENCE
     keep = rng.random(len(LABELS)) < FOLLOW_UP_KEEPS
     present = {label: int(previous[label] if previous and keep[i] else fresh[i]) for i, label in enumerate(LABELS)}
-    modality = "CT" if rng.random() < 0.5 else "MR"
+    drawn = "CT" if rng.random() < 0.5 else "MR"
+    modality = modality or drawn
     count = int(rng.choice(np.arange(1, 9), p=(weights := 1 / np.arange(1, 9)) / weights.sum()))
+    if real:
+        fewest, most = REAL_SIZES[modality][0]
+        count = int(real_rng.integers(fewest, most + 1))
     contrasts = ["ct"] * count if modality == "CT" else [str(c) for c in rng.choice(["t1", "t2", "flair"], count)]
     orientations = [str(o) for o in rng.choice(list(ORIENTATIONS), count, p=[0.6, 0.2, 0.2])]
     formats = ["nifti" if nifti else "dicom" for nifti in rng.random(count) < NIFTI_FRACTION]
+    if real:   # as archives hold them: DICOM; a thin-slice CT series is acquired axially
+        formats = ["dicom"] * count
+        orientations = ["ax"] * count if modality == "CT" else orientations
     levels = {key: rng.uniform(*span) for key, span in CT_RANGES.items()}
     levels["gm"] = levels["wm"] + levels.pop("gm_over_wm")
     head_center = rng.uniform(-5, 5, 3).round(2)
@@ -354,12 +449,23 @@ def _draw_study(
     head = patient.brain + patient.skull + patient.scalp
     scans = [
         _draw_scan(geometry, f"{k + 1:02d}_{contrasts[k]}_{orientations[k]}", formats[k], orientations[k],
-                   contrasts[k], head, patient.brain, head_center, levels, size)
+                   contrasts[k], head, patient.brain, head_center, levels, size, slices)
         for k in range(count)
     ]
     multiframe = np.random.default_rng([seed, 6, index]).random(count) < MULTIFRAME_FRACTION
     for scan, one_object in zip(scans, multiframe):
-        scan.multiframe = bool(one_object) and scan.format == "dicom"
+        scan.multiframe = bool(one_object) and scan.format == "dicom" and not real
+    if real:
+        names, shares = list(REAL_SYNTAX_SHARES), list(REAL_SYNTAX_SHARES.values())
+        ct_fine = {key: float(real_rng.uniform(*span)) for key, span in FINE_LEVELS["ct"].items()}
+        for scan in scans:
+            scan.syntax = str(real_rng.choice(names, p=shares))
+            scan.fine = ct_fine if scan.contrast == "ct" else {   # MR: relative to the scan's white matter
+                key: level * scan.tissue["wm"] / MR_TABLE[scan.contrast]["wm"]
+                for key, level in FINE_LEVELS[scan.contrast].items()}
+    for scan in scans:
+        if transfer_syntax and scan.format == "dicom":
+            scan.syntax = transfer_syntax
     report = _report(np.random.default_rng([seed, 4, index]), modality, contrasts, patient, present)
     if canary is not None:
         report += f" The findings were discussed with {canary}."
@@ -370,13 +476,21 @@ def _draw_study(
     )
 
 
-def _draw_scan(rng, name, format, orientation, contrast, head, brain, head_center, levels, size) -> Scan:
-    """A field of view that covers the whole brain: [D, H, W] grid, spacing, position, intensities, noise."""
-    (slices, pixels) = SIZES[size]
+def _draw_scan(rng, name, format, orientation, contrast, head, brain, head_center, levels, size,
+               slices: int | None = None) -> Scan:
+    """A field of view that covers the whole brain: [D, H, W] grid, spacing, position, intensities, noise.
+    ``slices``: the slice count D, rather than one drawn from the size's range."""
+    if size == "real":
+        _, depths, pixels = REAL_SIZES["CT" if contrast == "ct" else "MR"]
+    else:
+        depths, pixels = SIZES[size]
     r, c = (np.array(v, dtype=float) for v in ORIENTATIONS[orientation])
     n = np.cross(r, c)
-    depth, cols = rng.integers(slices[0], slices[1] + 1), rng.integers(pixels[0], pixels[1] + 1)
+    depth, cols = rng.integers(depths[0], depths[1] + 1), rng.integers(pixels[0], pixels[1] + 1)
     rows = cols if rng.random() < 0.7 else max(pixels[0], int(cols * rng.uniform(0.75, 0.9)))
+    if size == "real":   # square, at a matrix scanners use
+        rows = cols = 512 if contrast == "ct" else MR_MATRICES[int(np.abs(np.subtract(MR_MATRICES, cols)).argmin())]
+    depth = slices or depth
     margin = rng.uniform(16, 80)
     pixel = round(max((2 * abs(c) @ head + margin) / rows, (2 * abs(r) @ head + margin) / cols), 3)
     coverage = max(2 * abs(n) @ head + rng.uniform(-8, 16), 2 * abs(n) @ brain + 12)
@@ -397,7 +511,7 @@ def _draw_scan(rng, name, format, orientation, contrast, head, brain, head_cente
         noise, bias = gain * rng.uniform(0.015, 0.03), rng.normal(size=3) * rng.uniform(0, 0.0008)
     rle, top_down = (rng.random(2) < [RLE_FRACTION, TOP_DOWN_FRACTION]) & (format == "dicom")
     return Scan(name, format, orientation, contrast, (int(depth), int(rows), int(cols)), steps, origin, tissue,
-                noise, bias, storage, bool(rle), bool(top_down))
+                noise, bias, storage, "rle" if rle else "explicit", bool(top_down))
 
 
 # ---------------------------------------------------------------- rendering and encoding
@@ -421,6 +535,8 @@ def _render(study: Study, scan: Scan, rng) -> tuple[np.ndarray, list[np.ndarray]
     volume[inside(zero, patient.brain * 0.88)] = t["wm"]
     for ventricle in study.ventricles:
         volume[inside(ventricle.center, ventricle.semi)] = t["csf"]
+    if scan.fine:
+        _paint_fine_structure(volume, scan, offset, study.patient)
     masks = []
     for lesion in study.lesions:
         mask = inside(lesion.center, lesion.semi)
@@ -429,8 +545,31 @@ def _render(study: Study, scan: Scan, rng) -> tuple[np.ndarray, list[np.ndarray]
         masks.append(mask)
     if scan.bias.any():
         volume *= 1 + sum(p[a] * np.float32(scan.bias[a]) for a in range(3))
-    volume += rng.standard_normal(scan.shape, dtype=np.float32) * np.float32(scan.noise)
+    noise = rng.standard_normal(scan.shape, dtype=np.float32)
+    noise *= np.float32(scan.noise)   # in place: a real-size volume is 0.3-0.6 GB in float32
+    volume += noise
     return volume, masks
+
+
+def _paint_fine_structure(volume: np.ndarray, scan: Scan, offset: np.ndarray, patient: Patient) -> None:
+    """Paint the patient's vessels and calcifications into ``volume`` ``[D, H, W]`` (at ``scan.fine``'s levels),
+    ball by ball, each within its own bounding box of voxels. ``offset``: head coordinates of voxel (0, 0, 0)."""
+    to_voxels = np.linalg.inv(scan.steps.T)   # head offset (mm) -> (d, h, w)
+    voxel_mm = np.linalg.norm(scan.steps, axis=1)
+    shape = np.array(scan.shape)
+    balls = [(tube.points, tube.radius, scan.fine["vessel"]) for tube in patient.vessels]
+    balls += [(blob.center[None], float(blob.semi[0]), scan.fine["calcification"]) for blob in patient.calcifications]
+    for centers, radius, level in balls:
+        reach = radius / voxel_mm
+        for center, voxel in zip(centers, (centers - offset) @ to_voxels.T):
+            low = np.maximum(np.ceil(voxel - reach), 0).astype(int)
+            high = np.minimum(np.floor(voxel + reach).astype(int) + 1, shape)
+            if (high <= low).any():
+                continue
+            axes = np.meshgrid(*(np.arange(a, b) for a, b in zip(low, high)), indexing="ij", sparse=True)
+            squared = sum((offset[a] - center[a] + sum(axis * scan.steps[g, a] for g, axis in enumerate(axes))) ** 2
+                          for a in range(3))
+            volume[low[0]:high[0], low[1]:high[1], low[2]:high[2]][squared <= radius ** 2] = level
 
 
 def _write_study(put: Callable[[str, bytes], None], study: Study) -> dict:
@@ -510,10 +649,13 @@ def _dicom_series(study: Study, scan: Scan, number: int, volume: np.ndarray) -> 
     ct = scan.contrast == "ct"
     if ct:
         signed, intercept = scan.storage
-        stored = np.clip(np.rint(volume), -1024, 3071) - intercept
+        stored = np.rint(volume)   # then in place: a real-size volume is 0.3-0.6 GB in float32
+        np.clip(stored, -1024, 3071, out=stored)
+        stored -= intercept
         stored = stored.astype(np.int16 if signed else np.uint16)
     else:
-        signed, stored = 0, np.clip(np.rint(volume), 0, 65535).astype(np.uint16)
+        stored = np.rint(volume)
+        signed, stored = 0, np.clip(stored, 0, 65535, out=stored).astype(np.uint16)
     r, c = scan.steps[2] / np.linalg.norm(scan.steps[2]), scan.steps[1] / np.linalg.norm(scan.steps[1])
     normal = np.cross(r, c)
     series_uid = _uid(study.seed, study.id, scan.name)
@@ -550,7 +692,7 @@ def _dicom_series(study: Study, scan: Scan, number: int, volume: np.ndarray) -> 
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\0\1"
     meta.MediaStorageSOPClassUID = common["SOPClassUID"]
-    meta.TransferSyntaxUID = RLELossless if scan.rle else ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = TRANSFER_SYNTAXES[scan.syntax]
     meta.ImplementationClassUID = _uid("implementation")
     meta.ImplementationVersionName = "HLIP_RAY_SYNTH"
     order = range(scan.shape[0] - 1, -1, -1) if scan.top_down else range(scan.shape[0])
@@ -563,8 +705,8 @@ def _dicom_series(study: Study, scan: Scan, number: int, volume: np.ndarray) -> 
         ds.InstanceNumber = instance
         ds.ImagePositionPatient = [round(float(v), 3) + 0.0 for v in position]
         ds.SliceLocation = round(float(position @ normal), 3) + 0.0
-        if scan.rle:   # pydicom's and pylibjpeg's RLE encoders give the same bytes
-            ds.compress(RLELossless, stored[d], generate_instance_uid=False)
+        if scan.syntax != "explicit":   # RLE: pydicom's and pylibjpeg's encoders give the same bytes
+            ds.compress(TRANSFER_SYNTAXES[scan.syntax], stored[d], generate_instance_uid=False)
         else:
             ds.add_new("PixelData", "OW", stored[d].astype(stored.dtype.newbyteorder("<")).tobytes())
         elements = constant | _element_bytes(ds[keyword] for keyword in SLICE_ELEMENTS)
@@ -608,8 +750,8 @@ def _enhanced_object(study: Study, scan: Scan, ds: Dataset, meta: FileMetaDatase
     ds.ImageType = [*ds.ImageType, "NONE"]
     ds.InstanceNumber, ds.NumberOfFrames = 1, len(order)
     frames = np.ascontiguousarray(stored[list(order)])
-    if scan.rle:
-        ds.compress(RLELossless, frames, generate_instance_uid=False)
+    if scan.syntax != "explicit":
+        ds.compress(TRANSFER_SYNTAXES[scan.syntax], frames, generate_instance_uid=False)
     else:
         ds.add_new("PixelData", "OW", frames.astype(frames.dtype.newbyteorder("<")).tobytes())
     elements = _element_bytes(ds)
