@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from hlip_ray import cli
-from hlip_ray.data.shards import INDEX_FILE, SHARDS_DIR, read_index, read_study
+from hlip_ray.data.shards import INDEX_FILE, SHARDS_DIR, SUMMARY_FILE, read_index, read_study
 from hlip_ray.data.storage import Storage
 from tests.conftest import REPO_ROOT
 from tests.helpers import synthetic_corpus
@@ -68,6 +68,15 @@ def test_a_rerun_writes_each_study_once_and_prints_a_summary(corpus, tmp_path, r
     assert _preprocess(corpus, out, "data.grid=[8,32,32]") == 2
     error = capsys.readouterr().err
     assert "holds shards made with other preprocessing settings (data.grid [8, 16, 16] there, [8, 32, 32] now)" in error
+    assert _shards(out) == files
+
+    # A cache from before area resizing records no resize method: its volumes were sampled trilinearly, and
+    # new area-averaged ones are not added beside them.
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["settings"].pop("resize") == "area"
+    (out / SUMMARY_FILE).write_text(json.dumps(summary))
+    assert _preprocess(corpus, out) == 2
+    assert "(resize trilinear there, area now)" in capsys.readouterr().err
     assert _shards(out) == files
 
     # A shard the index names, damaged afterwards: named when read.

@@ -324,7 +324,11 @@ def decoded_series(study: Path) -> dict[str, tuple[np.ndarray, list]]:
 def test_real_size_writes_what_it_says_and_lossless_syntaxes_decode_to_the_uncompressed_pixels(real_corpora):
     """Each series: one file per slice, ``REAL_SLICES`` of them, at its modality's grid, 16-bit, in the transfer
     syntax asked for; and through ``decode_dicom_files`` RLE, JPEG 2000 and JPEG-LS give the uncompressed
-    series' pixels exactly. CT shows its fine structure (contrast-filled vessels at 180-260 HU)."""
+    series' pixels exactly (JPEG-LS by CharLS, the fastest plugin installed). CT shows its fine structure
+    (contrast-filled vessels at 180-260 HU)."""
+    from hlip_ray.data.decode import JPEGLSLossless, _fastest_plugin
+
+    assert _fastest_plugin(JPEGLSLossless) == "pyjpegls"
     for modality in ("CT", "MR"):
         uncompressed = decoded_series(real_corpora[modality, "explicit"][0] / "study-0000")
         (fewest, most), _, (small, large) = REAL_SIZES[modality]

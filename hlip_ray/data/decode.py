@@ -37,7 +37,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_partial
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 from hlip_ray.data.records import Decoded, Note, Rejection, Volume
 
@@ -480,8 +486,22 @@ def _decode(file: _File, frame: int, frames: int) -> np.ndarray:
         native = _native_frame(file, frame, rows * columns)
         if native is not None:
             return native.reshape(rows, columns)
-        pixels = pixel_array(ds) if frames == 1 else pixel_array(ds, index=frame)
-        return pixels.reshape(rows, columns)
+        options = {"index": frame} if frames > 1 else {}
+        plugin = _fastest_plugin(ds.file_meta.get("TransferSyntaxUID"))
+        if plugin:
+            options["decoding_plugin"] = plugin
+        return pixel_array(ds, **options).reshape(rows, columns)
+
+
+# Where pydicom has several plugins for a transfer syntax and its first is not the fastest: measured on
+# 512x512 CT slices, pyjpegls (CharLS) decodes JPEG-LS in 4.9 ms, pylibjpeg-libjpeg in 18.9 ms.
+FASTEST_PLUGINS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+
+
+def _fastest_plugin(syntax) -> str:
+    """The plugin ``FASTEST_PLUGINS`` names for ``syntax`` when it is installed, else "" (pydicom's order)."""
+    plugin = FASTEST_PLUGINS.get(syntax, "")
+    return plugin if plugin and plugin in get_decoder(syntax).available_plugins else ""
 
 
 _NATIVE_DTYPES = {(8, 0): "u1", (8, 1): "i1", (16, 0): "<u2", (16, 1): "<i2"}

@@ -25,6 +25,7 @@ from hlip_ray.data.shards import SHARDS_DIR, SUMMARY_FILE, index_files, read_ind
 from hlip_ray.data.sources import study_source
 from hlip_ray.data.storage import Storage, join
 from hlip_ray.data.streams import study_records
+from hlip_ray.data.volume import RESIZE_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def preprocessing_settings(config: Config) -> dict:
     data = config.data
     settings = {"grid": data.grid, "windows": data.windows, "mri_percentiles": data.mri_percentiles,
                 "reorient_to_ras": data.reorient_to_ras, "crop_foreground": data.crop_foreground,
-                "nifti_4d": data.nifti_4d, "min_slices": data.min_slices}
+                "nifti_4d": data.nifti_4d, "min_slices": data.min_slices, "resize": RESIZE_METHOD}
     return json.loads(json.dumps(settings))
 
 
@@ -103,10 +104,11 @@ def check_output(out: str, storage: Storage, settings: dict) -> None:
     except ValueError:
         raise ConfigError(f"{join(out, SUMMARY_FILE)}: not JSON; is {out} a shard folder?") from None
     if earlier is not None:
-        differ = {key: (earlier.get("settings", {}).get(key), value) for key, value in settings.items()
-                  if earlier.get("settings", {}).get(key) != value}
+        there = {"resize": "trilinear", **earlier.get("settings", {})}   # a cache from before area resizing
+        differ = {key: (there.get(key), value) for key, value in settings.items() if there.get(key) != value}
         if differ:
-            listed = "; ".join(f"data.{key} {old} there, {new} now" for key, (old, new) in differ.items())
+            listed = "; ".join(f"{'' if key == 'resize' else 'data.'}{key} {old} there, {new} now"
+                               for key, (old, new) in differ.items())
             raise ConfigError(f"--out {out} holds shards made with other preprocessing settings ({listed}): "
                               "preprocess into a new folder, or use the same settings to add to it")
     try:

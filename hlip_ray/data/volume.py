@@ -62,6 +62,11 @@ def preprocess_volume(
     return channels if len(channels) == len(windows) else np.repeat(channels, len(windows), axis=0)
 
 
+# How ``resize`` brings a volume to the grid, as the shard cache records it (``preprocessing_settings``): a
+# cache made before issue #34 sampled trilinearly and records none.
+RESIZE_METHOD = "area"
+
+
 def resize(pixels: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
     """float32 ``grid`` from ``pixels`` ``[D, H, W]`` (any real dtype; a strided view is read as it is).
 
