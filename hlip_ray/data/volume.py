@@ -1,8 +1,9 @@
 """HLIP's volume recipe: resize to the model grid, intensity windows, uint8.
 
 A volume is read as stored (``Volume.pixels``, int16 for most CT, with its ``rescale``) and a few slices at a
-time: no full-resolution float copy of it is made, whatever the number of windows. Its slices are averaged
-into the grid's depth first, then each plane is resized, and the windows are applied on the grid.
+time: no full-resolution float copy of it is made, whatever the number of windows. For each window, its
+slices are clipped to the window as they are read and averaged into the grid's depth, then each plane is
+resized; one pass over the volume per window.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ def preprocess_volume(
 ) -> np.ndarray:
     """The model input for one volume: uint8 ``[C, D, H, W]`` with C = len(windows), (D, H, W) = grid.
 
-    The volume's values (``Volume.values()``: HU for CT) are resized to ``grid`` (``resize``: an area
-    average along each axis that shrinks, linear interpolation along one that grows; no resampling to a
-    physical spacing). Until issue #34 each window was applied first and the windowed volume sampled
-    trilinearly, which aliases fine structure (docs/data.md, "Resizing to the grid"). Then CT
-    (``modality == "CT"``): channel c is the resized volume clipped to ``windows[c]`` = (low, high) HU and
-    scaled to [0, 1]. Any other modality: clipped to the volume's own ``mri_percentiles`` (of its voxels
-    before resizing) and scaled to [0, 1], repeated in all C channels so CT and MR batches share C. Last,
-    [0, 1] is rounded to 0..255. ``reorient_to_ras`` first flips/permutes the axes so that W runs to the
-    right, H to anterior and D to superior (the layout of a RAS NIfTI read as (k, j, i)).
+    CT (``modality == "CT"``): channel c is the volume's values (``Volume.values()``: HU) clipped to
+    ``windows[c]`` = (low, high), resized to ``grid``, and scaled to [0, 1]. Any other modality: clipped to
+    the volume's own ``mri_percentiles`` (of its voxels before resizing), resized and scaled to [0, 1],
+    repeated in all C channels so CT and MR batches share C. Last, [0, 1] is rounded to 0..255. The resize
+    (``resize``) is an area average along each axis that shrinks, linear interpolation along one that grows;
+    no resampling to a physical spacing. Until issue #34 it sampled trilinearly, which aliases fine
+    structure (docs/data.md, "Resizing to the grid"). ``reorient_to_ras`` first flips/permutes the axes so
+    that W runs to the right, H to anterior and D to superior (the layout of a RAS NIfTI read as (k, j, i)).
     ``crop_foreground`` first crops the volume to the bounding box of the body (voxels above
     ``FOREGROUND_HU`` for CT, above ``FOREGROUND_FRACTION`` of the upper percentile for MR), so the
     anatomy, not the air around it, fills the grid.
@@ -55,11 +55,19 @@ def preprocess_volume(
         pixels = pixels[_foreground_box(pixels, rescale, ct, mri_percentiles[1])]
     bounds = [(float(low), float(high)) for low, high in windows] if ct else [
         _percentiles(pixels, rescale, mri_percentiles)]
-    slope, intercept = rescale
-    values = resize(pixels, grid).astype(np.float64)
-    values = (values * slope + intercept).astype(np.float32)  # as Volume.values() rounds, on the grid only
-    channels = np.stack([_quantised(values, low, high) for low, high in bounds])
+    channels = np.stack([_quantised(_windowed(pixels, rescale, grid, low, high), low, high) for low, high in bounds])
     return channels if len(channels) == len(windows) else np.repeat(channels, len(windows), axis=0)
+
+
+def _windowed(pixels: np.ndarray, rescale: tuple[float, float], grid: tuple[int, int, int], low: float,
+              high: float) -> np.ndarray:
+    """float32 physical values on ``grid``, each input voxel clipped to [low, high] before ``resize`` averages
+    it (the window bounds mapped to stored values, so the stored volume is read as it is): a voxel of bone
+    beside brain counts as the window's top, not as 1000 HU spread over the brain around it."""
+    slope, intercept = rescale
+    clip = tuple(sorted(((low - intercept) / slope, (high - intercept) / slope))) if slope else None
+    values = resize(pixels, grid, clip).astype(np.float64)
+    return (values * slope + intercept).astype(np.float32)  # as Volume.values() rounds, on the grid only
 
 
 # How ``resize`` brings a volume to the grid, as the shard cache records it (``preprocessing_settings``): a
@@ -67,8 +75,9 @@ def preprocess_volume(
 RESIZE_METHOD = "area"
 
 
-def resize(pixels: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
-    """float32 ``grid`` from ``pixels`` ``[D, H, W]`` (any real dtype; a strided view is read as it is).
+def resize(pixels: np.ndarray, grid: tuple[int, int, int], clip: tuple[float, float] | None = None) -> np.ndarray:
+    """float32 ``grid`` from ``pixels`` ``[D, H, W]`` (any real dtype; a strided view is read as it is), each
+    input voxel first clipped to ``clip`` = (low, high) when given.
 
     Separable, one axis at a time. An axis that shrinks is box-filtered: output voxel i is the mean of the
     input over its extent [i, i + 1) x in/out, input voxels cut by its edges weighted by the part inside
@@ -80,11 +89,11 @@ def resize(pixels: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
     """
     depth, rows, columns = (_taps(size, out) for size, out in zip(pixels.shape, grid))
     if grid[0] > pixels.shape[0]:  # more slices: resize the planes first, then interpolate between them
-        planes = np.concatenate([_plane(np.asarray(pixels[start : start + CHUNK_SLICES], np.float32), rows, columns)
+        planes = np.concatenate([_plane(_float32(pixels[start : start + CHUNK_SLICES], clip), rows, columns)
                                  for start in range(0, len(pixels), CHUNK_SLICES)])
         return np.stack(list(_along_depth(planes, depth)))
     out = np.empty(grid, np.float32)
-    for index, average in enumerate(_along_depth(pixels, depth)):  # each output slice's average, then its plane
+    for index, average in enumerate(_along_depth(pixels, depth, clip)):  # each output slice's average, its plane
         out[index] = _plane(average[None], rows, columns)[0]
     return out
 
@@ -115,22 +124,36 @@ def _taps(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     return start, weight.astype(np.float32)
 
 
-def _along_depth(pixels: np.ndarray, taps: tuple[np.ndarray, np.ndarray]):
+def _float32(pixels: np.ndarray, clip: tuple[float, float] | None, out: np.ndarray | None = None) -> np.ndarray:
+    """``pixels`` as float32 (into ``out`` when given), clipped to ``clip`` when given; never ``pixels`` itself
+    when clipped."""
+    if out is None:
+        out = np.array(pixels, np.float32) if clip else np.asarray(pixels, np.float32)
+    else:
+        np.copyto(out, pixels, casting="unsafe")
+    if clip:
+        np.clip(out, clip[0], clip[1], out=out)
+    return out
+
+
+def _along_depth(pixels: np.ndarray, taps: tuple[np.ndarray, np.ndarray], clip: tuple[float, float] | None = None):
     """Each output slice, float32 ``[H, W]``, of axis 0 resampled by ``taps``: a weighted sum of the few input
     slices it reads, each converted to float32 as it is added; the slices a box covers whole share one weight,
     applied once to their sum. (Elementwise on one thread: BLAS's threads made this sum slower, not faster, on
     a busy node.)"""
     start, weight = taps
     term = np.empty(pixels.shape[1:], np.float32)
+    clipped = np.empty(pixels.shape[1:], np.float32) if clip else None
     for first, w in zip(start, weight):
         used = np.flatnonzero(w)
         common = w[used].max()
         average = np.zeros(pixels.shape[1:], np.float32)
         for k in used:
+            slice_ = pixels[first + k] if clip is None else _float32(pixels[first + k], clip, clipped)
             if w[k] == common:
-                np.add(average, pixels[first + k], out=average, dtype=np.float32)
+                np.add(average, slice_, out=average, dtype=np.float32)
             else:
-                np.multiply(pixels[first + k], w[k] / common, out=term, dtype=np.float32)
+                np.multiply(slice_, w[k] / common, out=term, dtype=np.float32)
                 average += term
         average *= common
         yield average
