@@ -6,12 +6,11 @@ everything is driven as a user drives it: `hlip-ray` on the head (no RAY_ADDRESS
 
 - `hlip-ray` on the head joins the cluster and refuses a local storage path before any work, though the
   cluster has one node up when it starts (its pools are empty).
-- A 2-trial sweep whose GPU pool can hold 2 one-worker trials (one GPU node type of 2 slots, at most one
-  node) runs 2 at once once the node is up (it is sized on what the pools can grow to, not on the empty
-  cluster at the start); trial drivers and every driver-side actor stay on the head; the GPU node reclaimed
-  mid-sweep ends only the trials' workers, which resume from their checkpoints on the node the autoscaler
-  starts in its place, and every trial finishes. (Two trials, not four: on 2 cores four at once took
-  380-490 s of the suite, two about half.)
+- A 2-trial sweep whose GPU pool can hold 2 one-worker trials (up to two GPU nodes of one slot) runs 2 at
+  once once the nodes are up (it is sized on what the pools can grow to, not on the empty cluster at the
+  start); trial drivers and every driver-side actor stay on the head; a GPU node reclaimed mid-sweep ends
+  only its trial's worker, which resumes from its checkpoint, and every trial finishes. (Two trials, not
+  four: on 2 cores four at once took 380-490 s of the suite.)
 - A submitted training job's metrics and TensorBoard events are on S3 after the cluster is torn down; an
   evaluation job encodes on a GPU pool node, not on the head.
 """
@@ -55,7 +54,7 @@ def corpus(tmp_path_factory, ray_session):
 def cluster():
     # Dead nodes noticed within seconds, not Ray's 30 s: a reclaimed node's trainers restart sooner.
     with AutoscalingCluster(env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                                 "RAY_health_check_timeout_ms": "1000"}, gpu_nodes=1) as started:
+                                 "RAY_health_check_timeout_ms": "1000"}, gpu_slots=1) as started:
         yield started
 
 
@@ -157,13 +156,13 @@ def test_a_sweep_grows_the_pools_runs_two_trials_at_once_and_rides_over_a_reclai
     trials = s3.get_object(Bucket=name, Key="sweeps/pools/trials.csv")["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(trials)))
     assert len(rows) == 2 and all(row["status"] == "finished" and row["steps"] == "8" for row in rows), rows
-    # The reclaimed node's trials restarted their workers from a checkpoint: their runs log a step again.
+    # The reclaimed node's trial started its worker again from a checkpoint: its later steps say where from.
     steps = {}
     for key in _keys(s3, name, "sweeps/pools/runs/", "logs/metrics.jsonl"):
         body = s3.get_object(Bucket=name, Key=key)["Body"].read().decode()
-        steps[key] = [int(json.loads(line)["step"]) for line in body.splitlines()]
-    assert len(steps) == 2 and all(logged[-1] == 8 for logged in steps.values()), steps
-    resumed = [logged for logged in steps.values() if logged != sorted(set(logged))]
+        steps[key] = [(int(step["step"]), int(step["resumed_from"])) for step in map(json.loads, body.splitlines())]
+    assert len(steps) == 2 and all(logged[-1][0] == 8 for logged in steps.values()), steps
+    resumed = [logged for logged in steps.values() if any(start > 0 for _, start in logged)]
     assert resumed, steps
 
 
