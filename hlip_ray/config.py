@@ -136,8 +136,17 @@ class DataConfig(_Section):
     """The study manifest, a ``.parquet`` or ``.jsonl`` file (local or ``s3://``) of rows: study_id,
     report, modality, scans, split, labels. Read when ``data.shards`` is not set."""
     grid: Triple = [48, 224, 224]
-    """Every scan is resized to this ``[D, H, W]`` voxel grid (no resampling to a physical spacing);
-    the model's position embedding is built for it."""
+    """Every scan reaches the model as this ``[D, H, W]`` voxel grid (``data.fit`` says how); the model's
+    position embedding is built for it."""
+    spacing: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)] | None = None
+    """``[D, H, W]`` mm: each scan is first resampled to this voxel spacing (trilinear, from the spacing its
+    DICOM or NIfTI header gives), before windowing, as HLIP's chest CT recipe does (``[3, 1, 1]``). null:
+    no resampling, the scan's voxels are fitted to ``data.grid`` whatever their size."""
+    fit: Literal["resize", "crop"] = "resize"
+    """How a scan is fitted to ``data.grid``: ``resize`` stretches it (an area average along an axis that
+    shrinks, linear interpolation along one that grows); ``crop`` keeps its voxels, pads with zeros (the
+    window's low end) and centre-crops, as HLIP's chest CT recipe does after resampling to
+    ``data.spacing``."""
     scans_per_study: int = Field(8, gt=0)
     """K, the scans sampled per study in training (a random subset per seed, epoch and study; fewer
     are padded and masked)."""

@@ -36,7 +36,8 @@ def preprocessing_settings(config: Config) -> dict:
     data = config.data
     settings = {"grid": data.grid, "windows": data.windows, "mri_percentiles": data.mri_percentiles,
                 "reorient_to_ras": data.reorient_to_ras, "crop_foreground": data.crop_foreground,
-                "nifti_4d": data.nifti_4d, "min_slices": data.min_slices, "resize": RESIZE_METHOD}
+                "nifti_4d": data.nifti_4d, "min_slices": data.min_slices, "spacing": data.spacing, "fit": data.fit,
+                "resize": RESIZE_METHOD}
     return json.loads(json.dumps(settings))
 
 
@@ -104,7 +105,8 @@ def check_output(out: str, storage: Storage, settings: dict) -> None:
     except ValueError:
         raise ConfigError(f"{join(out, SUMMARY_FILE)}: not JSON; is {out} a shard folder?") from None
     if earlier is not None:
-        there = {"resize": "trilinear", **earlier.get("settings", {})}   # a cache from before area resizing
+        # A cache from before area resizing, or before spacing and fit were settings.
+        there = {"resize": "trilinear", "spacing": None, "fit": "resize", **earlier.get("settings", {})}
         differ = {key: (there.get(key), value) for key, value in settings.items() if there.get(key) != value}
         if differ:
             listed = "; ".join(f"{'' if key == 'resize' else 'data.'}{key} {old} there, {new} now"

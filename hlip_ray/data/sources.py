@@ -193,7 +193,7 @@ class RawStudies:
         return [read_scan(scan, self.storage) for scan in self._scans(study, epoch)[:self.limit]]
 
     def build(self, item: dict[str, Any], epoch: int, read: list[ScanFiles]) -> list[dict[str, Any]]:
-        from hlip_ray.data.volume import preprocess_volume
+        from hlip_ray.data.volume import preprocess_volume, recipe
 
         study = StudyRow.from_dict(item, f"study {item.get('study_id')}")
         if self.needs_report and not study.report.strip():
@@ -207,10 +207,7 @@ class RawStudies:
             self._reject([*decoded.rejections, *decoded.notes], study.study_id)
             for volume in decoded.volumes:
                 if len(volumes) < self.limit:
-                    volumes.append(preprocess_volume(
-                        volume, tuple(data.grid), [tuple(w) for w in data.windows],
-                        tuple(data.mri_percentiles), data.reorient_to_ras, data.crop_foreground,
-                    ))
+                    volumes.append(preprocess_volume(volume, tuple(data.grid), **recipe(data)))
             if len(volumes) >= self.limit:
                 break
         if not volumes:

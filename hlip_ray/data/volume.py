@@ -20,6 +20,14 @@ FOREGROUND_FRACTION = 0.1    # MR: a tenth of the upper percentile separates the
 CHUNK_SLICES = 16            # slices converted to float32 at a time where a whole volume is scanned
 
 
+def recipe(data) -> dict:
+    """``preprocess_volume``'s options from a config's ``data`` section (all but the grid: evaluation may
+    use its own)."""
+    return {"windows": [tuple(window) for window in data.windows], "mri_percentiles": tuple(data.mri_percentiles),
+            "reorient_to_ras": data.reorient_to_ras, "crop_foreground": data.crop_foreground,
+            "spacing": tuple(data.spacing) if data.spacing else None, "fit": data.fit}
+
+
 def preprocess_volume(
     volume: Volume,
     grid: tuple[int, int, int],
@@ -27,8 +35,17 @@ def preprocess_volume(
     mri_percentiles: tuple[float, float] = (0.5, 99.5),
     reorient_to_ras: bool = False,
     crop_foreground: bool = False,
+    spacing: tuple[float, float, float] | None = None,
+    fit: str = "resize",
 ) -> np.ndarray:
     """The model input for one volume: uint8 ``[C, D, H, W]`` with C = len(windows), (D, H, W) = grid.
+
+    With ``spacing`` (mm, D, H, W), HLIP's recipe: the volume's values are first resampled to that voxel
+    spacing (trilinear, to ``floor(shape * volume spacing / spacing)`` voxels, as torch's ``interpolate``
+    with ``align_corners=False``), then windowed (CT) or clipped to the percentiles (MR) and scaled to
+    [0, 1], then fitted to ``grid``. ``fit``: ``resize`` stretches the volume to the grid (below); ``crop``
+    keeps its voxels, zero-pads (after scaling: the window's low end) and centre-crops each axis to the
+    grid, the same number of voxels more before the volume than after, or one fewer.
 
     CT (``modality == "CT"``): channel c is the volume's values (``Volume.values()``: HU) clipped to
     ``windows[c]`` = (low, high), resized to ``grid``, and scaled to [0, 1]. Any other modality: clipped to
@@ -55,8 +72,55 @@ def preprocess_volume(
         pixels = pixels[_foreground_box(pixels, rescale, ct, mri_percentiles[1])]
     bounds = [(float(low), float(high)) for low, high in windows] if ct else [
         _percentiles(pixels, rescale, mri_percentiles)]
-    channels = np.stack([_quantised(_windowed(pixels, rescale, grid, low, high), low, high) for low, high in bounds])
+    if spacing is not None:
+        pixels, rescale = _resampled(pixels, rescale, _spacing_of(volume, reorient_to_ras), spacing), (1.0, 0.0)
+    if fit == "crop":
+        box, placed = _centre(pixels.shape, grid)
+        channels = np.zeros((len(bounds), *grid), np.uint8)
+        for channel, (low, high) in zip(channels, bounds):
+            channel[placed] = _quantised(_values(pixels[box], rescale), low, high)
+    else:
+        channels = np.stack([_quantised(_windowed(pixels, rescale, grid, low, high), low, high)
+                             for low, high in bounds])
     return channels if len(channels) == len(windows) else np.repeat(channels, len(windows), axis=0)
+
+
+def _spacing_of(volume: Volume, reorient_to_ras: bool) -> np.ndarray:
+    """The voxel spacing (mm) along the axes of ``volume.pixels`` as ``preprocess_volume`` reads them: the
+    lengths of the affine's columns, permuted as reorientation permutes the axes."""
+    spacing = np.linalg.norm(np.asarray(volume.affine, float)[:3, :3], axis=0)
+    if not reorient_to_ras:
+        return spacing
+    to_ras = ornt_transform(io_orientation(volume.affine), axcodes2ornt(RAS_AXES))
+    out = np.empty(3)
+    out[to_ras[:, 0].astype(int)] = spacing
+    return out
+
+
+def _resampled(pixels: np.ndarray, rescale: tuple[float, float], spacing: np.ndarray,
+               target: tuple[float, float, float]) -> np.ndarray:
+    """float32 physical values resampled from ``spacing`` to ``target`` mm: linear interpolation along each
+    axis to ``floor(size * spacing / target)`` voxels (at least 1), as trilinear ``interpolate``. The product
+    is rounded to 1e-3 voxel first: a NIfTI header's 0.7 mm is float32's 0.69999999, and 50 voxels of it
+    are 35 at 1 mm, not 34."""
+    shape = tuple(max(1, int(round(size * have / want, 3))) for size, have, want in zip(pixels.shape, spacing, target))
+    values = resize(pixels, shape, linear=True).astype(np.float64)
+    slope, intercept = rescale
+    return (values * slope + intercept).astype(np.float32)
+
+
+def _centre(shape: tuple[int, ...], grid: tuple[int, int, int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Centre crop and zero-pad of ``shape`` to ``grid``: (the part of the volume kept, where it goes in the
+    grid). An axis longer than the grid loses ``(size - out) // 2`` voxels before and the rest after; a shorter
+    one is padded by ``(out - size) // 2`` before and the rest after."""
+    box, placed = [], []
+    for size, out in zip(shape, grid):
+        start = max(size - out, 0) // 2
+        before = max(out - size, 0) // 2
+        kept = min(size, out)
+        box.append(slice(start, start + kept))
+        placed.append(slice(before, before + kept))
+    return tuple(box), tuple(placed)
 
 
 def _windowed(pixels: np.ndarray, rescale: tuple[float, float], grid: tuple[int, int, int], low: float,
@@ -75,9 +139,11 @@ def _windowed(pixels: np.ndarray, rescale: tuple[float, float], grid: tuple[int,
 RESIZE_METHOD = "area"
 
 
-def resize(pixels: np.ndarray, grid: tuple[int, int, int], clip: tuple[float, float] | None = None) -> np.ndarray:
+def resize(pixels: np.ndarray, grid: tuple[int, int, int], clip: tuple[float, float] | None = None,
+           linear: bool = False) -> np.ndarray:
     """float32 ``grid`` from ``pixels`` ``[D, H, W]`` (any real dtype; a strided view is read as it is), each
-    input voxel first clipped to ``clip`` = (low, high) when given.
+    input voxel first clipped to ``clip`` = (low, high) when given. ``linear``: linear interpolation along
+    every axis, shrinking too (trilinear ``interpolate``, ``align_corners=False``), instead of the average.
 
     Separable, one axis at a time. An axis that shrinks is box-filtered: output voxel i is the mean of the
     input over its extent [i, i + 1) x in/out, input voxels cut by its edges weighted by the part inside
@@ -87,7 +153,7 @@ def resize(pixels: np.ndarray, grid: tuple[int, int, int], clip: tuple[float, fl
     is the average of the few input slices it covers (converted to float32 as they are read), then resized
     in its plane.
     """
-    depth, rows, columns = (_taps(size, out) for size, out in zip(pixels.shape, grid))
+    depth, rows, columns = (_taps(size, out, linear) for size, out in zip(pixels.shape, grid))
     if grid[0] > pixels.shape[0]:  # more slices: resize the planes first, then interpolate between them
         planes = np.concatenate([_plane(_float32(pixels[start : start + CHUNK_SLICES], clip), rows, columns)
                                  for start in range(0, len(pixels), CHUNK_SLICES)])
@@ -98,11 +164,11 @@ def resize(pixels: np.ndarray, grid: tuple[int, int, int], clip: tuple[float, fl
     return out
 
 
-def _taps(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+def _taps(size: int, out: int, linear: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Resampling ``size`` voxels to ``out`` along one axis: ``(start [out], weight [out, K])``, output i being
     ``sum_k weight[i, k] * input[start[i] + k]`` (``resize``)."""
     starts, weights = [], []
-    if out < size:  # box: output i covers input [i, i + 1) * size / out
+    if out < size and not linear:  # box: output i covers input [i, i + 1) * size / out
         for i in range(out):
             low, high = i * size / out, (i + 1) * size / out
             first, last = int(np.floor(low)), min(int(np.ceil(high)), size)

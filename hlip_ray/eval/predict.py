@@ -72,7 +72,7 @@ def read_study(folder: str, config: Config, storage: Storage | None = None,
     or when none of its scans could be used (each one's reason is logged first).
     """
     from hlip_ray.data.sources import decode_scan, read_scan
-    from hlip_ray.data.volume import preprocess_volume
+    from hlip_ray.data.volume import preprocess_volume, recipe
 
     if is_s3(folder) or "://" in folder.removeprefix("file://"):
         raise ValueError(f"{folder}: predict reads a local study folder")
@@ -103,8 +103,7 @@ def read_study(folder: str, config: Config, storage: Storage | None = None,
         if notes:
             log("  files left out: " + ", ".join(f"{count} {reason}" for reason, count in sorted(notes.items())))
         for volume in decoded.volumes[: data.max_eval_scans - len(volumes)]:
-            volumes.append(preprocess_volume(volume, grid, [tuple(window) for window in data.windows],
-                                             tuple(data.mri_percentiles), data.reorient_to_ras, data.crop_foreground))
+            volumes.append(preprocess_volume(volume, grid, **recipe(data)))
             several = len(decoded.volumes) > 1
             kept.append(f"{scan.name} {volume.series}" if several and volume.series else scan.name)
     if not volumes:
