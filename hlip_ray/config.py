@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 
 from hlip_ray.layouts import NAMED_LAYOUTS, expand_layout
+from hlip_ray.named_models import NAMED_MODELS, named_config_tree, named_model
 
 __all__ = ["NAMED_LAYOUTS", "Config", "ConfigError", "config_reference", "expand_layout", "load_config"]
 
@@ -67,6 +68,11 @@ class TextConfig(_Section):
 class ModelConfig(_Section):
     """The CLIP model: the hierarchical study encoder, the text tower and the loss."""
 
+    name: str | None = None
+    """A named model (``hlip_ray/named_models.py``; listed at the end of this page): sets the encoder's width,
+    depth, heads, patch size, attention layout, scan slots, pooling and ``data.grid`` to that model's; a key
+    given in the same config or on the command line wins over the name's value. null: the keys as given."""
+
     attention_layout: str | list[AttentionLevel] = "h2"
     """Attention level of each block (``slice``, ``scan`` or ``study``): a name repeated to the depth
     (``h2`` = scan,scan,study; ``h3`` = slice,scan,study; ``chest`` = slice,slice,study; ``full`` = study),
@@ -103,14 +109,29 @@ class ModelConfig(_Section):
     """``sdpa``: PyTorch's scaled-dot-product attention over equal-length buckets of packed sequences.
     ``flash_varlen``: flash-attn's varlen kernel over the whole packed sequence (GPU,
     ``pip install '.[gpu]'``)."""
+    pooling: Literal["cls", "cls_patch_mean"] = "cls"
+    """How the study encoder's tokens become the study's feature: ``cls``, the study's CLS token (HLIP's
+    2025 paper); ``cls_patch_mean``, that token beside the mean of the study's patch tokens, then a LayerNorm
+    (DINO.txt's pooling, which HLIP's authors report improved their results since)."""
     loss: Literal["clip", "siglip"] = "clip"
     """Contrastive loss over the global batch: ``clip`` (InfoNCE both ways, learnt temperature) or
     ``siglip`` (sigmoid loss with a learnt logit bias)."""
+    sentence_loss_weight: float = Field(0.0, ge=0)
+    """The dual contrastive loss (TIPS style): in training, each study is also contrasted with one sentence
+    drawn from its report (per seed, epoch and study), and this weight times that loss is added to the
+    study-report loss. Exact under the gradient cache. 0: off (one loss, the whole report)."""
     init_from_2d: str | None = None
     """A 2D MAE ViT to initialise the study encoder from: a local file, or a timm model name where a
     model hub is reachable. null: random initialisation."""
     text: TextConfig = TextConfig()
     """The text tower (``model.text.*``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            named_model(name)
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -150,6 +171,9 @@ class DataConfig(_Section):
     scans_per_study: int = Field(8, gt=0)
     """K, the scans sampled per study in training (a random subset per seed, epoch and study; fewer
     are padded and masked)."""
+    fill_scans: Literal["pad", "repeat"] = "pad"
+    """How a training study of fewer than ``data.scans_per_study`` scans fills K: ``pad`` (empty, masked
+    scans) or ``repeat`` (its sampled scans again in turn, as HLIP's brain MRI recipe does)."""
     max_eval_scans: int = Field(40, gt=0)
     """Scans kept per study, in manifest order, at evaluation and validation and in the shard cache."""
     windows: list[Annotated[list[float], Field(min_length=2, max_length=2)]] = [[-1150.0, 350.0]]
@@ -160,6 +184,12 @@ class DataConfig(_Section):
     by."""
     shuffle_sentences: bool = True
     """Shuffle a report's sentences in training, per seed, epoch and study (HLIP does)."""
+    sentence_dropout: float = Field(0.0, ge=0, lt=1)
+    """In training, drop each sentence of a report with this probability (per seed, epoch and study; at
+    least one kept), before the shuffle: HLIP's largest single gain since its paper. 0: off."""
+    report_prefix: str = ""
+    """Text that opens every report before it is tokenised, in training and evaluation (HLIP:
+    ``"This study shows: "`` for chest CT, ``"This MRI study shows: "`` for brain MRI)."""
     nifti_4d: Literal["scans", "first"] = "scans"
     """4D NIfTI: every volume a scan (``scans``) or only the first (``first``)."""
     min_slices: int = Field(8, gt=0)
@@ -357,6 +387,12 @@ class EvalConfig(_Section):
     probe_folds: int = Field(5, ge=2)
     """Stratified cross-validation folds of ``hlip-ray eval``'s linear probe (logistic regression on the
     frozen study embeddings); a label with fewer positives or negatives than this is skipped."""
+    few_shot: list[Annotated[int, Field(gt=0)]] = [1, 5, 10, 16]
+    """k of ``hlip-ray eval``'s few-shot probe: the linear probe trained on k studies of each class drawn at
+    random and measured on the label's other studies, for each k listed. Empty: no few-shot probe."""
+    few_shot_draws: int = Field(20, gt=0)
+    """Random draws of the few-shot probe for each k (a fixed seed): the report gives their mean and the
+    2.5th to 97.5th percentile."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where ``hlip-ray eval``, ``embed`` and ``predict`` run the model. ``auto``: CUDA where there is one
     (``predict``: on this machine; ``eval`` and ``embed``: when the Ray cluster has GPUs or can grow nodes
@@ -597,7 +633,27 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _named_model_name(tree: dict[str, Any]) -> str | None:
+    model = tree.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _without_named_keys(tree: dict[str, Any], name: str) -> dict[str, Any]:
+    """``tree`` less the keys the named model ``name`` sets (so that a new name, applied to a whole dumped
+    config, is not hidden by the old name's values)."""
+    named = named_config_tree(name)
+    return {section: ({key: value for key, value in body.items() if key not in named.get(section, {})}
+                      if isinstance(body, dict) else body) for section, body in tree.items()}
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "dict") -> Config:
+    name = _named_model_name(tree)
+    if name is not None:
+        try:
+            tree = _merge(named_config_tree(name), tree)   # the name's keys, under those given
+        except ValueError as error:
+            raise ConfigError(f"invalid config ({source}):\n  model.name: {error}") from None
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
@@ -624,7 +680,16 @@ def apply_overrides(config: Config, overrides: list[str], source: str = "config"
     """``config`` with dotted overrides applied, validated again."""
     if not overrides:
         return config
-    return config_from_dict(_merge(config.model_dump(mode="json"), parse_overrides(overrides)), f"{source} + overrides")
+    return config_from_dict(_merge_onto(config, parse_overrides(overrides)), f"{source} + overrides")
+
+
+def _merge_onto(config: Config, extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` merged onto the whole of ``config``; a ``model.name`` in ``extra`` sets its model's keys."""
+    base = config.model_dump(mode="json")
+    name = _named_model_name(extra)
+    if name is not None and name in NAMED_MODELS:
+        base = _without_named_keys(base, name)
+    return _merge(base, extra)
 
 
 def with_values(config: Config, values: dict[str, Any], source: str = "config") -> Config:
@@ -632,7 +697,7 @@ def with_values(config: Config, values: dict[str, Any], source: str = "config") 
     tree: dict[str, Any] = {}
     for key, value in values.items():
         _set_dotted(tree, key, value)
-    return config_from_dict(_merge(config.model_dump(mode="json"), tree), source)
+    return config_from_dict(_merge_onto(config, tree), source)
 
 
 def dump_config(config: Config) -> str:
@@ -723,4 +788,12 @@ def config_reference() -> str:
             default = json.dumps(field.get_default(call_default_factory=True), ensure_ascii=False)
             lines.append(f"| `{key}` | `{_type_name(field.annotation, field.metadata)}` | `{default}` "
                          f"| {_description(field)} |")
+    lines += ["", "## Named models", "", "`model.name: NAME` sets these keys (a key given beside it wins).", "",
+              "| name | what | width x depth, heads | patch | grid | layout | slots | pooling |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, entry in NAMED_MODELS.items():
+        model = entry["model"]
+        lines.append(f"| `{name}` | {entry['summary']} | {model['embed_dim']} x {model['depth']}, {model['num_heads']} "
+                     f"| {'x'.join(map(str, model['patch_size']))} | {'x'.join(map(str, entry['grid']))} "
+                     f"| `{model['attention_layout']}` | {model['max_scan_slots']} | `{model['pooling']}` |")
     return "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from hlip_ray.config import ConfigError, dump_config, expand_layout, load_config
+from hlip_ray.config import ConfigError, apply_overrides, config_reference, dump_config, expand_layout, load_config
 
 
 def test_defaults_are_valid_and_round_trip(tmp_path):
@@ -107,3 +107,28 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused_with_both_lines(tmp_path):
     path.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
     with pytest.raises(ConfigError, match=r"'lr' is given twice \(lines 2 and 3\)"):
         load_config(path)
+
+
+def test_a_named_model_sets_its_geometry_and_a_key_given_beside_it_wins(tmp_path):
+    from hlip_ray.named_models import NAMED_MODELS
+
+    config = load_config(None, ["model.name=vit_base_multiscan_h3_token1176"])
+    assert (config.model.embed_dim, config.model.depth, config.model.num_heads) == (768, 12, 12)
+    assert config.model.attention_levels[:3] == ("slice", "scan", "study") and config.data.grid == [48, 224, 224]
+    assert config.model.patch_size == [8, 16, 16] and config.model.pooling == "cls"
+    path = tmp_path / "named.yaml"
+    path.write_text("model:\n  name: vit_base_scan_study_dinotxt1568\n  depth: 6\n")
+    config = load_config(path, ["model.num_heads=6"])
+    assert (config.model.depth, config.model.num_heads, config.model.patch_size) == (6, 6, [6, 16, 16])
+    assert config.model.pooling == "cls_patch_mean"
+    # another name on top of a loaded config (a sweep, a resumed run's overrides) takes its geometry
+    renamed = apply_overrides(config, ["model.name=vit_base_singlescan_h2_token2744"])
+    assert renamed.data.grid == [112, 336, 336] and renamed.model.patch_size == [8, 24, 24]
+    assert renamed.model.depth == 12 and renamed.model.max_scan_slots == 1
+    assert "vit_base_slice_scan_study_dinotxt1568" in config_reference()
+    assert all(f"`{name}`" in config_reference() for name in NAMED_MODELS)
+
+
+def test_an_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"model.name: unknown model name 'vit_b'; known: vit_base_singlescan"):
+        load_config(None, ["model.name=vit_b"])

@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score, ro
 from hlip_ray import cli
 from hlip_ray.config import ConfigError, load_config
 from hlip_ray.demo.synth import LABELS
+from hlip_ray.eval import metrics
 from hlip_ray.eval.metrics import bootstrap_auc, classification_report, linear_probe, youden_threshold
 from hlip_ray.eval.zeroshot import label_prompts
 from tests.helpers import synthetic_corpus, tiny_bert_dir, tiny_run_checkpoint
@@ -121,6 +122,36 @@ def test_the_linear_probe_beats_chance_where_the_embeddings_carry_the_labels_and
     assert abs(shuffled["macro_auc"] - 0.5) < 0.15 and shuffled["macro_auc"] < found["macro_auc"] - 0.25, shuffled
 
 
+def test_the_few_shot_probe_learns_more_from_more_studies_per_class_and_repeats_its_draws():
+    """The linear probe's embeddings of 120 studies: with k studies of each class the probe's AUC on the rest
+    rises with k and its spread over the draws narrows; the same seed gives the same figures; a label with
+    no more than k studies of one class is skipped for that k only."""
+    rng = np.random.default_rng(6)
+    labels = (rng.random((120, 2)) < 0.4).astype(np.int8)
+    embeddings = labels @ rng.standard_normal((2, 16)) * 0.8 + rng.standard_normal((120, 16))
+    rare = np.zeros((120, 1), dtype=np.int8)
+    rare[:5] = 1
+    rare[-1] = -1                                                   # a study without the label
+    table = np.concatenate([labels, rare], axis=1)
+    found = metrics.few_shot_probe(embeddings, table, ["a", "b", "rare"], [1, 5, 16], draws=12)
+    assert found["draws"] == 12 and list(found["per_k"]) == [1, 5, 16]
+    one, sixteen = found["per_k"][1], found["per_k"][16]
+    for label in ("a", "b"):
+        assert sixteen["per_label"][label]["mean"] > 0.8 > one["per_label"][label]["mean"] > 0.5
+        spread = {k: found["per_k"][k]["per_label"][label] for k in (1, 16)}
+        assert spread[16]["high"] - spread[16]["low"] < spread[1]["high"] - spread[1]["low"]
+        assert spread[16]["low"] <= spread[16]["mean"] <= spread[16]["high"]
+    assert set(one["per_label"]) == {"a", "b", "rare"} and one["skipped"] == {}
+    for k in (5, 16):
+        assert found["per_k"][k]["skipped"] == {
+            "rare": f"5 positive and 114 negative studies: needs more than {k} of each class"}
+    per_label = sixteen["per_label"]
+    assert sixteen["macro"]["mean"] == pytest.approx(np.mean([per_label[name]["mean"] for name in ("a", "b")]))
+    assert metrics.few_shot_probe(embeddings, table, ["a", "b", "rare"], [1, 5, 16], draws=12) == found
+    shuffled = metrics.few_shot_probe(embeddings, rng.permutation(labels), ["a", "b"], [16], draws=12)
+    assert abs(shuffled["per_k"][16]["macro"]["mean"] - 0.5) < 0.1
+
+
 VOCABULARY_AB = {"bleed": {"positive": ["acute bleed."], "negative": ["no bleed"]},
                  "mass": {"positive": ["a mass"], "negative": ["no mass"]}}
 
@@ -141,7 +172,7 @@ def test_a_template_without_the_finding_fails_at_config_load_naming_the_key():
         load_config(None, ["eval.templates=[]"])
 
 
-EVAL_OPTIONS = ["eval.threshold_split=train", "eval.bootstrap_samples=100", "eval.probe_folds=2",
+EVAL_OPTIONS = ["eval.threshold_split=train", "eval.bootstrap_samples=100", "eval.probe_folds=2", "eval.few_shot=[1,2]",
                 'eval.templates=["This study shows: {finding}."]']
 
 
@@ -184,10 +215,15 @@ def test_eval_command_writes_the_report_with_intervals_thresholds_and_probe(eval
     report = json.loads(printed[-1])
     assert report["split"] == "val" and report["checkpoint"] == str(checkpoint)
     assert set(report) >= {"studies", "macro_auc", "per_label", "baseline", "loss", "retrieval", "auc_ci",
-                           "classification", "linear_probe"}
+                           "classification", "linear_probe", "few_shot"}
     assert set(report["per_label"]) == set(LABELS) and report["auc_ci"]["samples"] == 100
     assert report["classification"]["threshold"]["chosen_on"] == "train"
     assert set(report["linear_probe"]["per_label"]) | set(report["linear_probe"]["skipped"]) == set(LABELS)
+    few_shot = report["few_shot"]   # eval.few_shot=[1, 2]: 8 studies, about half of each class per label
+    assert list(few_shot["per_k"]) == ["1", "2"] and few_shot["draws"] == 20
+    for shots in few_shot["per_k"].values():
+        assert set(shots["per_label"]) | set(shots["skipped"]) == set(LABELS)
+    assert any(line.startswith("| few-shot probe AUC | k = 1 | k = 2 |") for line in printed)
     assert any(line.startswith("| label | zero-shot AUC | 95% CI |") for line in printed)
     assert json.dumps(json.loads((out / "report.json").read_text())) == json.dumps(report)   # NaN != NaN
     assert "| **macro** |" in (out / "report.md").read_text()

@@ -43,9 +43,14 @@ def study_batch(seed: int = 0, size: int = BATCH) -> dict[str, torch.Tensor]:
     }
 
 
-def full_batch_loss(model, batch, kind):
+def full_batch_loss(model, batch, kind, sentence_weight=0.0):
+    """The loss of the whole batch in one forward; with a sentence weight, the dual loss."""
     out = model(**batch)
-    return contrastive_loss(kind, out["study_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+    loss = contrastive_loss(kind, out["study_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+    if sentence_weight:
+        loss = loss + sentence_weight * contrastive_loss(kind, out["study_features"], out["sentence_features"],
+                                                         out["logit_scale"], out["logit_bias"])
+    return loss
 
 
 # -- losses --------------------------------------------------------------------------------
@@ -109,6 +114,43 @@ def test_gradient_cache_matches_a_full_batch_step(tmp_path, kind):
         assert (p.grad is None) == (q.grad is None), name
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+def with_sentences(batch: dict[str, torch.Tensor], seed: int = 5) -> dict[str, torch.Tensor]:
+    """The batch with one sentence's tokens per study (the dual loss), shorter than the reports."""
+    gen = torch.Generator().manual_seed(seed)
+    size = len(batch["pixels"])
+    return {**batch, "sentence_input_ids": torch.randint(1000, 5000, (size, 12), generator=gen),
+            "sentence_attention_mask": (torch.arange(12)[None] < torch.randint(3, 8, (size, 1), generator=gen)).long()}
+
+
+@pytest.mark.parametrize(("kind", "frozen"), [("clip", False), ("siglip", False), ("clip", True)])
+def test_gradient_cache_with_the_dual_loss_matches_a_full_batch_step(tmp_path, kind, frozen):
+    """loss(study, report) + w * loss(study, sentence), in chunks, equals the full batch's."""
+    config = tiny_clip_config(tiny_bert_dir(tmp_path, dropout=0.0), kind, f"model.text.frozen={frozen}",
+                              "model.sentence_loss_weight=0.7")
+    torch.manual_seed(0)
+    cached = build_model(config).train()
+    full = copy.deepcopy(cached)
+    batch = with_sentences(study_batch(4))
+    result = contrastive_step(cached, lambda t: t.backward(), batch, loss=kind, chunk_size=3, text_frozen=frozen,
+                              sentence_weight=0.7)
+    loss = full_batch_loss(full, batch, kind, 0.7)
+    loss.backward()
+    assert result.loss == pytest.approx(loss.item(), rel=1e-5)
+    report_only = full_batch_loss(copy.deepcopy(full), batch, kind).item()
+    assert abs(result.loss - report_only) > 1e-3   # the sentence term is in the loss
+    scale = max(p.grad.abs().max().item() for p in full.parameters() if p.grad is not None)
+    for (name, p), q in zip(cached.named_parameters(), full.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+def test_the_dual_loss_without_sentences_is_refused(tmp_path):
+    model = build_model(tiny_clip_config(tiny_bert_dir(tmp_path))).train()
+    with pytest.raises(ValueError, match="sentence_input_ids"):
+        contrastive_step(model, lambda t: t.backward(), study_batch(), loss="clip", chunk_size=4, sentence_weight=0.5)
 
 
 def test_text_dropout_is_replayed_from_each_chunks_rng_state(tmp_path):
@@ -185,7 +227,7 @@ def test_every_chunk_but_the_last_runs_forward_twice(tmp_path, chunk_size, forwa
 
 
 # -- DeepSpeed ZeRO 0-3 with 2 workers x 4 chunks ------------------------------------------
-def reference_step(config, batch, kind):
+def reference_step(config, batch, kind, sentence_weight=0.0):
     """One single-process full-batch step with the trainer's optimizer settings."""
     torch.manual_seed(0)
     model = build_model(config).train()
@@ -194,7 +236,7 @@ def reference_step(config, batch, kind):
                                   betas=(0.9, 0.98), eps=1e-6)
     for group in optimizer.param_groups:
         group["lr"] = train.lr * lr_factor(0, train.warmup_steps, train.max_steps)
-    full_batch_loss(model, batch, kind).backward()
+    full_batch_loss(model, batch, kind, sentence_weight).backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
     optimizer.step()
     return model.state_dict(), float(norm)
@@ -206,7 +248,8 @@ def test_gradient_cache_under_deepspeed_zero_0_to_3_matches_a_single_process_ste
     from ray.train.torch import TorchTrainer
 
     text_dir = tiny_bert_dir(tmp_path, dropout=0.0)
-    cases = [(stage, kind) for stage in (0, 1, 2, 3) for kind in ("clip", "siglip")]
+    # every stage with both losses, and the dual loss (report and one sentence) under ZeRO-3
+    cases = [(stage, kind, 0.0) for stage in (0, 1, 2, 3) for kind in ("clip", "siglip")] + [(3, "clip", 0.7)]
     out = tmp_path / "out"
     out.mkdir()
 
@@ -221,15 +264,15 @@ def test_gradient_cache_under_deepspeed_zero_0_to_3_matches_a_single_process_ste
         from hlip_ray.train.grad_cache import contrastive_step
 
         rank = ray.train.get_context().get_world_rank()
-        batch = study_batch()
+        batch = with_sentences(study_batch())
         half = BATCH // 2
         local = {key: value[rank * half : (rank + 1) * half] for key, value in batch.items()}
-        for stage, kind in loop_config["cases"]:
+        for stage, kind, weight in loop_config["cases"]:
             config = tiny_clip_config(loop_config["text_dir"], kind, f"train.zero_stage={stage}")
             torch.manual_seed(0)
             engine, _, _ = build_engine(build_model(config).train(), config, world_size=2)
             contrastive_step(engine, functools.partial(engine.backward, scale_wrt_gas=False), local, loss=kind,
-                             chunk_size=half // 4)
+                             chunk_size=half // 4, sentence_weight=weight)
             if stage == 0:  # DeepSpeed reduces (and records no norm) inside step(): reduce a copy here
                 grads = [p.grad.clone() for p in engine.module.parameters() if p.grad is not None]
                 for grad in grads:
@@ -240,7 +283,7 @@ def test_gradient_cache_under_deepspeed_zero_0_to_3_matches_a_single_process_ste
                 norm = float(engine.get_global_grad_norm())
             state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else engine.module.state_dict()
             if rank == 0:
-                torch.save({"state": state, "grad_norm": norm}, f"{loop_config['out']}/zero{stage}-{kind}.pt")
+                torch.save({"state": state, "grad_norm": norm}, f"{loop_config['out']}/zero{stage}-{kind}-{weight}.pt")
 
     TorchTrainer(
         worker, train_loop_config={"cases": cases, "text_dir": str(text_dir), "out": str(out)},
@@ -249,10 +292,10 @@ def test_gradient_cache_under_deepspeed_zero_0_to_3_matches_a_single_process_ste
                              worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}}),
     ).fit()
 
-    batch = study_batch()
-    for stage, kind in cases:
-        expected, expected_norm = reference_step(tiny_clip_config(text_dir, kind), batch, kind)
-        got = torch.load(out / f"zero{stage}-{kind}.pt")
+    batch = with_sentences(study_batch())
+    for stage, kind, weight in cases:
+        expected, expected_norm = reference_step(tiny_clip_config(text_dir, kind), batch, kind, weight)
+        got = torch.load(out / f"zero{stage}-{kind}-{weight}.pt")
         assert got["grad_norm"] == pytest.approx(expected_norm, rel=1e-4), (stage, kind)
         torch.manual_seed(0)
         initial = build_model(tiny_clip_config(text_dir, kind)).state_dict()

@@ -113,3 +113,33 @@ def test_2d_vit_inflates_into_the_study_encoder(tmp_path):
     expected_pos = spatial_from_2d(vit.pos_embed[:, 1:].detach(), encoder.token_grid)
     torch.testing.assert_close(encoder.spatial_pos_embed, expected_pos)
     assert expected_pos.shape == (1, 2, 2, 2, 24)
+
+
+def test_a_cls_patch_mean_model_exports_to_hlips_layout_and_loads_back(tmp_path):
+    """The pooling's LayerNorm travels as visual.trunk.fc_norm; from_hlip_checkpoint sees it and builds the
+    same model (same study and text embeddings)."""
+    from hlip_ray.config import load_config
+    from hlip_ray.model import build_model
+    from hlip_ray.model.hlip_export import hlip_state_dict
+
+    text_dir = tiny_bert_dir(tmp_path)
+    config = load_config(None, ["data.grid=[12,32,32]", "model.patch_size=[6,16,16]", "model.embed_dim=24",
+                                "model.num_heads=2", "model.depth=3", "model.attention_layout=h3",
+                                "model.projection_dim=16", "model.max_scan_slots=8", "model.pooling=cls_patch_mean",
+                                f"model.text.name_or_path={text_dir}", "model.pixel_mean=[0]", "model.pixel_std=[1]"])
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    torch.nn.init.normal_(model.visual.fc_norm.weight)
+    state = hlip_state_dict(model)
+    assert state["visual.trunk.fc_norm.weight"].shape == (48,) and state["visual.head.proj.weight"].shape == (16, 48)
+    torch.save({"state_dict": state}, tmp_path / "export.pt")
+    loaded = from_hlip_checkpoint(tmp_path / "export.pt", attention_layout="h3", num_heads=2,
+                                  text_name_or_path=str(text_dir)).eval()
+    assert loaded.visual.pooling == "cls_patch_mean"
+    pixels = torch.randint(0, 256, (2, 3, 1, 12, 32, 32), dtype=torch.uint8)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    ids = torch.tensor([[101, 7592, 102]])
+    mask_ids = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_study(pixels, mask), model.encode_study(pixels, mask))
+        torch.testing.assert_close(loaded.encode_text(ids, mask_ids), model.encode_text(ids, mask_ids))

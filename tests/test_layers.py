@@ -2,7 +2,7 @@
 
     config -> text_source -> model -> data -> eval -> train -> cli
 
-(``layouts`` is plain Python below them all; ``demo`` is a tool beside them that no layer uses.)
+(``layouts`` and ``named_models`` are plain Python below them all; ``demo`` is a tool beside them that no layer uses.)
 Each layer is imported in a fresh interpreter, where what it loads, third-party libraries included,
 is checked; and every import in the package's source, lazy (in-function) ones included, is read, so a
 module that would reach a layer above it only when a function runs is caught too.
@@ -35,7 +35,7 @@ NEVER = {
     # the spot watcher runs beside training on every worker node: standard library only, a few MB
     "hlip_ray.spot": ["torch", "ray", "pydantic", "numpy", "hlip_ray.config", "hlip_ray.data", "hlip_ray.train"],
 }
-TOP_LEVEL = {"hlip_ray.cli", "hlip_ray.layouts", "hlip_ray.ray_runtime", "hlip_ray.demo"}
+TOP_LEVEL = {"hlip_ray.cli", "hlip_ray.layouts", "hlip_ray.named_models", "hlip_ray.ray_runtime", "hlip_ray.demo"}
 
 
 def modules_of(package: str) -> list[str]:

@@ -138,3 +138,34 @@ def test_a_bad_spacing_or_fit_fails_naming_the_key():
         load_config(None, ["data.spacing=[3, 0, 1]"])
     with pytest.raises(ConfigError, match="data.fit"):
         load_config(None, ["data.fit=pad"])
+
+
+def test_preprocess_with_the_ct_rate_config_writes_hlips_chest_inputs(tmp_path, ray_session, monkeypatch):
+    """``hlip-ray preprocess --config jobs/configs/ct_rate.yaml``, from another folder, on a NIfTI chest CT of
+    4.5 x 1.4 x 1.2 mm: the shard holds the recipe's 112 x 336 x 336 input, computed here from its
+    description, and the cache records the spacing and fit it was made with."""
+    import json
+
+    from hlip_ray import cli
+    from hlip_ray.data.storage import Storage
+    from tests.conftest import REPO_ROOT
+    from tests.helpers import shard_records
+
+    spacing = (4.5, 1.4, 1.2)
+    hu = _hu((40, 200, 200), seed=3)
+    study = tmp_path / "corpus" / "chest-1"
+    study.mkdir(parents=True)
+    (study / "ct.nii.gz").write_bytes(_nifti(hu, spacing))
+    (study / "report.txt").write_text("Lungs are clear. No effusion.")
+    (study / "labels.json").write_text(json.dumps({"modality": "CT", "labels": {}}))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["manifest", "--root", "corpus", "--out", "manifest.parquet", "data.val_fraction=0"]) == 0
+    assert cli.main(["preprocess", "--config", str(REPO_ROOT / "jobs/configs/ct_rate.yaml"),
+                     "--manifest", "manifest.parquet", "--out", "shards"]) == 0
+    (record,) = shard_records(str(tmp_path / "shards"), Storage()).values()
+    assert list(record["shape"]) == [1, 1, 112, 336, 336]
+    pixels = np.frombuffer(record["pixels"], np.uint8).reshape(112, 336, 336)
+    expected = _expected(hu, spacing, (3, 1, 1), (112, 336, 336), "crop")
+    assert np.abs(pixels.astype(int) - expected).max() <= 1 and np.mean(pixels != expected) < 0.01
+    settings = json.loads((tmp_path / "shards" / "shards.json").read_text())
+    assert "[3.0, 1.0, 1.0]" in json.dumps(settings) and '"crop"' in json.dumps(settings)

@@ -252,3 +252,48 @@ def test_multichannel_input():
     with torch.no_grad():
         assert encoder(pixels, _all_real(pixels)).shape == (1, 24)
     assert isinstance(encoder, StudyEncoder)
+
+
+@pytest.mark.parametrize("layout", ["h2", "h3", "chest"])
+@torch.no_grad()
+def test_cls_patch_mean_pooling_is_the_cls_token_beside_the_mean_of_the_studys_patch_tokens(layout):
+    """DINO.txt's pooling, computed here from the tokens the blocks leave: per study, the CLS token and
+    the mean of every real scan's patch tokens after the final norm, side by side, then fc_norm."""
+    encoder = tiny_encoder(layout, depth=3, pooling="cls_patch_mean")
+    torch.nn.init.normal_(encoder.fc_norm.weight)          # not the identity, so it is really applied
+    pixels = _study(batch=2, scans=3, seed=4)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    features = encoder(pixels, mask)
+    assert encoder.feature_dim == 48 and features.shape == (2, 48)
+    tokens = encoder.forward_tokens(pixels, mask)
+    study_level = tokens.groups.regroup(tokens.packed, tokens.level, "study")
+    prefix, _ = tokens.groups.unpack(study_level, "study")
+    scans = tokens.scan_tokens()                           # [S, N, E], studies' scans in batch order
+    first = 0
+    for row, count in enumerate(mask.sum(1).tolist()):
+        patch_mean = encoder.norm(scans[first : first + count].reshape(-1, 24)).mean(0)
+        first += count
+        expected = encoder.fc_norm(torch.cat([encoder.norm(prefix[row, 0]), patch_mean]))
+        torch.testing.assert_close(features[row], expected, atol=1e-5, rtol=1e-5)
+    # padding changes nothing here either, and the CLS half alone is today's pooling
+    padded = torch.cat([pixels[:1, :2], torch.full((1, 2, *pixels.shape[2:]), 3.0)], dim=1)
+    torch.testing.assert_close(encoder(padded, torch.tensor([[True, True, False, False]])), features[:1],
+                               atol=1e-5, rtol=1e-5)
+    cls_only = tiny_encoder(layout, depth=3)
+    assert cls_only.fc_norm is None and cls_only(pixels, mask).shape == (2, 24)
+
+
+def test_an_unknown_pooling_is_refused():
+    with pytest.raises(ValueError, match="pooling must be one of cls, cls_patch_mean"):
+        tiny_encoder("h2", pooling="mean")
+
+
+def test_hlip_2026_geometry_patch_6x16x16_with_8_scans_runs_forward_and_backward():
+    """HLIP's brain geometry since the paper: 48 x 224 x 224 in patches of 6 x 16 x 16 (8 slice groups of 6
+    slices), 8 scans per study; at test size, 12 x 32 x 32."""
+    encoder = tiny_encoder("h3", depth=3, grid=(12, 32, 32), patch=(6, 16, 16), pooling="cls_patch_mean").train()
+    pixels = torch.randint(0, 256, (2, 8, 1, 12, 32, 32), dtype=torch.uint8)
+    features = encoder(pixels, torch.ones(2, 8, dtype=torch.bool), torch.tensor([1, 2]))
+    (features * torch.randn_like(features)).sum().backward()   # (a plain sum of LayerNorm outputs is flat)
+    assert features.shape == (2, 48) and encoder.patch_embed.weight.grad.abs().sum() > 0
+    assert encoder.token_grid == (2, 2, 2)

@@ -307,6 +307,30 @@ def test_a_corpus_without_labels_trains_and_validates_on_loss_and_retrieval(trai
     assert not math.isfinite(validated.get("val/zeroshot_auc", math.nan))   # no labels: no AUC (NaN is not logged)
 
 
+def test_hlips_2026_options_train_end_to_end_and_the_checkpoint_loads_back(trained_run):
+    """CLS + patch-mean pooling, 6 x 16 x 16 patches, sentence dropout, the dual loss (which refuses a batch
+    without its sentence tokens, so the stream must bring them), the report prefix and repeated scans: two
+    steps from the raw files, then the checkpoint loads into a model of that geometry and pooling."""
+    import torch
+
+    storage = trained_run["storage"]
+    assert cli.main(["train", *trained_run["overrides"], "data.shards=null", "data.grid=[12,32,32]",
+                     "model.patch_size=[6,16,16]", "model.pooling=cls_patch_mean", "data.sentence_dropout=0.3",
+                     "model.sentence_loss_weight=0.5", 'data.report_prefix="This study shows: "',
+                     "data.fill_scans=repeat", "train.run_name=hlip2026", "train.max_steps=2",
+                     "train.checkpoint_every=2", "train.validate_every=2"]) == 0
+    steps = metrics_lines(trained_run["log_dir"].parent / "hlip2026")
+    assert [line["step"] for line in steps] == [1, 2] and all(math.isfinite(line["loss"]) for line in steps)
+    model, config = load_model(f"s3://{BUCKET}/runs/hlip2026/checkpoint_00000002", storage)
+    assert config.model.sentence_loss_weight == 0.5 and config.data.report_prefix == "This study shows: "
+    assert model.visual.pooling == "cls_patch_mean" and model.visual.patch_size == (6, 16, 16)
+    assert model.visual_proj.in_features == 2 * config.model.embed_dim
+    with torch.no_grad():
+        features = model.eval().encode_study(torch.zeros(1, 2, 1, 12, 32, 32, dtype=torch.uint8),
+                                             torch.tensor([[True, False]]))
+    assert features.shape == (1, 16) and torch.isfinite(features).all()
+
+
 def test_no_credential_reaches_checkpoints_metrics_or_logs(trained_run):
     import ray
 

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 
-def study_rng(seed: int, epoch: int, study_id: str) -> np.random.Generator:
-    """A generator for one study's draws in one epoch (scan sampling, sentence order)."""
+def study_rng(seed: int, epoch: int, study_id: str, stream: int = 0) -> np.random.Generator:
+    """A generator for one study's draws in one epoch (scan sampling, sentence order); another
+    ``stream`` gives independent draws of the same study (sentence dropout, the one sentence)."""
     key = int.from_bytes(hashlib.sha256(study_id.encode("utf-8")).digest()[:8], "big")
-    return np.random.default_rng([seed, epoch, key])
+    return np.random.default_rng([seed, epoch, key] + ([stream] if stream else []))
 
 
 class DataOrder:

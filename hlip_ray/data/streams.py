@@ -13,7 +13,8 @@ more of them than its memory holds (the others wait).
 
 Example (one study; batches stack them): ``pixels [K, C, D, H, W]`` uint8, ``scan_mask [K]`` bool,
 ``input_ids`` / ``attention_mask [L]`` int64, ``study_id``, ``labels`` (JSON text), ``epoch``; in a
-training stream also ``position``.
+training stream also ``position``, and ``sentence_input_ids`` / ``sentence_attention_mask [L]`` under the
+dual loss.
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ class ScanSampler:
     """Study record -> fixed-K example: ``pixels [K, C, D, H, W]`` uint8 padded, ``scan_mask [K]``.
 
     Training: a random subset of K stored scans (no repeats) per (seed, epoch, study), the
-    epoch read from the record; evaluation: the first K.
+    epoch read from the record; a study of fewer than K is padded, or with ``repeat`` its scans are
+    taken again in turn until K are filled (HLIP's brain recipe). Evaluation: the first K, padded.
     """
 
-    def __init__(self, scans: int, train: bool, seed: int = 0) -> None:
+    def __init__(self, scans: int, train: bool, seed: int = 0, repeat: bool = False) -> None:
         self.scans = scans
         self.train = train
         self.seed = seed
+        self.repeat = repeat
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         shape = [int(s) for s in record["shape"]]
@@ -66,6 +69,8 @@ class ScanSampler:
         if self.train:
             rng = study_rng(self.seed, int(record.get("epoch", 0)), record["study_id"])
             chosen = np.sort(rng.permutation(shape[0])[:count])
+            if self.repeat:
+                chosen, count = np.resize(chosen, self.scans), self.scans
         else:
             chosen = np.arange(count)
         pixels = np.zeros((self.scans, *shape[1:]), dtype=np.uint8)
@@ -94,29 +99,50 @@ def worker_tokenizer(name_or_path: str):
 class ReportTokenizer:
     """Batch of examples -> adds ``input_ids`` / ``attention_mask [B, L]``; drops the report text.
 
-    Sentences are shuffled per (seed, epoch, study) when ``shuffle_sentences`` (HLIP does). It
-    pickles as its settings; the tokenizer comes from ``worker_tokenizer`` where it runs.
+    In training, per (seed, epoch, study): each sentence is dropped with probability
+    ``sentence_dropout`` (at least one kept), and the rest are shuffled when ``shuffle_sentences``
+    (HLIP does both). ``prefix`` opens every report (HLIP's ``This study shows: ``). With
+    ``one_sentence`` the batch also carries ``sentence_input_ids`` / ``sentence_attention_mask``: one
+    sentence of the report drawn per study, behind the same prefix (the dual loss,
+    ``model.sentence_loss_weight``). It pickles as its settings; the tokenizer comes from
+    ``worker_tokenizer`` where it runs.
     """
 
-    def __init__(self, name_or_path: str, context_length: int, shuffle_sentences: bool, seed: int = 0) -> None:
+    def __init__(self, name_or_path: str, context_length: int, shuffle_sentences: bool, seed: int = 0, *,
+                 sentence_dropout: float = 0.0, prefix: str = "", one_sentence: bool = False) -> None:
         self.name_or_path = name_or_path
         self.context_length = context_length
         self.shuffle_sentences = shuffle_sentences
         self.seed = seed
+        self.sentence_dropout = sentence_dropout
+        self.prefix = prefix
+        self.one_sentence = one_sentence
+
+    def texts(self, study_id: str, report: str, epoch: int) -> tuple[str, str]:
+        """The report as the text tower reads it, and one of its sentences (both behind the prefix)."""
+        sentences = [s for s in _SENTENCE_END.split(str(report).strip()) if s] or [""]
+        draws = study_rng(self.seed, epoch, study_id, stream=1)
+        one = sentences[int(draws.integers(len(sentences)))]
+        if self.sentence_dropout and len(sentences) > 1:
+            kept = draws.random(len(sentences)) >= self.sentence_dropout
+            kept[int(draws.integers(len(sentences)))] = True     # at least one stays
+            sentences = [s for s, keep in zip(sentences, kept) if keep]
+        if self.shuffle_sentences and len(sentences) > 1:
+            order = study_rng(self.seed, epoch, study_id).permutation(len(sentences))
+            sentences = [sentences[i] for i in order]
+        return self.prefix + " ".join(sentences), self.prefix + one
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = []
-        for study_id, report, epoch in zip(batch["study_id"], batch["report"], batch["epoch"]):
-            sentences = [s for s in _SENTENCE_END.split(str(report).strip()) if s]
-            if self.shuffle_sentences and len(sentences) > 1:
-                order = study_rng(self.seed, int(epoch), str(study_id)).permutation(len(sentences))
-                sentences = [sentences[i] for i in order]
-            texts.append(" ".join(sentences))
-        tokens = worker_tokenizer(self.name_or_path)(texts, padding="max_length", truncation=True,
-                                                     max_length=self.context_length, return_tensors="np")
+        pairs = [self.texts(str(study_id), report, int(epoch))
+                 for study_id, report, epoch in zip(batch["study_id"], batch["report"], batch["epoch"])]
         out = {key: value for key, value in batch.items() if key != "report"}
-        out["input_ids"] = tokens["input_ids"].astype(np.int64)
-        out["attention_mask"] = tokens["attention_mask"].astype(np.int64)
+        keys = [("", 0)] + ([("sentence_", 1)] if self.one_sentence else [])
+        for name, index in keys:
+            tokens = worker_tokenizer(self.name_or_path)([pair[index] for pair in pairs], padding="max_length",
+                                                         truncation=True, max_length=self.context_length,
+                                                         return_tensors="np")
+            out[f"{name}input_ids"] = tokens["input_ids"].astype(np.int64)
+            out[f"{name}attention_mask"] = tokens["attention_mask"].astype(np.int64)
         return out
 
 
@@ -175,10 +201,13 @@ def training_examples(records, config: Config, *, train: bool, batch_size: int |
     as tasks (64 studies, 2 CPUs, moto; ``benchmarks/bench_data.py``'s corpus).
     """
     scans = config.data.scans_per_study if train else config.data.max_eval_scans
-    examples = records.map(ScanSampler(scans, train, config.train.seed), **_per_study(config, raw))
+    sampler = ScanSampler(scans, train, config.train.seed, repeat=config.data.fill_scans == "repeat")
+    examples = records.map(sampler, **_per_study(config, raw))
     text = config.model.text
-    tokenizer = ReportTokenizer(text.name_or_path, text.context_length,
-                                config.data.shuffle_sentences and train, config.train.seed)
+    tokenizer = ReportTokenizer(text.name_or_path, text.context_length, config.data.shuffle_sentences and train,
+                                config.train.seed, sentence_dropout=config.data.sentence_dropout if train else 0.0,
+                                prefix=config.data.report_prefix,
+                                one_sentence=train and config.model.sentence_loss_weight > 0)
     return examples.map_batches(tokenizer, batch_size=batch_size, **_per_study(config, raw))
 
 

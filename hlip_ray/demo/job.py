@@ -189,6 +189,8 @@ def summarise(report: dict, trained: dict, config, out: Path, clock: Clock) -> d
         if "auc_ci" in report else None,
         "baseline_auc": round(baseline["macro_auc"], 4),
         "linear_probe_macro_auc": round(report["linear_probe"]["macro_auc"], 4) if "linear_probe" in report else None,
+        "few_shot_macro_auc": {k: round(shots["macro"]["mean"], 4) for k, shots in report["few_shot"]["per_k"].items()}
+        if "few_shot" in report else None,
         "retrieval_r@1": round(report["retrieval"].get("r@1", float("nan")), 4),
         "val_studies": report["studies"],
         "train_steps": steps,

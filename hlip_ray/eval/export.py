@@ -134,6 +134,7 @@ def exported_config(model, config: Config) -> Config:
         "pixel_mean": [float(value) for value in visual.pixel_mean],
         "pixel_std": [float(value) for value in visual.pixel_std],
         "loss": model.loss_type,
+        "pooling": visual.pooling,
     }
     tree = read_yaml(dump_config(config))
     tree["model"].update(facts)
@@ -164,6 +165,7 @@ def open_clip_config(model, config: Config) -> dict:
             "patch_size": list(spec.patch_size), "grid": grid, "embed_dim": spec.embed_dim, "depth": spec.depth,
             "mlp_ratio": spec.mlp_ratio, "max_scan_slots": spec.max_scan_slots,
             "in_channels": model.visual.in_channels, "projection_dim": spec.projection_dim, "loss": spec.loss,
+            "pooling": spec.pooling,
             "windows": [list(window) for window in config.data.windows],
         },
     }

@@ -13,6 +13,10 @@ label, as ``zeroshot.label_matrix`` writes it). A label is measured over the stu
   chosen on the scores of one split and applied to another's (or the same split's: optimistic).
 - **Linear probe**: logistic regression on frozen study embeddings, its AUC cross-validated over
   stratified folds; a label with fewer positives or negatives than folds is skipped with the reason.
+- **Few-shot probe**: the same regression trained on k positive and k negative studies drawn at random
+  (a fixed seed), its AUC measured on the label's other studies; repeated ``draws`` times for each k, the
+  mean and the 2.5th to 97.5th percentile of the draws reported (the spread a user labelling k studies
+  per class can expect). A label with no more than k studies of one class is skipped for that k.
 """
 
 from __future__ import annotations
@@ -159,6 +163,55 @@ def linear_probe(embeddings: np.ndarray, labels: np.ndarray, names: Sequence[str
                                                         scoring="roc_auc")))
     return {"folds": folds, "per_label": per_label, "macro_auc": _mean(list(per_label.values())),
             "skipped": skipped}
+
+
+def few_shot_probe(embeddings: np.ndarray, labels: np.ndarray, names: Sequence[str], shots: Sequence[int],
+                   draws: int, seed: int = SEED) -> dict:
+    """AUC of a logistic regression (standardised features) trained on ``k`` studies of each class, for each
+    ``k`` in ``shots``, over ``draws`` random draws (``seed``): per label and macro (the mean over labels
+    within a draw), each ``{"mean", "low", "high"}`` over the draws.
+
+    Returns ``{"draws", "seed", "level", "per_k": {k: {"per_label", "macro", "skipped"}}}``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features = np.asarray(embeddings, dtype=np.float64)
+    per_k = {}
+    for k in shots:
+        rng = np.random.default_rng([seed, k])
+        aucs: dict[str, list[float]] = {}
+        skipped = {}
+        for column, name in enumerate(names):
+            keep, values = _labelled(labels, column)
+            positives, negatives = keep[values == 1], keep[values == 0]
+            if min(len(positives), len(negatives)) <= k:
+                skipped[name] = f"{_counts(values)}: needs more than {k} of each class"
+                continue
+            aucs[name] = []
+            for _ in range(draws):
+                train = np.concatenate([rng.choice(positives, k, replace=False),
+                                        rng.choice(negatives, k, replace=False)])
+                test = np.setdiff1d(keep, train)
+                probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+                probe.fit(features[train], labels[train, column].astype(int))
+                aucs[name].append(float(roc_auc_score(labels[test, column].astype(int),
+                                                      probe.decision_function(features[test]))))
+        macro = np.mean(list(aucs.values()), axis=0).tolist() if aucs else []
+        per_k[k] = {"per_label": {name: _spread(values) for name, values in aucs.items()},
+                    "macro": _spread(macro), "skipped": skipped}
+    return {"draws": draws, "seed": seed, "level": LEVEL, "per_k": per_k}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean and central ``LEVEL`` interval (percentiles) of per-draw figures."""
+    if not values:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan}
+    tail = (1 - LEVEL) / 2 * 100
+    return {"mean": float(np.mean(values)), "low": float(np.percentile(values, tail)),
+            "high": float(np.percentile(values, 100 - tail))}
 
 
 def _mean(values: list[float]) -> float:

@@ -32,6 +32,31 @@ def _interval(ci: dict | None) -> str:
     return f"{ci['low']:.3f}–{ci['high']:.3f}"
 
 
+def _few_shot_lines(few_shot: dict | None, labels: list[str]) -> list[str]:
+    """The few-shot probe as a table: one row per label (and macro), one column per k, mean and interval."""
+    if not few_shot or not few_shot["per_k"]:
+        return []
+    ks = list(few_shot["per_k"])
+    lines = ["| few-shot probe AUC | " + " | ".join(f"k = {k}" for k in ks) + " |", "| --- |" + " --- |" * len(ks)]
+
+    def cell(spread: dict | None) -> str:
+        if not spread or not math.isfinite(spread["mean"]):
+            return "–"
+        return f"{spread['mean']:.3f} ({spread['low']:.3f}–{spread['high']:.3f})"
+
+    for label in labels:
+        cells = [cell(few_shot["per_k"][k]["per_label"].get(label)) for k in ks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| **macro** | " + " | ".join(cell(few_shot["per_k"][k]["macro"]) for k in ks) + " |")
+    lines += ["", f"Few-shot probe: logistic regression on k studies of each class drawn at random, AUC on the "
+                  f"label's other studies; mean and {round(few_shot['level'] * 100)}% range of {few_shot['draws']} "
+                  f"draws (seed {few_shot['seed']})."]
+    for k in ks:
+        for label, reason in few_shot["per_k"][k]["skipped"].items():
+            lines.append(f"- {label} skipped (k = {k}): {reason}")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     """The report's figures as Markdown: per-label table (zero-shot AUC and interval, baseline, threshold,
     balanced accuracy, F1, probe AUC), the macro row, then loss and retrieval."""
@@ -69,6 +94,7 @@ def markdown(report: dict) -> str:
             for label, reason in part.get("skipped", {}).items():
                 lines.append(f"- {label} skipped ({'probe' if part is probe else 'threshold'}): {reason}")
         lines.append("")
+        lines += _few_shot_lines(report.get("few_shot"), list(per_label))
     retrieval = report.get("retrieval", {})
     lines.append(f"Contrastive loss {_figure(report['loss'], 4)}.")
     if retrieval:

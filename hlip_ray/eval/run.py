@@ -1,6 +1,6 @@
 """``hlip-ray eval``: a trained model on a split: contrastive loss and retrieval, and with a label
 vocabulary zero-shot classification beside a baseline, bootstrap confidence intervals, balanced
-accuracy and F1 at a chosen threshold, and a linear probe (``metrics.py``).
+accuracy and F1 at a chosen threshold, a linear probe and a few-shot probe (``metrics.py``).
 
 The split's studies stream through the data plane (Ray Data, CPU workers) to one Ray actor that holds
 the model (``EncoderActor``), placed as a training worker is (``placement.py``: one CPU,
@@ -105,6 +105,9 @@ def evaluate_split(model, config: Config, split: str = "val", *, checkpoint: str
                                                                       threshold_labels, chosen_on)
             report["linear_probe"] = metrics.linear_probe(encoded.study.numpy(), labels, names,
                                                           config.eval.probe_folds)
+            if config.eval.few_shot:
+                report["few_shot"] = metrics.few_shot_probe(encoded.study.numpy(), labels, names,
+                                                            config.eval.few_shot, config.eval.few_shot_draws)
             if out:
                 roc_png = roc_figure(report, scores, encoded.intensity.numpy(), labels, names)
         if interpret and classes is not None:

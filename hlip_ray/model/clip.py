@@ -38,8 +38,8 @@ class StudyCLIP(nn.Module):
         if loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be clip or siglip, got {loss!r}")
         self.visual = visual
-        self.visual_proj = nn.Linear(visual.embed_dim, projection_dim, bias=False)
-        nn.init.normal_(self.visual_proj.weight, std=visual.embed_dim**-0.5)
+        self.visual_proj = nn.Linear(visual.feature_dim, projection_dim, bias=False)
+        nn.init.normal_(self.visual_proj.weight, std=visual.feature_dim**-0.5)
         self.text = text
         self.loss_type = loss
         init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
@@ -79,24 +79,35 @@ class StudyCLIP(nn.Module):
         attention_mask: torch.Tensor,
         study_seeds: torch.Tensor | None = None,
         text_pooled: torch.Tensor | None = None,
+        sentence_input_ids: torch.Tensor | None = None,
+        sentence_attention_mask: torch.Tensor | None = None,
+        sentence_pooled: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """Both towers on one batch of studies and their reports.
+        """Both towers on one batch of studies and their reports (and, for the dual loss, one
+        sentence of each report: ``sentence_input_ids`` / ``sentence_attention_mask``).
 
         ``text_pooled [B, hidden]`` is the text transformer's pooled output when already known
         (a frozen tower's, kept by the gradient cache between its passes); the transformer is
-        then skipped and only the projection runs. The output carries ``text_pooled`` too.
+        then skipped and only the projection runs. The output carries ``text_pooled`` too, and
+        ``sentence_features`` / ``sentence_pooled`` when sentences are given.
         """
         if self.text is None:
             raise RuntimeError("this model has no text tower")
         if text_pooled is None:
             text_pooled = self.text.pooled(input_ids, attention_mask)
-        return {
+        out = {
             "study_features": self.encode_study(pixels, scan_mask, study_seeds),
             "text_features": F.normalize(self.text.proj(text_pooled), dim=-1),
             "text_pooled": text_pooled,
             "logit_scale": self.scale(),
             "logit_bias": self.bias(),
         }
+        if sentence_input_ids is not None:
+            if sentence_pooled is None:
+                sentence_pooled = self.text.pooled(sentence_input_ids, sentence_attention_mask)
+            out["sentence_features"] = F.normalize(self.text.proj(sentence_pooled), dim=-1)
+            out["sentence_pooled"] = sentence_pooled
+        return out
 
 
 def build_study_encoder(model: ModelConfig, grid: Sequence[int], in_channels: int) -> StudyEncoder:
@@ -116,6 +127,7 @@ def build_study_encoder(model: ModelConfig, grid: Sequence[int], in_channels: in
         drop_path=model.drop_path,
         grad_checkpointing=model.grad_checkpointing,
         attention_backend=model.attention_backend,
+        pooling=model.pooling,
     )
 
 

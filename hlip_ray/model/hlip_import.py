@@ -14,13 +14,13 @@ from hlip_ray.model.clip import StudyCLIP
 from hlip_ray.model.study_encoder import StudyEncoder
 from hlip_ray.model.text import TextTower
 from hlip_ray.model.weight_files import load_state_dict_file
+from hlip_ray.named_models import NAMED_MODELS
 
 # HLIP's released models: attention layout, patch size and the input grid they were trained at.
 HLIP_MODELS: dict[str, dict[str, Any]] = {
-    "vit_base_singlescan_h2_token2744": dict(attention_layout="chest", patch_size=[8, 24, 24], grid=[112, 336, 336]),
-    "vit_base_multiscan_h2_token588": dict(attention_layout="h2", patch_size=[16, 16, 16], grid=[48, 224, 224]),
-    "vit_base_multiscan_h2_token1176": dict(attention_layout="h2", patch_size=[8, 16, 16], grid=[48, 224, 224]),
-    "vit_base_multiscan_h3_token1176": dict(attention_layout="h3", patch_size=[8, 16, 16], grid=[48, 224, 224]),
+    name: {"attention_layout": entry["model"]["attention_layout"], "patch_size": entry["model"]["patch_size"],
+           "grid": entry["grid"]}
+    for name, entry in NAMED_MODELS.items() if entry["released"]
 }
 HLIP_TEXT_MODEL = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
 # Overrides from_hlip_checkpoint passes on to the study encoder.
@@ -112,6 +112,8 @@ def from_hlip_checkpoint(path: str | Path, **overrides: Any) -> StudyCLIP:
         max_scan_slots=slots,
         pixel_mean=[0.0],
         pixel_std=[1.0],
+        # a LayerNorm over the CLS token and the patch mean side by side (twice the width)
+        pooling="cls_patch_mean" if "visual.fc_norm.weight" in visual else "cls",
     )
     unknown = set(overrides) - set(ENCODER_OPTIONS)
     if unknown:

@@ -2,7 +2,9 @@
 
 A study is ``K`` 3D scans, some of them padding. Only real scans are embedded; each block
 attends within a slice group, a scan, or the whole study (see ``hierarchy.py``), and the
-study's CLS token after the last block is its feature.
+study's CLS token after the last block is its feature (``pooling="cls"``), or that token beside the
+mean of the study's patch tokens (``pooling="cls_patch_mean"``, DINO.txt's pooling, which HLIP's
+authors report improved their results since the 2025 paper).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from hlip_ray.model.hierarchy import PackedLayout, TokenGroups
 from hlip_ray.model.pos_embed import resample_slots, resample_spatial, sincos_1d, sincos_3d
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+POOLINGS = ("cls", "cls_patch_mean")
 
 
 def flash_varlen_kernel(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
@@ -92,6 +95,9 @@ class StudyEncoder(nn.Module):
         patch_dropout: fraction of each slice group's (or scan's) tokens dropped in training.
         drop_path: per-study stochastic depth rate, the same at every block.
         attention_backend: ``sdpa`` (dense buckets) or ``flash_varlen`` (flash-attn).
+        pooling: ``cls``: the study's CLS token, ``[B, E]``. ``cls_patch_mean``: the CLS token and the
+            mean of the study's patch tokens (every real scan's, after the final norm) concatenated,
+            then a LayerNorm (``fc_norm``): ``[B, 2E]``. ``feature_dim`` says which.
     """
 
     num_prefix_tokens = 1
@@ -113,6 +119,7 @@ class StudyEncoder(nn.Module):
         drop_path: float = 0.0,
         grad_checkpointing: bool = False,
         attention_backend: str = "sdpa",
+        pooling: str = "cls",
     ) -> None:
         super().__init__()
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -124,6 +131,10 @@ class StudyEncoder(nn.Module):
         self.drop_path = drop_path
         self.grad_checkpointing = grad_checkpointing
         self.attention_backend = attention_backend
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
+        self.feature_dim = embed_dim * (2 if pooling == "cls_patch_mean" else 1)
 
         self.patch_embed = nn.Conv3d(in_channels, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -138,6 +149,7 @@ class StudyEncoder(nn.Module):
             for _ in self.attention_levels
         )
         self.norm = LayerNorm(embed_dim)
+        self.fc_norm = LayerNorm(self.feature_dim) if pooling == "cls_patch_mean" else None
         mean = torch.tensor(_per_channel(pixel_mean, in_channels, "pixel_mean"))
         std = torch.tensor(_per_channel(pixel_std, in_channels, "pixel_std"))
         self.register_buffer("pixel_mean", mean, persistent=False)
@@ -216,7 +228,8 @@ class StudyEncoder(nn.Module):
         scan_mask: torch.Tensor,
         study_seeds: torch.Tensor | Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Study features ``[B, E]``: the study-level CLS token after the last block, normed.
+        """Study features ``[B, feature_dim]``: the study-level CLS token after the last block, normed
+        (and with ``cls_patch_mean`` pooling the mean of its patch tokens beside it).
 
         Args:
             pixels: ``[B, K, C, D, H, W]`` uint8 or float.
@@ -226,8 +239,15 @@ class StudyEncoder(nn.Module):
         """
         tokens = self.forward_tokens(pixels, scan_mask, study_seeds)
         study_tokens = tokens.groups.regroup(tokens.packed, tokens.level, "study")
-        prefix, _ = tokens.groups.unpack(study_tokens, "study")
-        return self.norm(prefix[:, 0])
+        if self.fc_norm is None:
+            prefix, _ = tokens.groups.unpack(study_tokens, "study")
+            return self.norm(prefix[:, 0])
+        groups = tokens.groups
+        prefix, body = groups.unpack(self.norm(study_tokens), "study")
+        per_scan = body.view(groups.num_scans, -1, body.shape[-1]).mean(dim=1)   # scans hold equal token counts
+        sums = per_scan.new_zeros(groups.num_studies, per_scan.shape[-1]).index_add(0, groups.scan_study, per_scan)
+        patch_mean = sums / groups.scans_per_study.clamp(min=1)[:, None].to(sums.dtype)
+        return self.fc_norm(torch.cat([prefix[:, 0], patch_mean], dim=-1))
 
     def forward_tokens(
         self,

@@ -38,6 +38,7 @@ from hlip_ray.model.contrastive import contrastive_loss
 from hlip_ray.train.losses import gather_global, with_local_leaf, world
 
 BATCH_TENSORS = ("pixels", "scan_mask", "input_ids", "attention_mask", "study_seeds")
+SENTENCE_TENSORS = ("sentence_input_ids", "sentence_attention_mask")   # the dual loss's one sentence
 
 
 @dataclass
@@ -59,8 +60,8 @@ def _restore_rng(state: tuple, device: torch.device) -> None:
 
 def _chunks(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
     size = len(batch["pixels"])
-    return [{key: batch[key][start : start + chunk_size] for key in BATCH_TENSORS}
-            for start in range(0, size, chunk_size)]
+    keys = [key for key in BATCH_TENSORS + SENTENCE_TENSORS if key in batch]
+    return [{key: batch[key][start : start + chunk_size] for key in keys} for start in range(0, size, chunk_size)]
 
 
 def contrastive_step(
@@ -71,6 +72,7 @@ def contrastive_step(
     loss: str,
     chunk_size: int | None,
     text_frozen: bool = False,
+    sentence_weight: float = 0.0,
 ) -> StepResult:
     """Accumulate the gradient of the global-batch contrastive loss into the parameters.
 
@@ -81,11 +83,19 @@ def contrastive_step(
         chunk_size: studies per forward with grad; None (or ``>= B``): a plain step, one forward
             with grad and no recomputation.
         text_frozen: the text transformer is frozen (its pass-1 output is reused).
+        sentence_weight: the dual loss: ``loss(study, report) + sentence_weight * loss(study,
+            sentence)``, the sentence one per study in ``sentence_input_ids`` /
+            ``sentence_attention_mask [B, L]`` (the same logit scale and bias). 0: the report only.
 
     The optimizer step is the caller's. Returns the loss (the same on every worker) and the
     logit scale.
     """
     size = len(batch["pixels"])
+    dual = sentence_weight > 0
+    if dual and not all(key in batch for key in SENTENCE_TENSORS):
+        raise ValueError("the dual loss needs one sentence per study: sentence_input_ids and sentence_attention_mask")
+    if not dual:
+        batch = {key: value for key, value in batch.items() if key not in SENTENCE_TENSORS}
     chunks = _chunks(batch, min(chunk_size or size, size))
     last = len(chunks) - 1
     device = batch["pixels"].device
@@ -101,26 +111,26 @@ def contrastive_step(
     end_state = _rng_state(device)
 
     # Pass 2: the loss on the global batch and its gradient with respect to this worker's embeddings.
-    study = torch.cat([out["study_features"] for out in outputs]).detach().float().requires_grad_()
-    text = torch.cat([out["text_features"] for out in outputs]).detach().float().requires_grad_()
+    names = ("study_features", "text_features") + (("sentence_features",) if dual else ())
+    local = {name: torch.cat([out[name] for out in outputs]).detach().float().requires_grad_() for name in names}
     scale = outputs[0]["logit_scale"].detach().float().requires_grad_()
     bias = outputs[0]["logit_bias"]
     bias = bias.detach().float().requires_grad_() if bias is not None else None
-    global_study = with_local_leaf(gather_global(study), study)
-    global_text = with_local_leaf(gather_global(text), text)
-    value = contrastive_loss(loss, global_study, global_text, scale, bias)
-    leaves = [study, text, scale] + ([bias] if bias is not None else [])
+    gathered = {name: with_local_leaf(gather_global(leaf), leaf) for name, leaf in local.items()}
+    value = contrastive_loss(loss, gathered["study_features"], gathered["text_features"], scale, bias)
+    if dual:
+        value = value + sentence_weight * contrastive_loss(
+            loss, gathered["study_features"], gathered["sentence_features"], scale, bias)
+    leaves = [*local.values(), scale] + ([bias] if bias is not None else [])
     grads = torch.autograd.grad(value, leaves)
-    study_grad, text_grad, scale_grad = grads[:3]
-    bias_grad = grads[3] if bias is not None else None
+    embedding_grads = dict(zip(names, grads))
+    scale_grad = grads[len(names)]
+    bias_grad = grads[len(names) + 1] if bias is not None else None
     offsets = [0, *itertools.accumulate(len(chunk["pixels"]) for chunk in chunks)]
 
     def backpropagate(index: int, out: dict) -> None:
         rows = slice(offsets[index], offsets[index + 1])
-        surrogate = world_size * (
-            (out["study_features"].float() * study_grad[rows]).sum()
-            + (out["text_features"].float() * text_grad[rows]).sum()
-        )
+        surrogate = world_size * sum((out[name].float() * grad[rows]).sum() for name, grad in embedding_grads.items())
         if index == last:  # the logit scale and bias once per step, through the kept graph
             surrogate = surrogate + out["logit_scale"].float() * scale_grad
             if bias_grad is not None:
@@ -131,7 +141,8 @@ def contrastive_step(
     backpropagate(last, outputs[last])
     for index, chunk in enumerate(chunks[:last]):
         _restore_rng(states[index], device)
-        pooled = outputs[index]["text_pooled"] if text_frozen else None
-        backpropagate(index, forward(**chunk, text_pooled=pooled))
+        pooled = {key: outputs[index][key] for key in ("text_pooled", "sentence_pooled")
+                  if text_frozen and key in outputs[index]}
+        backpropagate(index, forward(**chunk, **pooled))
     _restore_rng(end_state, device)
     return StepResult(loss=float(value.detach()), logit_scale=float(scale.detach()))

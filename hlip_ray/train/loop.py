@@ -41,7 +41,7 @@ from hlip_ray.train.checkpoints import (
     resume_point,
 )
 from hlip_ray.train.engine import build_engine
-from hlip_ray.train.grad_cache import contrastive_step
+from hlip_ray.train.grad_cache import SENTENCE_TENSORS, contrastive_step
 from hlip_ray.train.losses import gather_global
 from hlip_ray.train.tracking import ExperimentTrackers, StepLog, quiet_worker_console
 
@@ -278,11 +278,13 @@ def train_step(worker: Worker, engine, scheduler, state: TrainState, batches: It
         return None
     waited = time.perf_counter() - started
     positions = batch["position"]
-    inputs = {key: batch[key].to(worker.device) for key in ("pixels", "scan_mask", "input_ids", "attention_mask")}
+    inputs = {key: batch[key].to(worker.device) for key in ("pixels", "scan_mask", "input_ids", "attention_mask",
+                                                              *SENTENCE_TENSORS) if key in batch}
     inputs["study_seeds"] = torch.tensor([study_seed(train.seed, state.step, int(p)) for p in positions])
     result = contrastive_step(
         engine, lambda surrogate: engine.backward(surrogate, scale_wrt_gas=False), inputs,
         loss=config.model.loss, chunk_size=train.chunk_size, text_frozen=config.model.text.frozen,
+        sentence_weight=config.model.sentence_loss_weight,
     )
     lr = scheduler.get_last_lr()[0]  # the lr this step's update uses; step() advances the schedule
     engine.step()
