@@ -172,8 +172,9 @@ def open_clip_config(model, config: Config) -> dict:
 
 
 def _hlip_model_name(spec, grid: list[int]) -> str | None:
-    """The name HLIP registers the encoder's timm model under, where it is one of ``HLIP_MODELS`` (ViT-B)."""
-    if (spec.embed_dim, spec.depth) != (768, 12):
+    """The name HLIP registers the encoder's timm model under, where it is one of ``HLIP_MODELS`` (ViT-B,
+    CLS pooling)."""
+    if (spec.embed_dim, spec.depth, spec.pooling) != (768, 12, "cls"):
         return None
     for name, known in HLIP_MODELS.items():
         if (known["patch_size"], known["grid"]) == (list(spec.patch_size), grid) and \
