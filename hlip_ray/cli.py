@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from hlip_ray import __version__
 from hlip_ray.config import Config, ConfigError, config_reference, dump_config, load_config, with_values
 
 # Arguments that name local files or folders (or URIs): made absolute once, as the command line is read.
@@ -305,6 +306,7 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hlip-ray", description="HLIP-style 3D medical CLIP on Ray.")
+    parser.add_argument("--version", action="version", version=f"hlip-ray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     config = commands.add_parser("config", help="validate a config and print it with overrides applied")
@@ -320,12 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     synth = with_config(commands.add_parser("synth", help="write a synthetic DICOM/NIfTI corpus"))
-    synth.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
-    synth.add_argument("--studies", type=int, default=24)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="folder or s3://bucket/prefix the corpus is written to (a "
+                                                    "folder per study: scans, report.txt, labels.json; "
+                                                    "vocabulary.json at the top)")
+    synth.add_argument("--studies", type=int, default=24, help="studies written (default: %(default)s)")
+    synth.add_argument("--seed", type=int, default=0,
+                       help="seed of every random choice: the same seed writes the same corpus "
+                            "(default: %(default)s)")
     synth.add_argument("--size", choices=["small", "medium", "real"], default="small",
-                       help="small, medium: toy grids (16-80 slices of 48-192 pixels); real: as archives hold "
-                            "studies, CT one series of 300-600 slices at 512x512, MR 4-10 series of 176-256 slices "
+                       help="(default: %(default)s) small, medium: toy grids (16-80 slices of 48-192 pixels); "
+                            "real: as archives hold studies, CT one series of 300-600 slices at 512x512, "
+                            "MR 4-10 series of 176-256 slices "
                             "at 256-512 pixels, DICOM in a mix of transfer syntaxes (0.1-1.3 GB a study uncompressed)")
     synth.add_argument("--transfer-syntax", choices=["explicit", "rle", "jpeg2000", "jpegls"],
                        help="every DICOM series in this one (all lossless; explicit: uncompressed), rather than "
@@ -338,14 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--root", required=True, help="root/<study>/<scan>/... folder or s3:// prefix "
                                                         "(--layout ct-rate: the folder holding CT-RATE's dataset/)")
     manifest.add_argument("--layout", choices=["folders", "ct-rate"], default="folders",
-                          help="folders: a folder per study, split by a salted hash of the patient; ct-rate: the "
-                               "public CT-RATE benchmark's layout, its split and 18 labels, and vocabulary.json "
+                          help="(default: %(default)s) folders: a folder per study, split by a salted hash of "
+                               "the patient; ct-rate: the public CT-RATE benchmark's layout, its split and 18 "
+                               "labels, and vocabulary.json "
                                "written beside --out")
     manifest.add_argument("--out", required=True, help="manifest .parquet or .jsonl (local or s3://)")
     manifest.set_defaults(run=_manifest_command)
 
     preprocess = with_config(commands.add_parser("preprocess", help="decode a manifest into Parquet shards"))
-    preprocess.add_argument("--manifest", required=True)
+    preprocess.add_argument("--manifest", required=True,
+                            help="the studies to decode and preprocess (a manifest .parquet, .jsonl or HLIP "
+                                 ".json; local or s3://)")
     preprocess.add_argument("--out", required=True,
                             help="folder or s3:// prefix for shards. Into a folder that holds shards already, "
                                  "preprocess resumes: studies written there are not decoded again, the others "
@@ -367,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = with_config(commands.add_parser(
         "eval", help="a trained model on a split: zero-shot AUC with CIs, thresholds, linear probe, retrieval"))
     evaluate.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file")
-    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--split", default="val",
+                          help="the manifest's split to evaluate, train, val or another the manifest names "
+                               "(default: %(default)s)")
     evaluate.add_argument("--manifest", help="the studies' manifest (local or s3://): short for data.manifest=...")
     evaluate.add_argument("--out", help="folder or s3:// prefix for report.json, report.md and ROC curves (PNG)")
     evaluate.add_argument("--interpret", metavar="DIR",
@@ -388,8 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict", help="zero-shot scores of one local study (a folder of DICOM series and/or NIfTI files)",
-        description="Options first, or overrides right after STUDY_DIR: "
-                    "hlip-ray predict --checkpoint C --labels 'mass,hemorrhage' STUDY_DIR eval.grid=[96,224,224]")
+        description="hlip-ray predict --checkpoint C --labels 'mass,hemorrhage' STUDY_DIR eval.grid=[96,224,224]")
     predict.add_argument("study", metavar="STUDY_DIR", help="the study folder (local)")
     with_config(predict)
     predict.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file "
@@ -421,14 +432,29 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--node-id", help="the Ray node to drain (default: this machine's)")
     watch.set_defaults(run=_spot_watch_command)
 
-    demo = commands.add_parser("demo", help="run the embedded CPU demo")
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    demo = commands.add_parser("demo", help="run the embedded CPU demo (hlip-ray demo --help: its options)")
+    demo.add_argument("rest", nargs=argparse.REMAINDER, help="the demo's options and overrides")
     demo.set_defaults(run=_demo_command)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, a command's options and overrides in any order (argparse's intermixed parsing:
+    ``train --config C a=b --checkpoint X c=d``). ``demo`` passes what follows it to the demo as it is."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    (commands,) = [action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if argv and argv[0] == "demo":   # the demo's own parser reads the rest (its --help too)
+        return argparse.Namespace(command="demo", rest=argv[1:], run=_demo_command)
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)   # --version, --help or a usage error
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _absolute_arguments(args)
     try:
         return args.run(args)

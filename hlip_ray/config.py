@@ -589,12 +589,26 @@ def _format_errors(error: ValidationError, source: str) -> str:
             else:
                 path += f".{part}" if path else str(part)
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + _did_you_mean(path)
         else:
             message = item["msg"].removeprefix("Value error, ")
         messages.setdefault(path or "<root>", []).append(message)
     lines = [f"{path}: " + ", or ".join(found) for path, found in messages.items()]
     return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def _did_you_mean(path: str) -> str:
+    """``"; did you mean model.depth?"`` for a mistyped key path: a key of the same section spelt alike, or
+    the same key in another section."""
+    import difflib
+
+    parent, _, last = path.rpartition(".")
+    known = [key for key, _ in config_fields()]
+    siblings = [key.rpartition(".")[2] for key in known if key.rpartition(".")[0] == parent]
+    close = [f"{parent}.{name}" if parent else name
+             for name in difflib.get_close_matches(last, siblings, n=1, cutoff=0.7)]
+    close = close or [key for key in known if key.rpartition(".")[2] == last]
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:

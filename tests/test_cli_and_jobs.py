@@ -22,9 +22,54 @@ def test_config_command_prints_the_merged_config(capsys):
     assert "depth: 6" in out and "embed_dim: 48" in out
 
 
+def test_overrides_come_before_between_and_after_options(capsys):
+    """argparse's intermixed parsing: ``train --config C a=b --checkpoint X c=d`` was "unrecognized arguments"."""
+    args = cli.parse_args(["train", "--config", "C.yaml", "model.depth=6", "--checkpoint", "X", "data.grid=[8,8,8]"])
+    assert (args.config, args.checkpoint, args.overrides) == ("C.yaml", "X", ["model.depth=6", "data.grid=[8,8,8]"])
+    args = cli.parse_args(["predict", "--checkpoint", "C", "study", "eval.grid=[8,8,8]", "--labels", "mass", "a=b"])
+    assert (args.study, args.labels, args.overrides) == ("study", "mass", ["eval.grid=[8,8,8]", "a=b"])
+    demo = str(REPO / "jobs/configs/demo.yaml")
+    assert cli.main(["config", "model.depth=6", "--config", demo, "data.max_eval_scans=3"]) == 0
+    out = capsys.readouterr().out
+    assert "depth: 6" in out and "embed_dim: 48" in out and "max_eval_scans: 3" in out
+    args = cli.parse_args(["demo", "--studies", "8", "train.max_steps=2"])   # the demo's own flags, as they are
+    assert args.rest == ["--studies", "8", "train.max_steps=2"]
+
+
+def test_demo_help_shows_the_demos_own_options_with_their_defaults(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and out.startswith("usage: hlip-ray demo")
+    assert "--studies STUDIES" in out and "(default: 600)" in out
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"hlip-ray {version('hlip-ray')}"
+
+
+def test_every_flag_says_what_it_means_and_its_default():
+    import argparse
+
+    parser = cli.build_parser()
+    (commands,) = [action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    for name, command in commands.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"hlip-ray {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert "(default: %(default)s)" in action.help, f"{where} does not show its default"
+
+
 def test_config_command_rejects_a_bad_key_with_its_path(capsys):
     assert cli.main(["config", "train.zero_stag=2"]) == 2
-    assert "train.zero_stag: unknown key" in capsys.readouterr().err
+    assert "train.zero_stag: unknown key; did you mean train.zero_stage?" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end_and_ends_with_its_figures(ray_session, tmp_path, capsys):

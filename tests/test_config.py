@@ -26,9 +26,10 @@ def test_dotted_overrides_apply_on_top_of_yaml(tmp_path):
 @pytest.mark.parametrize(
     "overrides, key_path",
     [
-        (["model.depht=4"], "model.depht: unknown key"),
-        (["model.text.frozenn=true"], "model.text.frozenn: unknown key"),
-        (["nonsense.key=1"], "nonsense: unknown key"),
+        (["model.depht=4"], "model.depht: unknown key; did you mean model.depth?"),
+        (["model.text.frozenn=true"], "model.text.frozenn: unknown key; did you mean model.text.frozen?"),
+        (["train.grid=[8,8,8]"], "train.grid: unknown key; did you mean data.grid?"),   # the key's own section
+        (["nonsense.key=1"], "nonsense: unknown key\n"),   # nothing close: no guess
         (["model.depth=zero"], "model.depth:"),
         (["model.patch_size=[8,16]"], "model.patch_size:"),
         (["train.zero_stage=5"], "train.zero_stage:"),
@@ -44,7 +45,7 @@ def test_dotted_overrides_apply_on_top_of_yaml(tmp_path):
 def test_bad_key_or_value_fails_at_load_naming_the_key(overrides, key_path):
     with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
-    assert key_path in str(error.value)
+    assert key_path in str(error.value) + "\n"
 
 
 def test_unknown_key_in_yaml_file_names_file_and_path(tmp_path):

@@ -51,11 +51,15 @@ def plot_loss(metrics_file: Path, out: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEMO_CONFIG))
-    parser.add_argument("--studies", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="demo_out", help="local folder for metrics, TensorBoard and the plot")
+    parser = argparse.ArgumentParser(prog="hlip-ray demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEMO_CONFIG),
+                        help="the demo's config, overrides applied on top (default: jobs/configs/demo.yaml)")
+    parser.add_argument("--studies", type=int, default=600,
+                        help="synthetic studies written, a fifth of them held out (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus (default: %(default)s)")
+    parser.add_argument("--out", default="demo_out",
+                        help="local folder for metrics, TensorBoard, the loss curve, the evaluation report and the "
+                             "final checkpoint (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=50")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)   # progress lines show as they come, also through a pipe
