@@ -16,6 +16,17 @@ def test_every_job_config_is_a_valid_instance_of_the_tree(path):
     load_config(path)
 
 
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.py")), ids=lambda p: p.name)
+def test_every_job_entry_point_is_its_command(job):
+    """``python jobs/X.py ...`` (what ``ray job submit`` runs) is ``hlip-ray X ...``: its help says so."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: hlip-ray {job.stem}"), done.stdout + done.stderr
+
+
 def test_config_command_prints_the_merged_config(capsys):
     assert cli.main(["config", "--config", str(REPO / "jobs/configs/demo.yaml"), "model.depth=6"]) == 0
     out = capsys.readouterr().out
