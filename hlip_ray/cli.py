@@ -438,12 +438,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return commands
+
+
+def cli_reference() -> str:
+    """The command-line reference as Markdown, generated from the parser: one section per command, its usage
+    and one table row per argument (its help, defaults filled in)."""
+    parser = build_parser()
+    commands = _commands(parser)
+    summaries = {action.dest: action.help for action in commands._choices_actions}
+    lines = ["# Command-line reference", "",
+             "Generated from `hlip_ray/cli.py` when the guide is built: every command of `hlip-ray`, its arguments",
+             "and what they mean, as `hlip-ray COMMAND --help` prints them. Options and `key.path=value` overrides",
+             "may come in any order; [Configuration](../configuration.md) says what overrides do.", "",
+             "Exit codes: 0 done, 1 a failure while running (storage that failed after its retries: one line naming "
+             "the URI), 2 a usage error or a bad config or input (one line naming the key, file or field), 130 "
+             "interrupted."]
+    for name, command in commands.choices.items():
+        lines += ["", f"## `hlip-ray {name}`", "", summaries.get(name) or "", "", "```text",
+                  command.format_usage().removeprefix("usage: ").strip(), "```", "",
+                  "| argument | meaning |", "| --- | --- |"]
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            names = ", ".join(action.option_strings) or (action.metavar or action.dest)
+            parts = [(action.help or "") % {**vars(action), "prog": command.prog}]
+            if action.choices:
+                parts.append(f"One of: {', '.join(map(str, action.choices))}")
+            if action.required and action.option_strings:
+                parts.append("Required")
+            meaning = ". ".join(part.rstrip(".") for part in parts) + "."
+            meaning = meaning.replace("|", "\\|").replace("<", "&lt;")   # a Markdown table cell
+            lines.append(f"| `{names}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, a command's options and overrides in any order (argparse's intermixed parsing:
     ``train --config C a=b --checkpoint X c=d``). ``demo`` passes what follows it to the demo as it is."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    (commands,) = [action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    commands = _commands(parser).choices
     if argv and argv[0] == "demo":   # the demo's own parser reads the rest (its --help too)
         return argparse.Namespace(command="demo", rest=argv[1:], run=_demo_command)
     if not argv or argv[0] not in commands:

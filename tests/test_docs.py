@@ -117,3 +117,22 @@ def test_the_configuration_page_names_every_section_of_the_tree():
     opening = (REPO_ROOT / "docs" / "configuration.md").read_text().split("\n\n")[1]
     missing = [name for name in Config.model_fields if f"`{name}`" not in opening]
     assert not missing, f"docs/configuration.md's opening does not name the section(s) {missing}"
+
+
+def test_every_command_and_flag_is_in_the_generated_cli_reference(built_guide):
+    import argparse
+
+    from hlip_ray.cli import build_parser
+
+    _, site = built_guide
+    page = (site / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
+    parser = TableRows()
+    parser.feed(page)
+    rows = {row[0] for row in parser.rows}
+    (commands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        assert f"hlip-ray {name}" in page, f"hlip-ray {name} is missing from the CLI reference"
+        for action in command._actions:
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                assert ", ".join(action.option_strings) in rows, f"hlip-ray {name} {action.option_strings}"
+    assert "(default: 24)" in page and "%(default)" not in page
