@@ -13,7 +13,9 @@ from hlip_ray.config import Config, ConfigError, config_reference, dump_config, 
 # Ray's workers do not share the driver's working directory, so a relative path handed on would be
 # read or written somewhere else (a relative `preprocess --out` wrote its shards where the index never
 # looked).
-PATH_ARGUMENTS = ("config", "out", "root", "manifest", "data_root", "checkpoint", "interpret", "space", "study")
+PATH_ARGUMENTS = ("config", "out", "root", "manifest", "data_root", "checkpoint", "init_from", "interpret", "space",
+                  "study")
+LATEST = "latest"   # --checkpoint latest: a word, not a path
 # Config keys that name local files or folders (or URIs): made absolute as the config is loaded.
 PATH_KEYS = ("data.manifest", "data.shards", "train.storage_path", "train.log_dir", "tune.storage_path",
              "eval.checkpoint", "eval.vocabulary")
@@ -32,7 +34,7 @@ def absolute(path: str) -> str:
 def _absolute_arguments(args: argparse.Namespace) -> None:
     for name in PATH_ARGUMENTS:
         value = getattr(args, name, None)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and not (name == "checkpoint" and value == LATEST):
             setattr(args, name, absolute(value))
 
 
@@ -43,7 +45,7 @@ def _absolute_config(config: Config, source: str = "command line") -> Config:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and not (key == "eval.checkpoint" and value == LATEST):
             values[key] = absolute(value)
     text = config.model.text.name_or_path
     if not text.startswith("pkg:") and os.path.isdir(os.path.expanduser(text)):
@@ -139,7 +141,7 @@ def _train_command(args: argparse.Namespace) -> int:
     check_studies(config, _storage(config), "train")
     check_storage(config)   # train.storage_path reachable and writable, before Ray starts
     ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers))
-    summary = fit(config, init_checkpoint=args.checkpoint)
+    summary = fit(config, init_checkpoint=args.init_from)
     print(json.dumps(summary, default=str))
     return 0
 
@@ -174,11 +176,34 @@ def _trained_model_config(args: argparse.Namespace, overrides: list[str]):
     config = _load(args, overrides)
     checkpoint = args.checkpoint or config.eval.checkpoint
     if not checkpoint:
-        raise ValueError("name a model: --checkpoint (a run checkpoint folder or URI, or an HLIP model file)")
+        raise ValueError("name a model: --checkpoint (a run checkpoint folder or URI, a run folder, latest, or an "
+                         "HLIP model file)")
     storage = _storage(config)
+    checkpoint = _latest_in(checkpoint, config, storage)
     if is_run_checkpoint(checkpoint, storage):
         config = _absolute_config(apply_overrides(read_config(checkpoint, storage), overrides, checkpoint))
     return checkpoint, inference_config(config), storage
+
+
+def _latest_in(checkpoint: str, config: Config, storage) -> str:
+    """``checkpoint`` as a command takes it: a run folder stands for its latest complete checkpoint, and
+    ``latest`` for that of ``train.storage_path/train.run_name``; a checkpoint or a model file is itself."""
+    from hlip_ray.data.storage import join
+    from hlip_ray.eval.trained_model import is_run_checkpoint
+    from hlip_ray.train.checkpoints import latest_checkpoint
+
+    run = join(config.train.storage_path, config.train.run_name) if checkpoint == LATEST else checkpoint
+    if checkpoint != LATEST and is_run_checkpoint(checkpoint, storage):
+        return checkpoint
+    found = latest_checkpoint(run, storage)
+    if found is None:
+        if checkpoint == LATEST:
+            raise FileNotFoundError(f"--checkpoint latest: no complete checkpoint under {run} "
+                                    "(train.storage_path/train.run_name)")
+        return checkpoint   # a model file, or nothing there: the model load says which
+    print(f"--checkpoint {checkpoint}: the latest complete checkpoint, {found[0]} (step {found[1].step})",
+          file=sys.stderr)
+    return found[0]
 
 
 def _manifest_overrides(manifest: str | None) -> list[str]:
@@ -304,6 +329,10 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECKPOINT_HELP = ("the model: a run checkpoint (folder or URI), a run folder (its latest complete checkpoint), "
+                   "latest (that of train.storage_path/train.run_name) or an HLIP model file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hlip-ray", description="HLIP-style 3D medical CLIP on Ray.")
     parser.add_argument("--version", action="version", version=f"hlip-ray {__version__}")
@@ -365,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.set_defaults(run=_preprocess_command)
 
     train = with_config(commands.add_parser("train", help="train (or resume) a run on Ray Train + DeepSpeed"))
-    train.add_argument("--checkpoint", help="initial weights: a run checkpoint (folder or URI) or an HLIP model file")
+    train.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="initial weights (the run starts at step 0): a run checkpoint (folder or URI) or an HLIP "
+                            "model file. A run resumes from its own checkpoints by itself (train.run_name)")
     train.set_defaults(run=_train_command)
 
     tune = with_config(commands.add_parser("tune", help="sweep a space of configs with Ray Tune (ASHA)"))
@@ -376,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = with_config(commands.add_parser(
         "eval", help="a trained model on a split: zero-shot AUC with CIs, thresholds, linear probe, retrieval"))
-    evaluate.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file")
+    evaluate.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     evaluate.add_argument("--split", default="val",
                           help="the manifest's split to evaluate, train, val or another the manifest names "
                                "(default: %(default)s)")
@@ -389,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = with_config(commands.add_parser(
         "embed", help="embed every study of a manifest with a trained model into Parquet files (resumable)"))
-    embed.add_argument("--checkpoint", required=True, help="a run checkpoint (folder or URI) or an HLIP model file")
+    embed.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     embed.add_argument("--manifest", required=True, help="the studies to embed, every split (local or s3://)")
     embed.add_argument("--out", required=True,
                        help="folder or s3:// prefix for the embeddings (OUT/embeddings/*.parquet), the quarantine "
@@ -403,8 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="hlip-ray predict --checkpoint C --labels 'mass,hemorrhage' STUDY_DIR eval.grid=[96,224,224]")
     predict.add_argument("study", metavar="STUDY_DIR", help="the study folder (local)")
     with_config(predict)
-    predict.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file "
-                                              "(default: eval.checkpoint)")
+    predict.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     predict.add_argument("--labels", help="comma-separated labels to score (default: every label of eval.vocabulary)")
     predict.add_argument("--interpret", metavar="DIR",
                          help="also draw the study's relevance map for each label (PNG) into the local folder DIR")
@@ -412,8 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = with_config(commands.add_parser(
         "export", help="write a trained model in HLIP's released layout (open_clip), as .pt or safetensors"))
-    export.add_argument("--checkpoint", help="a run checkpoint (folder or URI) or an HLIP model file "
-                                             "(default: eval.checkpoint)")
+    export.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     export.add_argument("--format", choices=["hlip", "safetensors"], required=True,
                         help="hlip: one torch file {'state_dict': ...} (--out FILE.pt); safetensors: a folder of "
                              "model.safetensors, config.yaml and open_clip_config.json (--out DIR)")

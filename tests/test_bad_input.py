@@ -68,7 +68,7 @@ def test_every_path_argument_of_every_command_is_made_absolute_from_the_current_
         "synth": ["--out", "corpus"],
         "manifest": ["--root", "corpus", "--out", "m.jsonl"],
         "preprocess": ["--manifest", "m.jsonl", "--out", "cache", "--data-root", "data"],
-        "train": ["--checkpoint", "init"],
+        "train": ["--init-from", "init"],
         "tune": ["--space", "space.yaml"],
         "eval": ["--checkpoint", "ckpt", "--manifest", "m.jsonl", "--out", "report", "--interpret", "maps"],
         "embed": ["--checkpoint", "ckpt", "--manifest", "m.jsonl", "--out", "emb", "--data-root", "data"],

@@ -34,9 +34,9 @@ def test_config_command_prints_the_merged_config(capsys):
 
 
 def test_overrides_come_before_between_and_after_options(capsys):
-    """argparse's intermixed parsing: ``train --config C a=b --checkpoint X c=d`` was "unrecognized arguments"."""
-    args = cli.parse_args(["train", "--config", "C.yaml", "model.depth=6", "--checkpoint", "X", "data.grid=[8,8,8]"])
-    assert (args.config, args.checkpoint, args.overrides) == ("C.yaml", "X", ["model.depth=6", "data.grid=[8,8,8]"])
+    """argparse's intermixed parsing: ``train --config C a=b --init-from X c=d`` was "unrecognized arguments"."""
+    args = cli.parse_args(["train", "--config", "C.yaml", "model.depth=6", "--init-from", "X", "data.grid=[8,8,8]"])
+    assert (args.config, args.init_from, args.overrides) == ("C.yaml", "X", ["model.depth=6", "data.grid=[8,8,8]"])
     args = cli.parse_args(["predict", "--checkpoint", "C", "study", "eval.grid=[8,8,8]", "--labels", "mass", "a=b"])
     assert (args.study, args.labels, args.overrides) == ("study", "mass", ["eval.grid=[8,8,8]", "a=b"])
     demo = str(REPO / "jobs/configs/demo.yaml")

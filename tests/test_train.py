@@ -331,6 +331,24 @@ def test_hlips_2026_options_train_end_to_end_and_the_checkpoint_loads_back(train
     assert features.shape == (1, 16) and torch.isfinite(features).all()
 
 
+def test_a_run_folder_or_latest_stands_for_the_runs_latest_complete_checkpoint(trained_run, tmp_path, capsys):
+    """``--checkpoint`` of eval, embed, predict and export: a run folder, or ``latest`` with the run's
+    storage_path and run_name, is its latest complete checkpoint (said on the console); latest of a run
+    without one is one line naming the folder."""
+    run = f"s3://{BUCKET}/runs/e2e"
+    endpoint = f"storage.endpoint_url={trained_run['config'].storage.endpoint_url}"
+    for given, extra in ((run, []), ("latest", [f"train.storage_path=s3://{BUCKET}/runs", "train.run_name=e2e"])):
+        out = tmp_path / given.rsplit("/", 1)[-1]
+        assert cli.main(["export", "--checkpoint", given, "--format", "safetensors", "--out", str(out), endpoint,
+                         *extra]) == 0
+        said = capsys.readouterr().err
+        assert f"--checkpoint {given}: the latest complete checkpoint, {run}/checkpoint_00000004 (step 4)" in said
+        assert (out / "model.safetensors").is_file()
+    assert cli.main(["export", "--checkpoint", "latest", "--format", "hlip", "--out", str(tmp_path / "m.pt"), endpoint,
+                     f"train.storage_path=s3://{BUCKET}/runs", "train.run_name=never-trained"]) == 2
+    assert f"no complete checkpoint under s3://{BUCKET}/runs/never-trained" in capsys.readouterr().err
+
+
 def test_no_credential_reaches_checkpoints_metrics_or_logs(trained_run):
     import ray
 
