@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 from hlip_ray import __version__
 from hlip_ray.config import Config, ConfigError, config_reference, dump_config, load_config, with_values
@@ -253,6 +254,7 @@ def _predict_command(args: argparse.Namespace) -> int:
     """One local study, no Ray: decoded at eval.grid (else data.grid), scored for --labels on eval.device."""
     import json
 
+    from hlip_ray.data.storage import join
     from hlip_ray.eval.placement import local_device
     from hlip_ray.eval.predict import (
         label_classes,
@@ -281,9 +283,13 @@ def _predict_command(args: argparse.Namespace) -> int:
     scores = zero_shot_scores(model, study, classes, vocabulary)
     print(score_table(scores))
     if args.interpret:
-        written = relevance_figures(model, study, classes, args.interpret,
-                                    os.path.basename(os.path.normpath(args.study)))
-        print(f"relevance maps: {', '.join(str(path) for path in written)}")
+        written = []
+        with tempfile.TemporaryDirectory() as scratch:   # drawn here, then written where --interpret says
+            study_id = os.path.basename(os.path.normpath(args.study))
+            for path in relevance_figures(model, study, classes, scratch, study_id):
+                written.append(join(args.interpret, path.name))
+                storage.write_bytes(written[-1], path.read_bytes())
+        print(f"relevance maps: {', '.join(written)}")
     print(json.dumps(summary(args.study, checkpoint, config, study, scores)))
     return 0
 
@@ -415,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="folder or s3:// prefix for report.json, report.md and ROC curves (PNG)")
     evaluate.add_argument("--interpret", metavar="DIR",
                           help="also draw each study's relevance maps (PNG overlays on its most relevant slices), one "
-                               "figure per study and label it is positive for, into the local folder DIR")
+                               "figure per study and label it is positive for, into DIR, a folder or s3:// prefix")
     evaluate.set_defaults(run=_eval_command)
 
     embed = with_config(commands.add_parser(
@@ -437,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     predict.add_argument("--labels", help="comma-separated labels to score (default: every label of eval.vocabulary)")
     predict.add_argument("--interpret", metavar="DIR",
-                         help="also draw the study's relevance map for each label (PNG) into the local folder DIR")
+                         help="also draw the study's relevance map for each label (PNG) into DIR, a folder or "
+                              "s3:// prefix")
     predict.set_defaults(run=_predict_command)
 
     export = with_config(commands.add_parser(

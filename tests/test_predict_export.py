@@ -234,6 +234,18 @@ def test_predict_decodes_at_the_test_time_grid_and_draws_relevance_maps(run, stu
     assert not np.allclose(*differences)   # the encoder saw another input (its position embedding resampled)
 
 
+def test_relevance_maps_go_to_s3_as_other_outputs_do(run, study, s3_endpoint, capsys):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="maps")
+    printed, _ = _predict(capsys, run[0], study, f"storage.endpoint_url={s3_endpoint}",
+                          options=["--interpret", "s3://maps/predict"])
+    listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="maps")["Contents"]
+    keys = sorted(item["Key"] for item in listed)
+    assert len(keys) == 2 and all(key.startswith("predict/") and key.endswith(".png") for key in keys)
+    assert "relevance maps: s3://maps/predict/" in printed and all(f"s3://maps/{key}" in printed for key in keys)
+
+
 def test_predict_names_the_folder_when_nothing_in_it_is_usable(run, tmp_path, capsys):
     folder = str(run[0])
     empty = tmp_path / "empty"

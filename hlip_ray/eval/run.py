@@ -19,7 +19,6 @@ import dataclasses
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -60,7 +59,7 @@ def evaluate_split(model, config: Config, split: str = "val", *, checkpoint: str
     ``config`` names the data (``data.shards`` or ``data.manifest``). Studies that cannot be read are
     skipped with a warning. ``checkpoint`` (the model's source) heads the report; with ``out`` (a folder
     or ``s3://`` prefix) ``report.json``, ``report.md`` and the ROC curves are written there. With
-    ``interpret`` (a local folder) the relevance maps of every study go there (``relevance.py``): one
+    ``interpret`` (a folder or s3:// prefix) the relevance maps of every study go there (``relevance.py``): one
     figure per study and label it is positive for (every label where the study has none).
 
     ``model`` (on the CPU) is copied to one ``EncoderActor``, placed by ``eval.device`` and
@@ -283,12 +282,10 @@ def _relevance_maps(encoder: SplitEncoder, config: Config, storage: Storage, spl
     actor) into ``folder``."""
     studies, count = _split_stream(config, storage, split)
     progress = _Progress(f"relevance maps of split {split!r}", count)
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     figures = done = 0
     for drawn in encoder.relevance(studies, names, classes, config.eval.batch_size):
         for name, png in drawn.items():
-            (out / name).write_bytes(png)
+            storage.write_bytes(join(folder, name), png)
         figures += len(drawn)
         done += 1
         progress(done, last=done == count)
