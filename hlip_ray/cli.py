@@ -22,6 +22,16 @@ PATH_KEYS = ("data.manifest", "data.shards", "train.storage_path", "train.log_di
              "eval.checkpoint", "eval.vocabulary")
 
 
+# Exit codes, as `hlip-ray --help` and the command-line reference list them.
+EXIT_FAILED = 1        # a failure while running: storage that failed after its retries, a drain refused
+EXIT_USAGE = 2         # argparse's: an unknown flag, a missing argument
+EXIT_BAD_INPUT = 3     # a bad config or input: one line naming the key, file or field, before any work
+EXIT_INTERRUPTED = 130
+EXIT_CODES = (f"Exit codes: 0 done, {EXIT_FAILED} a failure while running (storage that failed after its "
+              f"retries: one line naming the URI and the cause), {EXIT_USAGE} a usage error, {EXIT_BAD_INPUT} a "
+              f"bad config or input (one line naming the key, file or field), {EXIT_INTERRUPTED} interrupted.")
+
+
 def absolute(path: str) -> str:
     """A local path (``~`` expanded, ``file://`` kept) as an absolute one, from the current folder;
     ``s3://`` and other URIs unchanged."""
@@ -324,7 +334,7 @@ def _spot_watch_command(args: argparse.Namespace) -> int:
         spot.watch(config.imds_endpoint, config.poll_interval_s, address=address, node_id=args.node_id)
     except RuntimeError as error:   # no Ray cluster at the address, or the drain failed, timed out or was refused
         print(f"hlip-ray spot-watch: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return 0
 
 
@@ -340,7 +350,8 @@ CHECKPOINT_HELP = ("the model: a run checkpoint (folder or URI), a run folder (i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hlip-ray", description="HLIP-style 3D medical CLIP on Ray.")
+    parser = argparse.ArgumentParser(prog="hlip-ray", description="HLIP-style 3D medical CLIP on Ray.",
+                                     epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"hlip-ray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -489,9 +500,7 @@ def cli_reference() -> str:
              "Generated from `hlip_ray/cli.py` when the guide is built: every command of `hlip-ray`, its arguments",
              "and what they mean, as `hlip-ray COMMAND --help` prints them. Options and `key.path=value` overrides",
              "may come in any order; [Configuration](../configuration.md) says what overrides do.", "",
-             "Exit codes: 0 done, 1 a failure while running (storage that failed after its retries: one line naming "
-             "the URI), 2 a usage error or a bad config or input (one line naming the key, file or field), 130 "
-             "interrupted."]
+             EXIT_CODES]
     for name, command in commands.choices.items():
         lines += ["", f"## `hlip-ray {name}`", "", summaries.get(name) or "", "", "```text",
                   command.format_usage().removeprefix("usage: ").strip(), "```", "",
@@ -533,13 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         print(f"hlip-ray {args.command}: stopped", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"hlip-ray: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except OSError as error:   # storage that failed after its retries: Storage's errors name the URI
         print(f"hlip-ray {args.command}: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

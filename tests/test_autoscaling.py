@@ -74,7 +74,7 @@ def test_hlip_ray_on_the_head_joins_the_cluster_and_refuses_local_storage_before
     assert set(cluster.pool_of().values()) == {"head"}          # the pools start empty
     train = _hlip_ray(cluster, tmp_path, "train", "--config", SMOKE, *_data(corpus, s3_endpoint),
                       f"train.storage_path={tmp_path / 'runs'}")
-    assert train.returncode == 2, train.stdout[-3000:] + train.stderr[-3000:]
+    assert train.returncode == 3, train.stdout[-3000:] + train.stderr[-3000:]
     assert re.search(r"^hlip-ray: connected to the Ray cluster at \S+:6379 \(started with `ray start` on this "
                      r"machine; 1 node\(s\) up\)$", train.stderr, re.M), train.stderr[-3000:]
     assert f"train.storage_path '{tmp_path / 'runs'}' is local to this node" in train.stderr
@@ -83,7 +83,7 @@ def test_hlip_ray_on_the_head_joins_the_cluster_and_refuses_local_storage_before
     space = str(REPO_ROOT / "tune_spaces" / "smoke.yaml")
     sweep = _hlip_ray(cluster, tmp_path, "tune", "--space", space, "--config", SMOKE, *_data(corpus, s3_endpoint),
                       "tune.scheduler=fifo")
-    assert sweep.returncode == 2 and f"tune.storage_path '{tmp_path / 'sweeps'}' is local to" in sweep.stderr, \
+    assert sweep.returncode == 3 and f"tune.storage_path '{tmp_path / 'sweeps'}' is local to" in sweep.stderr, \
         sweep.stderr[-3000:]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
     assert set(cluster.pool_of().values()) == {"head"}          # no work asked for a node

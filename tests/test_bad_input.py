@@ -166,7 +166,7 @@ def test_another_sites_study_of_an_id_in_the_cache_is_refused_naming_both_source
     assert _main("synth", "--out", "site2", "--studies", "2", "--seed", "8")[0] == 0
     assert _main("manifest", "--root", "site2", "--out", "site2.jsonl")[0] == 0
     status, _, errors = _main("preprocess", "--manifest", "site2.jsonl", "--out", "cache", *GRID)
-    assert status == 2 and "study-0000" in errors, errors
+    assert status == 3 and "study-0000" in errors, errors
     assert str(root / "corpus" / "study-0000") in errors and str(tmp_path / "site2" / "study-0000") in errors
     assert len(errors.strip().splitlines()) == 1
     assert (cache / "index.parquet").read_bytes() == index   # nothing decoded, nothing committed
@@ -184,7 +184,7 @@ def test_eval_of_a_split_no_study_of_which_reads_is_refused_naming_the_split_and
     status, console, errors = _main("eval", "--checkpoint", str(root / "run" / "checkpoint"),
                                     "--manifest", str(tmp_path / "broken.jsonl"), "--split", "test",
                                     "--out", str(tmp_path / "report"))
-    assert status == 2, console
+    assert status == 3, console
     message = errors.strip().splitlines()[-1]
     assert f"none of the {len(rows)} studies of split 'test' could be read" in message
     assert "missing_object" in message and str(tmp_path / "report" / "quarantine.jsonl") in message
@@ -213,7 +213,7 @@ def test_an_empty_manifest_is_refused_before_ray_starts(command, site, tmp_path,
             "eval": [*checkpoint, "--manifest", manifest],
             "embed": [*checkpoint, "--manifest", manifest, "--out", str(tmp_path / "emb")]}[command]
     status, _, errors = _main(command, *argv)
-    assert status == 2 and errors.strip() == f"hlip-ray: {manifest}: the manifest lists no studies", errors
+    assert status == 3 and errors.strip() == f"hlip-ray: {manifest}: the manifest lists no studies", errors
 
 
 def test_a_relative_output_path_in_a_jobs_working_dir_copy_is_still_refused_once_made_absolute(tmp_path, monkeypatch):

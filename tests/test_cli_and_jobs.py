@@ -79,8 +79,20 @@ def test_every_flag_says_what_it_means_and_its_default():
 
 
 def test_config_command_rejects_a_bad_key_with_its_path(capsys):
-    assert cli.main(["config", "train.zero_stag=2"]) == 2
+    assert cli.main(["config", "train.zero_stag=2"]) == 3
     assert "train.zero_stag: unknown key; did you mean train.zero_stage?" in capsys.readouterr().err
+
+
+def test_a_usage_error_and_a_bad_input_exit_with_different_codes_that_help_lists(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:      # argparse's usage error
+        cli.main(["config", "--no-such-flag"])
+    assert exited.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    assert cli.main(["config", "--config", str(tmp_path / "missing.yaml")]) == 3
+    assert str(tmp_path / "missing.yaml") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "2 a usage error, 3 a bad config or input" in said and "130 interrupted" in said
 
 
 def test_demo_runs_end_to_end_and_ends_with_its_figures(ray_session, tmp_path, capsys):

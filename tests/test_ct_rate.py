@@ -156,7 +156,7 @@ def test_broken_layouts_are_refused_naming_the_file(tmp_path, capsys, broken, me
         files[labels] = files[labels].decode().replace(",Hiatal hernia", ",Hernia").encode()
     write_tree(tmp_path, files)
     out = tmp_path / "manifest.parquet"
-    assert manifest_command(str(tmp_path), str(out)) == 2
+    assert manifest_command(str(tmp_path), str(out)) == 3
     error = capsys.readouterr().err.splitlines()[-1]   # after the progress lines
     assert error.startswith("hlip-ray: ") and message in error
     if broken == "not_hu":   # the advice names the metadata's rescale and the HU release

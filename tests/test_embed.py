@@ -201,7 +201,7 @@ def test_another_checkpoint_into_the_same_output_is_refused_before_decoding(firs
     _, manifest, _ = archive
     before = _parts(out)
     status, console, errors = _embed(manifest, checkpoints[1], out)
-    assert status == 2
+    assert status == 3
     assert f"hlip-ray: --out {out} holds embeddings of another checkpoint (demo/step-1, sha256 " in errors, errors
     assert "Traceback" not in errors and not console
     assert _parts(out) == before

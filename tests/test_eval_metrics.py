@@ -292,9 +292,9 @@ def test_eval_asked_for_cuda_on_a_cluster_without_a_gpu_fails_naming_the_key_bef
     monkeypatch.setattr(trained_model, "load_model", lambda *args, **kwargs: loads.append(args))
     command = ["eval", "--checkpoint", str(eval_run["checkpoint"]), "--manifest",
                str(eval_run["corpus"] / "manifest.parquet")]
-    assert cli.main([*command, "eval.device=cuda"]) == 2
+    assert cli.main([*command, "eval.device=cuda"]) == 3
     assert "eval.device=cuda" in capsys.readouterr().err
-    assert cli.main([*command, "resources.trainer=gpu_pool"]) == 2
+    assert cli.main([*command, "resources.trainer=gpu_pool"]) == 3
     assert "resources.trainer=gpu_pool" in capsys.readouterr().err
     assert not loads
 

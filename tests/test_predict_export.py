@@ -129,7 +129,7 @@ def test_export_refuses_an_output_of_the_wrong_kind_before_loading_the_model(unl
                               ("safetensors", tmp_path / "m.safetensors", "writes a folder"),
                               ("safetensors", tmp_path / "x.pt", "writes a folder")):
         code, err = _export(capsys, unloadable_run, fmt, out)
-        assert code == 2 and message in err, err
+        assert code == 3 and message in err, err
         assert "not a readable safetensors file" not in err
         assert not out.exists()
 
@@ -138,9 +138,9 @@ def test_export_refuses_an_existing_file_unless_forced(run, unloadable_run, tmp_
     out = tmp_path / "model.pt"
     out.write_bytes(b"somebody's model")
     code, err = _export(capsys, unloadable_run, "hlip", out)   # refused before the (failing) load
-    assert code == 2 and err == f"hlip-ray: {out} already exists: pass --force to overwrite it\n"
+    assert code == 3 and err == f"hlip-ray: {out} already exists: pass --force to overwrite it\n"
     code, err = _export(capsys, run[0], "hlip", out)
-    assert code == 2 and "--force" in err
+    assert code == 3 and "--force" in err
     assert out.read_bytes() == b"somebody's model"
 
     code, err = _export(capsys, run[0], "hlip", out, "--force")
@@ -154,7 +154,7 @@ def test_export_refuses_to_overwrite_an_exported_folder_unless_forced(run, unloa
     (out / "config.yaml").write_text("an earlier export\n")
     for checkpoint in (unloadable_run, run[0]):
         code, err = _export(capsys, checkpoint, "safetensors", out)
-        assert code == 2 and f"hlip-ray: {out}" in err and "--force" in err, err
+        assert code == 3 and f"hlip-ray: {out}" in err and "--force" in err, err
         assert "not a readable safetensors file" not in err
     assert sorted(path.name for path in out.iterdir()) == ["config.yaml"]
     assert (out / "config.yaml").read_text() == "an earlier export\n"
@@ -179,7 +179,7 @@ def test_export_never_writes_into_a_run_checkpoint_even_forced(run, unloadable_r
                              (unloadable_run, "safetensors", unloadable_run)):
         for force in ((), ("--force",)):
             code, err = _export(capsys, source, fmt, out, *force)
-            assert code == 2 and "is a run checkpoint" in err and "not a readable" not in err, (out, force, err)
+            assert code == 3 and "is a run checkpoint" in err and "not a readable" not in err, (out, force, err)
     assert err == (f"hlip-ray: {unloadable_run} is a run checkpoint: export writes no file into one; "
                    "name another --out\n")
     assert {path.name: path.read_bytes() for path in checkpoint.iterdir()} == before
@@ -258,12 +258,12 @@ def test_predict_names_the_folder_when_nothing_in_it_is_usable(run, tmp_path, ca
 
     for where, message in ((empty, "no DICOM or NIfTI file"), (tmp_path / "missing", "no such study folder"),
                            (junk, "no readable scan")):
-        assert cli.main(["predict", "--checkpoint", folder, "--labels", "mass", str(where)]) == 2
+        assert cli.main(["predict", "--checkpoint", folder, "--labels", "mass", str(where)]) == 3
         captured = capsys.readouterr()
         assert f"hlip-ray: {where}: {message}" in captured.err
     assert "skipped junk: unsupported_format" in captured.out
     assert "skipped scan.nii.gz: corrupt" in captured.out
-    assert cli.main(["predict", "--checkpoint", folder, "--labels", " , ", str(junk)]) == 2
+    assert cli.main(["predict", "--checkpoint", folder, "--labels", " , ", str(junk)]) == 3
     assert "no label in it" in capsys.readouterr().err
 
 
@@ -274,7 +274,7 @@ def test_predict_runs_on_eval_device_and_refuses_cuda_without_one_before_decodin
     assert list(on_cpu["scores"]) == ["mass", "hemorrhage"]
     if not torch.cuda.is_available():
         assert cli.main(["predict", "--checkpoint", str(run[0]), "--labels", "mass", str(study),
-                         "eval.device=cuda"]) == 2
+                         "eval.device=cuda"]) == 3
         captured = capsys.readouterr()
         assert "hlip-ray: eval.device=cuda, but torch sees no CUDA device" in captured.err
         assert "decoding" not in captured.out

@@ -65,7 +65,7 @@ def test_a_rerun_writes_each_study_once_and_prints_a_summary(corpus, tmp_path, r
     assert re.search(rf"^  written +{len(studies)}  0 now, {len(studies)} by an earlier run$", again, re.M), again
 
     # Other preprocessing settings: refused before any decoding, naming the setting.
-    assert _preprocess(corpus, out, "data.grid=[8,32,32]") == 2
+    assert _preprocess(corpus, out, "data.grid=[8,32,32]") == 3
     error = capsys.readouterr().err
     assert "holds shards made with other preprocessing settings (data.grid [8, 16, 16] there, [8, 32, 32] now)" in error
     assert _shards(out) == files
@@ -75,7 +75,7 @@ def test_a_rerun_writes_each_study_once_and_prints_a_summary(corpus, tmp_path, r
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["settings"].pop("resize") == "area"
     (out / SUMMARY_FILE).write_text(json.dumps(summary))
-    assert _preprocess(corpus, out) == 2
+    assert _preprocess(corpus, out) == 3
     assert "(resize trilinear there, area now)" in capsys.readouterr().err
     assert _shards(out) == files
 
@@ -129,7 +129,7 @@ def test_an_unreadable_study_is_quarantined_and_an_unwritable_output_refused_bef
 
     endpoint = f"storage.endpoint_url={s3_endpoint}"
     started = time.monotonic()
-    assert _preprocess(corpus, "s3://no-such-bucket/shards", endpoint) == 2
+    assert _preprocess(corpus, "s3://no-such-bucket/shards", endpoint) == 3
     error = capsys.readouterr().err
     assert "--out s3://no-such-bucket/shards: cannot be" in error and "NoSuchBucket" in error
     assert "Traceback" not in error and time.monotonic() - started < 30

@@ -102,7 +102,7 @@ def test_access_denied_is_refused_saying_what_was_denied(reads, doing):
 
 def test_hlip_ray_train_refuses_a_missing_bucket_in_one_line_and_starts_no_work(s3_endpoint, tmp_path, monkeypatch,
                                                                                  capsys):
-    """Through the command line: exit status 2, one line, no traceback, and no actor or worker started."""
+    """Through the command line: exit status 3, one line, no traceback, and no actor or worker started."""
     from hlip_ray.data import quarantine
 
     def started(*args, **kwargs):
@@ -115,7 +115,7 @@ def test_hlip_ray_train_refuses_a_missing_bucket_in_one_line_and_starts_no_work(
                      f"storage.endpoint_url={s3_endpoint}", f"train.log_dir={tmp_path / 'logs'}",
                      f"data.manifest={tmp_path / 'manifest.parquet'}"])
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == 3, err
     assert err.strip().splitlines() == [f"hlip-ray: train.storage_path s3://never-created-bucket/runs: bucket "
                                         f"'never-created-bucket' does not exist at {s3_endpoint}"]
     assert not (tmp_path / "logs").exists()
@@ -130,7 +130,7 @@ def test_hlip_ray_train_refuses_an_unreachable_endpoint_before_it_connects_to_ra
     synthetic_corpus(tmp_path, studies=2, seed=0, val_fraction=0.0)
     code = cli.main(["train", "train.storage_path=s3://runs-bucket/runs", f"storage.endpoint_url={endpoint}",
                      f"train.log_dir={tmp_path / 'logs'}", f"data.manifest={tmp_path / 'manifest.parquet'}"])
-    assert code == 2
+    assert code == 3
     assert f"the S3 endpoint {endpoint} is unreachable" in capsys.readouterr().err
 
 
@@ -144,6 +144,6 @@ def test_hlip_ray_tune_refuses_a_missing_bucket_before_it_connects_to_ray(s3_end
     code = cli.main(["tune", "--space", str(space), "--config", SMOKE, "eval.vocabulary=v.json", "tune.grace_period=6",
                      "tune.storage_path=s3://never-created-bucket/sweeps", f"storage.endpoint_url={s3_endpoint}"])
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == 3, err
     assert err.strip().splitlines() == [f"hlip-ray: tune.storage_path s3://never-created-bucket/sweeps: bucket "
                                         f"'never-created-bucket' does not exist at {s3_endpoint}"]

@@ -349,7 +349,7 @@ def test_a_run_folder_or_latest_stands_for_the_runs_latest_complete_checkpoint(t
         assert f"--checkpoint {given}: the latest complete checkpoint, {run}/checkpoint_{step:08d} (step {step})" in said
         assert (out / "model.safetensors").is_file()
     assert cli.main(["export", "--checkpoint", "latest", "--format", "hlip", "--out", str(tmp_path / "m.pt"), endpoint,
-                     f"train.storage_path=s3://{BUCKET}/runs", "train.run_name=never-trained"]) == 2
+                     f"train.storage_path=s3://{BUCKET}/runs", "train.run_name=never-trained"]) == 3
     assert f"no complete checkpoint under s3://{BUCKET}/runs/never-trained" in capsys.readouterr().err
 
 

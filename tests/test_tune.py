@@ -76,11 +76,11 @@ def test_a_space_is_checked_whole_before_any_trial_starts(tmp_path):
     assert sweep_config(pbt, load_space(_space(tmp_path, "train.lr: {grid: [1.0e-4, 1.0e-3]}\n")))
     with pytest.raises(ConfigError, match="tune.perturbation_interval 4 is not a multiple of train.checkpoint_every 6"):
         load_config(SMOKE, ["tune.scheduler=pbt", "tune.perturbation_interval=4"])
-    # Through the command line: one line naming the key, exit status 2, and no sweep folder (no trial).
+    # Through the command line: one line naming the key, exit status 3, and no sweep folder (no trial).
     done = _tune("--space", _space(tmp_path, "train.global_batch_size: {grid: [8, 12, 14]}\n"), "--config", SMOKE,
                  "eval.vocabulary=v.json", "tune.grace_period=6", f"tune.storage_path={tmp_path / 'sweeps'}")
     output, _ = done.communicate(timeout=120)
-    assert done.returncode == 2, output
+    assert done.returncode == 3, output
     assert "train.global_batch_size=14 is refused" in output and "not a multiple of num_workers × chunk_size" in output
     assert "Traceback" not in output
     assert not (tmp_path / "sweeps").exists()
