@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -69,6 +70,16 @@ def _load(args: argparse.Namespace, overrides: list[str] | None = None) -> Confi
     return _absolute_config(load_config(args.config, args.overrides if overrides is None else overrides))
 
 
+def _say(args: argparse.Namespace, lines: list[str], result: dict) -> None:
+    """A command's result: ``lines`` for a person; with ``--json`` also ``result`` as one line of JSON, the one
+    thing on stdout (``main`` sends everything else to stderr then)."""
+    import json
+
+    print("\n".join(lines))
+    if args.json:
+        print(json.dumps(result, default=str), file=args.stdout, flush=True)
+
+
 def _config_command(args: argparse.Namespace) -> int:
     if args.reference:
         print(config_reference(), end="")
@@ -119,10 +130,11 @@ def _manifest_command(args: argparse.Namespace) -> int:
     splits: dict[str, int] = {}
     for row in rows:
         splits[row.split] = splits.get(row.split, 0) + 1
-    print(f"wrote {len(rows)} studies to {args.out}: {splits}")
+    lines = [f"wrote {len(rows)} studies to {args.out}: {splits}"]
     if vocabulary:
         storage.write_bytes(vocabulary, vocabulary_json())
-        print(f"wrote the 18-label vocabulary to {vocabulary} (eval.vocabulary)")
+        lines.append(f"wrote the 18-label vocabulary to {vocabulary} (eval.vocabulary)")
+    _say(args, lines, {"manifest": args.out, "studies": len(rows), "splits": splits, "vocabulary": vocabulary})
     return 0
 
 
@@ -137,30 +149,28 @@ def _preprocess_command(args: argparse.Namespace) -> int:
     rows = read_manifest(args.manifest, storage, data_root=args.data_root)
     ray_runtime.connect()
     summary = write_shards(rows, config, storage, args.out, create_quarantine_log())
-    print("\n".join(summary_lines(summary, args.out)))
+    _say(args, summary_lines(summary, args.out), summary)
     return 0
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    import json
-
     from hlip_ray import ray_runtime
     from hlip_ray.data.sources import check_studies
-    from hlip_ray.train.run import check_storage, fit
+    from hlip_ray.train.run import check_storage, fit, train_summary_lines
 
     config = _load(args)
     check_studies(config, _storage(config), "train")
     check_storage(config)   # train.storage_path reachable and writable, before Ray starts
     ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers))
     summary = fit(config, init_checkpoint=args.init_from)
-    print(json.dumps(summary, default=str))
+    _say(args, train_summary_lines(summary), summary)
     return 0
 
 
 def _tune_command(args: argparse.Namespace) -> int:
     from hlip_ray import ray_runtime
     from hlip_ray.data.sources import check_studies
-    from hlip_ray.tune.results import summary_lines, write_results
+    from hlip_ray.tune.results import results_summary, summary_lines, write_results
     from hlip_ray.tune.space import load_space
     from hlip_ray.tune.sweep import run_sweep, sweep_config, sweep_dir
 
@@ -173,7 +183,7 @@ def _tune_command(args: argparse.Namespace) -> int:
     ray_runtime.connect(num_cpus=ray_runtime.local_cpus(config.train.num_workers), log_to_driver=False)
     grid, base = run_sweep(config, space, resume=args.resume)
     found = write_results(grid, base, space.keys, sweep_dir(base), _storage(config))
-    print("\n".join(summary_lines(found, base, space.keys)))
+    _say(args, summary_lines(found, base, space.keys), results_summary(found, base))
     return 0
 
 
@@ -224,8 +234,6 @@ def _manifest_overrides(manifest: str | None) -> list[str]:
 
 
 def _eval_command(args: argparse.Namespace) -> int:
-    import json
-
     from hlip_ray import ray_runtime
     from hlip_ray.data.sources import check_studies
     from hlip_ray.eval.placement import actor_placement
@@ -240,10 +248,8 @@ def _eval_command(args: argparse.Namespace) -> int:
     model, _ = load_model(checkpoint, storage, config)   # here on the CPU: the encoder actor runs it
     report = evaluate_split(model, config, split=args.split, checkpoint=checkpoint, out=args.out,
                             interpret=args.interpret)
-    print(markdown(report))
-    if args.out:
-        print(f"wrote report.json, report.md and the ROC curves to {args.out}\n")
-    print(json.dumps(report))
+    written = [f"wrote report.json, report.md and the ROC curves to {args.out}"] if args.out else []
+    _say(args, [markdown(report), *written], report)
     return 0
 
 
@@ -256,14 +262,12 @@ def _embed_command(args: argparse.Namespace) -> int:
     read_manifest(args.manifest, storage, data_root=args.data_root)   # an empty or broken one fails before Ray starts
     ray_runtime.connect()
     summary = embed_archive(args.manifest, checkpoint, config, storage, args.out, data_root=args.data_root)
-    print("\n".join(summary_lines(summary)))
+    _say(args, summary_lines(summary), summary)
     return 0
 
 
 def _predict_command(args: argparse.Namespace) -> int:
     """One local study, no Ray: decoded at eval.grid (else data.grid), scored for --labels on eval.device."""
-    import json
-
     from hlip_ray.data.storage import join
     from hlip_ray.eval.placement import local_device
     from hlip_ray.eval.predict import (
@@ -291,16 +295,16 @@ def _predict_command(args: argparse.Namespace) -> int:
     classes = label_classes(model.eval(), labels, vocabulary, load_tokenizer(config.model.text.name_or_path),
                             config.model.text.context_length, config.eval.templates)
     scores = zero_shot_scores(model, study, classes, vocabulary)
-    print(score_table(scores))
+    lines = [score_table(scores)]
+    written = []
     if args.interpret:
-        written = []
         with tempfile.TemporaryDirectory() as scratch:   # drawn here, then written where --interpret says
             study_id = os.path.basename(os.path.normpath(args.study))
             for path in relevance_figures(model, study, classes, scratch, study_id):
                 written.append(join(args.interpret, path.name))
                 storage.write_bytes(written[-1], path.read_bytes())
-        print(f"relevance maps: {', '.join(written)}")
-    print(json.dumps(summary(args.study, checkpoint, config, study, scores)))
+        lines.append(f"relevance maps: {', '.join(written)}")
+    _say(args, lines, {**summary(args.study, checkpoint, config, study, scores), "relevance_maps": written})
     return 0
 
 
@@ -479,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--node-id", help="the Ray node to drain (default: this machine's)")
     watch.set_defaults(run=_spot_watch_command)
 
+    for command in (manifest, preprocess, train, tune, evaluate, embed, predict):
+        command.add_argument("--json", action="store_true",
+                             help="print the result as one line of JSON on stdout, the only thing there: the "
+                                  "summary a person reads, progress and notes go to stderr")
+
     demo = commands.add_parser("demo", help="run the embedded CPU demo (hlip-ray demo --help: its options)")
     demo.add_argument("rest", nargs=argparse.REMAINDER, help="the demo's options and overrides")
     demo.set_defaults(run=_demo_command)
@@ -538,8 +547,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _absolute_arguments(args)
+    args.stdout = sys.stdout   # with --json, the result's one line; all else goes to stderr
     try:
-        return args.run(args)
+        with contextlib.redirect_stdout(sys.stderr if getattr(args, "json", False) else sys.stdout):
+            return args.run(args)
     except KeyboardInterrupt:
         print(f"hlip-ray {args.command}: stopped", file=sys.stderr)
         return EXIT_INTERRUPTED

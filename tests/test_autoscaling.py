@@ -192,7 +192,8 @@ def test_a_training_jobs_metrics_outlive_the_cluster_and_an_eval_job_encodes_on_
     watcher.start()
     try:
         evaluated = _job(cluster, tmp_path, "eval.py", "--checkpoint", f"{bucket}/runs/smoke/checkpoint_00000004",
-                         "--split", "val", f"storage.endpoint_url={s3_endpoint}", "eval.bootstrap_samples=0", *POOLS)
+                         "--split", "val", "--json", f"storage.endpoint_url={s3_endpoint}", "eval.bootstrap_samples=0",
+                         *POOLS)
     finally:
         watcher.stop.set()
     assert evaluated.returncode == 0, evaluated.stdout[-6000:] + evaluated.stderr[-3000:]

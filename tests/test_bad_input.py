@@ -146,9 +146,9 @@ def test_commands_from_another_folder_with_relative_paths_keep_what_they_write_a
 
     study = sorted(path.name for path in (root / "corpus").iterdir() if path.is_dir())[0]
     status, console, errors = _main("predict", f"corpus/{study}", "eval.vocabulary=corpus/vocabulary.json",
-                                    "--checkpoint", "run/checkpoint", "--interpret", "predicted")
+                                    "--checkpoint", "run/checkpoint", "--interpret", "predicted", "--json")
     assert status == 0, errors
-    assert json.loads(console.strip().splitlines()[-1])["study"] == str(root / "corpus" / study)
+    assert json.loads(console)["study"] == str(root / "corpus" / study)
     assert list((root / "predicted").glob("*.png"))
 
     assert _main("export", "--checkpoint", "run/checkpoint", "--format", "hlip", "--out", "model.pt")[0] == 0

@@ -100,7 +100,7 @@ def smoke_data(tmp_path_factory, ray_session):
 
 def _train_entrypoint(data: Path, *overrides: str) -> list[str]:
     return ["--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/train.py",
-            "--config", "jobs/configs/smoke.yaml", f"data.shards={data / 'shards'}",
+            "--config", "jobs/configs/smoke.yaml", "--json", f"data.shards={data / 'shards'}",
             f"eval.vocabulary={data / 'raw' / 'vocabulary.json'}", f"train.storage_path={data / 'runs'}",
             f"train.log_dir={data / 'logs'}", *overrides]
 

@@ -188,11 +188,13 @@ def test_export_never_writes_into_a_run_checkpoint_even_forced(run, unloadable_r
 
 
 def _predict(capsys, checkpoint, study, *extra, options=()):
+    """``hlip-ray predict --json``: what a person reads (stderr then) and the result (stdout's one line)."""
     code = cli.main(["predict", "--checkpoint", str(checkpoint), "--labels", "mass, hemorrhage", *options, str(study),
-                     *extra])
+                     "--json", *extra])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    return captured.out, json.loads(captured.out.strip().splitlines()[-1])
+    assert len(captured.out.splitlines()) == 1, captured.out
+    return captured.err, json.loads(captured.out)
 
 
 def test_predict_scores_a_folder_of_dicom_and_nifti_scans(run, study, tmp_path, capsys):

@@ -260,8 +260,8 @@ def test_eval_command_scores_the_trained_checkpoint_as_validation_did(trained_ru
     uri, state = latest_checkpoint(f"s3://{BUCKET}/runs/e2e", trained_run["storage"])
     endpoint = trained_run["config"].storage.endpoint_url
     capsys.readouterr()
-    assert cli.main(["eval", "--checkpoint", uri, f"storage.endpoint_url={endpoint}"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli.main(["eval", "--checkpoint", uri, f"storage.endpoint_url={endpoint}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["split"] == "val" and report["studies"] == trained_run["val_studies"] > 0
     assert set(report["per_label"]) == {"hemorrhage", "infarct", "mass"}
     assert set(report["baseline"]["per_label"]) == {"hemorrhage", "infarct", "mass"}
@@ -456,7 +456,7 @@ def test_a_val_split_whose_auc_is_undefined_is_reported_with_what_it_measured_an
 def test_the_same_config_and_seed_give_the_same_loss_at_every_step_and_the_same_weights(trained_run, capsys):
     """Training is deterministic end to end: a second run of the same config (another name, so it
     starts afresh) reads the same studies, draws the same masks and writes the same bytes. Its
-    console shows progress lines and one line per checkpoint; its result carries flat metrics."""
+    console shows progress lines, one line per checkpoint and a summary."""
     log_dir = trained_run["log_dir"]
     first = {int(line["step"]): line["loss"] for line in metrics_lines(log_dir) if line["step"] <= 2}
     capsys.readouterr()
@@ -473,9 +473,10 @@ def test_the_same_config_and_seed_give_the_same_loss_at_every_step_and_the_same_
     assert progress[0].startswith("step 1/2 (50%)  loss ") and "studies/s" in progress[0] and "ETA" in progress[0]
     assert any(line.startswith("step 2/2 (100%)") for line in console)
     assert [line.split(":")[0] for line in console if line.startswith("checkpoint")] == ["checkpoint at step 2"]
-    summary = json.loads(console[-1])
-    assert summary["metrics"]["step"] == 2 and all(
-        isinstance(value, (int, float)) for value in summary["metrics"].values())
+    summary = console[console.index(next(line for line in console if line.startswith("train: "))):]
+    assert summary[0].startswith(f"train: s3://{BUCKET}/runs/e2e-again, step 2 after ") and summary[0].endswith(" s")
+    assert summary[1] == f"  last checkpoint: {final}"
+    assert re.match(r"  last metrics: .*\bloss \d", summary[2]) and summary[3].startswith("  refused by the data stream: ")
 
 
 def test_a_runs_shared_metrics_copy_keeps_every_step_of_the_run_across_clusters_and_no_other_runs(ray_session,

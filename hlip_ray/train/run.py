@@ -368,6 +368,24 @@ def fit(config: Config, *, init_checkpoint: str | None = None, resume_from: str 
     return summary
 
 
+def train_summary_lines(summary: dict) -> list[str]:
+    """``fit``'s summary as a person reads it: where the run is, its last checkpoint, its last metrics, what the
+    data stream refused."""
+    from hlip_ray.data.quarantine import QUARANTINE_FILE
+
+    metrics = summary["metrics"]
+    figures = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
+                        if isinstance(value, int | float) and key != "step")
+    refused = ", ".join(f"{reason} {count}" for reason, count in summary["rejections"].items())
+    lines = [f"train: {summary['run_dir']}, step {metrics.get('step', '?')} after {summary['seconds']} s",
+             f"  last checkpoint: {summary['checkpoint'] or 'none written'}",
+             f"  last metrics: {figures or 'none reported'}",
+             f"  refused by the data stream: {refused or 'nothing'} ({join(summary['run_dir'], QUARANTINE_FILE)})"]
+    if summary["log_dir"]:
+        lines.append(f"  metrics log: {summary['log_dir']}")
+    return lines
+
+
 def _resume_point(config: Config, storage: Storage) -> str:
     """What a stopped run leaves: its latest complete checkpoint, where training the same run resumes."""
     from hlip_ray.train.checkpoints import latest_checkpoint
