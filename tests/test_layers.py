@@ -2,7 +2,8 @@
 
     config -> text_source -> model -> data -> eval -> train -> cli
 
-(``layouts`` and ``named_models`` are plain Python below them all; ``demo`` is a tool beside them that no layer uses.)
+(``layouts``, ``named_models`` and ``progress`` are plain Python below them all; ``demo`` is a tool beside them
+that no layer uses.)
 Each layer is imported in a fresh interpreter, where what it loads, third-party libraries included,
 is checked; and every import in the package's source, lazy (in-function) ones included, is read, so a
 module that would reach a layer above it only when a function runs is caught too.
@@ -32,6 +33,9 @@ NEVER = {
     "hlip_ray.eval": ["deepspeed", "hlip_ray.train", "hlip_ray.tune", "hlip_ray.demo"],
     "hlip_ray.train": ["hlip_ray.tune", "hlip_ray.demo", "hlip_ray.cli"],
     "hlip_ray.tune": ["hlip_ray.demo", "hlip_ray.cli"],
+    # a bar or lines: the standard library, and tqdm once a bar is drawn
+    "hlip_ray.progress": ["torch", "ray", "pydantic", "numpy", "hlip_ray.config", "hlip_ray.data", "hlip_ray.train",
+                          "hlip_ray.eval"],
     # the spot watcher runs beside training on every worker node: standard library only, a few MB
     "hlip_ray.spot": ["torch", "ray", "pydantic", "numpy", "hlip_ray.config", "hlip_ray.data", "hlip_ray.train"],
 }
@@ -91,7 +95,8 @@ def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
 # imports anyway (eval imports data; the model reads text towers through text_source), so this is as
 # strict as one interpreter per layer, with fewer of them. (The trainer's and the sweeps' rules are all about
 # hlip_ray's own modules: the source check below covers them.)
-SEQUENCES = [["hlip_ray.config"], ["hlip_ray.text_source", "hlip_ray.model"], ["hlip_ray.data", "hlip_ray.eval"],
+SEQUENCES = [["hlip_ray.config"], ["hlip_ray.progress"], ["hlip_ray.text_source", "hlip_ray.model"],
+             ["hlip_ray.data", "hlip_ray.eval"],
              ["hlip_ray.spot"]]
 
 

@@ -346,7 +346,8 @@ def test_a_run_folder_or_latest_stands_for_the_runs_latest_complete_checkpoint(t
         assert cli.main(["export", "--checkpoint", given, "--format", "safetensors", "--out", str(out), endpoint,
                          *extra]) == 0
         said = capsys.readouterr().err
-        assert f"--checkpoint {given}: the latest complete checkpoint, {run}/checkpoint_{step:08d} (step {step})" in said
+        latest = f"{run}/checkpoint_{step:08d} (step {step})"
+        assert f"--checkpoint {given}: the latest complete checkpoint, {latest}" in said
         assert (out / "model.safetensors").is_file()
     assert cli.main(["export", "--checkpoint", "latest", "--format", "hlip", "--out", str(tmp_path / "m.pt"), endpoint,
                      f"train.storage_path=s3://{BUCKET}/runs", "train.run_name=never-trained"]) == 3
@@ -476,7 +477,8 @@ def test_the_same_config_and_seed_give_the_same_loss_at_every_step_and_the_same_
     summary = console[console.index(next(line for line in console if line.startswith("train: "))):]
     assert summary[0].startswith(f"train: s3://{BUCKET}/runs/e2e-again, step 2 after ") and summary[0].endswith(" s")
     assert summary[1] == f"  last checkpoint: {final}"
-    assert re.match(r"  last metrics: .*\bloss \d", summary[2]) and summary[3].startswith("  refused by the data stream: ")
+    assert re.match(r"  last metrics: .*\bloss \d", summary[2])
+    assert summary[3].startswith("  refused by the data stream: ")
 
 
 def test_a_runs_shared_metrics_copy_keeps_every_step_of_the_run_across_clusters_and_no_other_runs(ray_session,

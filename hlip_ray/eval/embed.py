@@ -45,6 +45,7 @@ from hlip_ray.data.manifest import read_manifest
 from hlip_ray.data.quarantine import QUARANTINE_FILE, create_quarantine_log, run_records
 from hlip_ray.data.storage import Storage, join
 from hlip_ray.eval.trained_model import HLIP_SUFFIXES, MODEL_FILE, STATE_FILE, inference_config, is_run_checkpoint
+from hlip_ray.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ EMBEDDINGS_DIR = "embeddings"
 SUMMARY_FILE = "embed.json"
 PART_STUDIES = 1000     # studies per part file at most (about 2 KiB each at P = 512)
 PART_SECONDS = 60.0     # a part is written at least this often while embeddings come
-PROGRESS_SECONDS = 10.0
 EXAMPLES = 3            # study ids shown per reason in the summary
 
 SCHEMA = pa.schema([("study_id", pa.string()), ("embedding", pa.list_(pa.float32())),
@@ -216,16 +216,13 @@ def embed_archive(manifest: str, checkpoint: str, config: Config, storage: Stora
             fn_constructor_kwargs={"checkpoint": checkpoint, "config": config.model_dump(mode="json"),
                                    "storage": storage, "device": placement.device},
             compute=ray.data.ActorPoolStrategy(size=embed.concurrency), **placement.options())
-        embeddings.context.enable_progress_bars = False   # one progress line of its own instead
-        shown = time.monotonic()
+        embeddings.context.enable_progress_bars = False   # one progress of its own instead
+        progress = Progress("embed: studies embedded", len(todo), unit="studies")
         for batch in embeddings.iter_batches(batch_size=None, batch_format="numpy"):
             writer.add(batch["study_id"], batch["embedding"])
             embedded.update(str(study_id) for study_id in batch["study_id"])
-            if time.monotonic() - shown >= PROGRESS_SECONDS:
-                shown = time.monotonic()
-                seconds = time.perf_counter() - started
-                print(f"embed: {len(embedded)} of {len(todo)} studies embedded, {writer.written} written "
-                      f"({len(embedded) / seconds:.2f} studies/s)", flush=True)
+            progress.update(len(embedded), f"{writer.written} written")
+        progress.close()
     writer.close()
     records = run_records(out, storage, quarantine_log, keep=done)
     storage.write_bytes(join(out, QUARANTINE_FILE), "".join(json.dumps(r) + "\n" for r in records).encode())

@@ -16,7 +16,6 @@ same pieces on the same encoded studies.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 import time
 
@@ -30,23 +29,8 @@ from hlip_ray.eval import metrics
 from hlip_ray.eval.held_out import Encoded, encode, summarize
 from hlip_ray.eval.placement import Placement, actor_placement, announce_wait
 from hlip_ray.eval.zeroshot import class_embeddings, load_vocabulary, zeroshot_scores
+from hlip_ray.progress import Progress
 from hlip_ray.text_source import load_tokenizer
-
-PROGRESS_SECONDS = 10.0   # at most one progress line (stderr) per this many seconds
-
-
-class _Progress:
-    """Progress lines on stderr, at most one every ``PROGRESS_SECONDS`` and the last always."""
-
-    def __init__(self, what: str, total: int) -> None:
-        self.what, self.total = what, total
-        self.started = self.printed = time.perf_counter()
-
-    def __call__(self, done: int, last: bool = False) -> None:
-        now = time.perf_counter()
-        if last or done >= self.total or now - self.printed >= PROGRESS_SECONDS:
-            self.printed = now
-            print(f"eval: {self.what} {done}/{self.total} ({now - self.started:.0f} s)", file=sys.stderr, flush=True)
 
 
 def evaluate_split(model, config: Config, split: str = "val", *, checkpoint: str | None = None,
@@ -92,8 +76,9 @@ def evaluate_split(model, config: Config, split: str = "val", *, checkpoint: str
             scores, labels = zeroshot_scores(encoded.study, classes), encoded.labels.numpy()
             samples = config.eval.bootstrap_samples
             if samples:
-                report["auc_ci"] = metrics.bootstrap_auc(scores, labels, names, samples,
-                                                         on_resample=_Progress("bootstrap resamples", samples))
+                progress = Progress("eval: bootstrap resamples", samples)
+                report["auc_ci"] = metrics.bootstrap_auc(scores, labels, names, samples, on_resample=progress.update)
+                progress.close()
             chosen_on = config.eval.threshold_split or split
             if chosen_on == split:
                 threshold_scores, threshold_labels = scores, labels
@@ -256,15 +241,14 @@ def _encode_split(encoder: SplitEncoder, model, config: Config, storage: Storage
     """The studies of ``split``, encoded by the encoder actor (``model``, here, gives only the empty start).
     A split of which no study could be read is refused, with the reasons (figures of no study would be NaN)."""
     studies, count = _split_stream(config, storage, split, quarantine_log)
-    progress = _Progress(f"encoded studies of split {split!r}", count)
+    progress = Progress(f"eval: encoded studies of split {split!r}", count, unit="studies")
     parts = [encode(model, [], names)]   # no study: the empty tensors of the right widths
     done = 0
     for part in encoder.encode(studies, names, config.eval.batch_size):
         parts.append(part)
         done += len(part.study)
-        if done < count:
-            progress(done)
-    progress(done, last=True)   # fewer than listed where studies could not be read
+        progress.update(done)
+    progress.close()   # fewer than listed where studies could not be read
     if not done:
         skipped = _skipped(quarantine_log, out, Storage.from_config(config.storage))
         reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.get("by_reason", {}).items()) or "no reason"
@@ -281,12 +265,13 @@ def _relevance_maps(encoder: SplitEncoder, config: Config, storage: Storage, spl
     """The split's studies through the data plane again, each one's relevance figures (drawn by the encoder
     actor) into ``folder``."""
     studies, count = _split_stream(config, storage, split)
-    progress = _Progress(f"relevance maps of split {split!r}", count)
+    progress = Progress(f"eval: relevance maps of split {split!r}", count, unit="studies")
     figures = done = 0
     for drawn in encoder.relevance(studies, names, classes, config.eval.batch_size):
         for name, png in drawn.items():
             storage.write_bytes(join(folder, name), png)
         figures += len(drawn)
         done += 1
-        progress(done, last=done == count)
+        progress.update(done)
+    progress.close()
     return {"folder": folder, "figures": figures}

@@ -341,7 +341,8 @@ def fit(config: Config, *, init_checkpoint: str | None = None, resume_from: str 
     started = time.perf_counter()
     training = build_trainer(config, init_checkpoint=init_checkpoint, resume_from=resume_from, callbacks=callbacks)
     stop = threading.Event()
-    printer = threading.Thread(target=print_progress, args=(training.run_log, stop), name="progress", daemon=True)
+    printer = threading.Thread(target=print_progress, args=(training.run_log, stop, config.train.max_steps),
+                               name="progress", daemon=True)
     if progress:
         printer.start()
     storage = Storage.from_config(config.storage)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import warnings
@@ -25,6 +26,7 @@ import ray
 from ray.train.v2.api.callback import UserCallback
 
 from hlip_ray.config import Config
+from hlip_ray.progress import Progress, duration, is_terminal
 
 PROGRESS_SECONDS = 30.0   # at most one progress line per this many seconds (checkpoint lines apart)
 COPY_SECONDS = 60.0       # at most one copy of the metrics to shared storage per this many seconds (checkpoints apart)
@@ -61,6 +63,7 @@ class RunLog:
         self.started = self.last_line = None
         self.first_step = 0
         self.losses: list[float] = []
+        self.latest: dict[str, float] | None = None   # the last step's figures, for a bar in a terminal
         self._writer = None
 
     def log_step(self, values: dict[str, float], at: float, checkpoint: str | None = None) -> None:
@@ -115,6 +118,7 @@ class RunLog:
         if self.started is None:   # the clock starts at the first step this run log sees
             self.started, self.last_line, self.first_step = now, now, step
         self.losses.append(values["loss"])
+        self.latest = {key: values[key] for key in ("step", "loss", "lr", "studies_per_s", "data_wait_fraction")}
         due = step == self.first_step or step == self.max_steps or now - self.last_line >= PROGRESS_SECONDS
         if due:
             self.lines.append(progress_line(values, sum(self.losses) / len(self.losses), self.max_steps,
@@ -131,9 +135,10 @@ class RunLog:
         if self.copy_to and self._writer is not None:
             self._copy()
 
-    def take_lines(self) -> list[str]:
+    def take(self) -> tuple[list[str], dict[str, float] | None]:
+        """The lines composed since the last call, and the last step's figures."""
         lines, self.lines = self.lines, []
-        return lines
+        return lines, self.latest
 
 
 def start_run_log(log_dir: Path, max_steps: int, copy_to: str | None = None, storage_config: dict | None = None):
@@ -198,26 +203,31 @@ def validation_text(values: dict[str, float]) -> str:
     return "; ".join(shown)
 
 
-def duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-def print_progress(run_log, stop: threading.Event, every_s: float = 2.0) -> None:
-    """Print the run log's progress lines as they come, until ``stop`` is set (then the rest)."""
+def print_progress(run_log, stop: threading.Event, max_steps: int, every_s: float = 2.0) -> None:
+    """Print the run log's lines as they come, until ``stop`` is set (then the rest), on stdout: in a terminal a
+    bar of steps (loss, lr, studies/s, data wait) with the checkpoint and validation lines above it, in a log
+    the progress lines themselves."""
+    stream = sys.stdout
+    bar = Progress("train", max_steps, stream=stream, unit="steps") if is_terminal(stream) else None
     while True:
-        stopping = stop.wait(every_s)
+        stopping = stop.wait(every_s if bar is None else min(every_s, 0.5))
         try:
-            lines = ray.get(run_log.take_lines.remote())
+            lines, latest = ray.get(run_log.take.remote())
         except ray.exceptions.RayError:
-            return
+            break
         for line in lines:
-            print(line, flush=True)
+            if bar is None:
+                print(line, file=stream, flush=True)
+            elif not line.startswith("step "):   # the bar says it
+                bar.write(line)
+        if bar is not None and latest is not None:
+            bar.update(int(latest["step"]), f"loss {latest['loss']:.3f}  lr {latest['lr']:.1e}  "
+                                            f"{latest['studies_per_s']:.1f} studies/s  "
+                                            f"data wait {100 * latest['data_wait_fraction']:.0f}%")
         if stopping:
-            return
+            break
+    if bar is not None:
+        bar.close()
 
 
 class StepLog:
