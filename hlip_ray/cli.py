@@ -9,7 +9,8 @@ import sys
 import tempfile
 
 from hlip_ray import __version__
-from hlip_ray.config import Config, ConfigError, config_reference, dump_config, load_config, with_values
+from hlip_ray.config import Config, ConfigError, dump_config, load_config, with_values
+from hlip_ray.config_reference import config_reference
 
 # Arguments that name local files or folders (or URIs): made absolute once, as the command line is read.
 # Ray's workers do not share the driver's working directory, so a relative path handed on would be

@@ -3,7 +3,7 @@
 A config is YAML, an instance of :class:`Config`; dotted overrides from the command line
 (``model.depth=4``) are applied on top before validation. An unknown key or an ill-typed
 value fails at load with its key path in the message, before any work starts. Every field's
-docstring is its description; ``config_reference`` turns the tree into the Markdown configuration
+docstring is its description; ``hlip_ray/config_reference.py`` turns the tree into the Markdown configuration
 reference of the user's guide (``docs/``).
 
 This module imports neither torch nor ray.
@@ -11,12 +11,9 @@ This module imports neither torch nor ray.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,7 +22,7 @@ from pydantic.fields import FieldInfo
 from hlip_ray.layouts import NAMED_LAYOUTS, expand_layout
 from hlip_ray.named_models import NAMED_MODELS, named_config_tree, named_model
 
-__all__ = ["NAMED_LAYOUTS", "Config", "ConfigError", "config_reference", "expand_layout", "load_config"]
+__all__ = ["NAMED_LAYOUTS", "Config", "ConfigError", "expand_layout", "load_config"]
 
 AttentionLevel = Literal["slice", "scan", "study"]
 
@@ -35,7 +32,7 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Each field's docstring (the string literal right under it) is its description: the
-    # configuration reference (``config_reference``) prints it, and tests/test_docs.py fails on a
+    # configuration reference (hlip_ray/config_reference.py) prints it, and tests/test_docs.py fails on a
     # field without one.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
@@ -719,7 +716,7 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-# -- the configuration reference ------------------------------------------------------------
+# -- the tree's keys (the reference, hlip_ray/config_reference.py, and the sweeps' spaces read them) --------
 def config_fields(section: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, FieldInfo]]:
     """Every key of the tree under ``section`` as ``(dotted path, field)``, sections included
     (``model``, ``model.text``, ``model.text.pooling``, ...), in declaration order."""
@@ -727,87 +724,11 @@ def config_fields(section: type[BaseModel] = Config, prefix: str = "") -> list[t
     for name, field in section.model_fields.items():
         path = f"{prefix}{name}"
         fields.append((path, field))
-        if _is_section(field.annotation):
+        if is_section(field.annotation):
             fields.extend(config_fields(field.annotation, f"{path}."))
     return fields
 
 
-def _is_section(annotation: Any) -> bool:
+def is_section(annotation: Any) -> bool:
+    """Whether a field's type is a section of the tree (``model``, ``model.text``), not a key."""
     return isinstance(annotation, type) and issubclass(annotation, _Section)
-
-
-# Constraint attributes of pydantic's field metadata (annotated_types' Gt, Ge, ...) and their signs.
-_BOUNDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
-
-
-def _type_name(annotation: Any, metadata: list[Any] = ()) -> str:
-    """A field's type as a reader writes it: ``int > 0``, ``str | null``, ``list[int > 0] (3 items)``."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _type_name(args[0], [*args[1:], *metadata])
-    constraints: list[str] = []
-    low = high = None
-    for item in metadata:
-        for part in getattr(item, "metadata", [item]):   # Field(...) holds its constraints in .metadata
-            for attribute, sign in _BOUNDS.items():
-                if getattr(part, attribute, None) is not None:
-                    constraints.append(f"{sign} {getattr(part, attribute)}")
-            low = getattr(part, "min_length", None) or low
-            high = getattr(part, "max_length", None) or high
-    if origin is Literal:
-        name = " | ".join(json.dumps(value) for value in args)
-    elif origin in (Union, UnionType):
-        name = " | ".join(_type_name(arg) for arg in args)
-    elif origin is list:
-        name = f"list[{_type_name(args[0])}]"
-    elif annotation is type(None):
-        name = "null"
-    else:
-        name = getattr(annotation, "__name__", str(annotation))
-    if constraints:
-        name = f"{name} {', '.join(constraints)}"
-    if low is not None or high is not None:
-        name += f" ({low} items)" if low == high else f" ({low or 0} to {high or 'any'} items)"
-    return name
-
-
-def _description(field: FieldInfo) -> str:
-    """The field's docstring on one line, its pipes escaped outside code spans (Markdown tables)."""
-    text = " ".join((field.description or "").split())
-    parts = re.split(r"(``.+?``|`[^`]+`)", text)
-    return "".join(part if part.startswith("`") else part.replace("|", "\\|") for part in parts)
-
-
-def config_reference() -> str:
-    """The configuration reference as Markdown, generated from the tree: one section per config section,
-    one table row per key (dotted path, type, default, description from the field's docstring)."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `hlip_ray/config.py` when the guide is built (`hlip-ray config --reference` prints",
-        "the same page): every key, its type, default and meaning. `null` means unset (YAML's null, Python's",
-        "None). `hlip-ray config` prints the defaults as YAML; [Configuration](../configuration.md) says how",
-        "files and overrides combine.",
-    ]
-    sections = [("", Config)] + [(path, field.annotation) for path, field in config_fields()
-                                 if _is_section(field.annotation)]
-    for path, section in sections:
-        keys = [(f"{path}.{name}" if path else name, field) for name, field in section.model_fields.items()
-                if not _is_section(field.annotation)]
-        if not keys:
-            continue
-        lines += ["", f"## `{path}`" if path else "## Top level", "", " ".join((section.__doc__ or "").split()), "",
-                  "| key | type | default | description |", "| --- | --- | --- | --- |"]
-        for key, field in keys:
-            default = json.dumps(field.get_default(call_default_factory=True), ensure_ascii=False)
-            lines.append(f"| `{key}` | `{_type_name(field.annotation, field.metadata)}` | `{default}` "
-                         f"| {_description(field)} |")
-    lines += ["", "## Named models", "", "`model.name: NAME` sets these keys (a key given beside it wins).", "",
-              "| name | what | width x depth, heads | patch | grid | layout | slots | pooling |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, entry in NAMED_MODELS.items():
-        model = entry["model"]
-        lines.append(f"| `{name}` | {entry['summary']} | {model['embed_dim']} x {model['depth']}, {model['num_heads']} "
-                     f"| {'x'.join(map(str, model['patch_size']))} | {'x'.join(map(str, entry['grid']))} "
-                     f"| `{model['attention_layout']}` | {model['max_scan_slots']} | `{model['pooling']}` |")
-    return "\n".join(lines) + "\n"

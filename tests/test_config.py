@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from hlip_ray.config import ConfigError, apply_overrides, config_reference, dump_config, expand_layout, load_config
+from hlip_ray.config import ConfigError, apply_overrides, dump_config, expand_layout, load_config
+from hlip_ray.config_reference import config_reference
 
 
 def test_defaults_are_valid_and_round_trip(tmp_path):
