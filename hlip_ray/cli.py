@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 
 from hlip_ray import __version__
 from hlip_ray.config import Config, ConfigError, dump_config, load_config, with_values
@@ -269,43 +268,11 @@ def _embed_command(args: argparse.Namespace) -> int:
 
 def _predict_command(args: argparse.Namespace) -> int:
     """One local study, no Ray: decoded at eval.grid (else data.grid), scored for --labels on eval.device."""
-    from hlip_ray.data.storage import join
-    from hlip_ray.eval.placement import local_device
-    from hlip_ray.eval.predict import (
-        label_classes,
-        parse_labels,
-        read_study,
-        relevance_figures,
-        score_table,
-        summary,
-        zero_shot_scores,
-    )
-    from hlip_ray.eval.trained_model import load_model
-    from hlip_ray.eval.zeroshot import load_vocabulary
-    from hlip_ray.text_source import load_tokenizer
+    from hlip_ray.eval.predict import predict_lines, predict_study
 
     checkpoint, config, storage = _trained_model_config(args, args.overrides)
-    device = local_device(config)   # eval.device=cuda without CUDA fails here, before any decoding
-    vocabulary = None
-    if config.eval.vocabulary:
-        vocabulary = load_vocabulary(storage.read_bytes(config.eval.vocabulary), config.eval.vocabulary)
-    labels = parse_labels(args.labels, vocabulary)
-    study = read_study(args.study, config, storage)
-    model, _ = load_model(checkpoint, storage, config)
-    model = model.to(device)
-    classes = label_classes(model.eval(), labels, vocabulary, load_tokenizer(config.model.text.name_or_path),
-                            config.model.text.context_length, config.eval.templates)
-    scores = zero_shot_scores(model, study, classes, vocabulary)
-    lines = [score_table(scores)]
-    written = []
-    if args.interpret:
-        with tempfile.TemporaryDirectory() as scratch:   # drawn here, then written where --interpret says
-            study_id = os.path.basename(os.path.normpath(args.study))
-            for path in relevance_figures(model, study, classes, scratch, study_id):
-                written.append(join(args.interpret, path.name))
-                storage.write_bytes(written[-1], path.read_bytes())
-        lines.append(f"relevance maps: {', '.join(written)}")
-    _say(args, lines, {**summary(args.study, checkpoint, config, study, scores), "relevance_maps": written})
+    result = predict_study(args.study, checkpoint, config, storage, args.labels, args.interpret)
+    _say(args, predict_lines(result), result)
     return 0
 
 

@@ -176,9 +176,47 @@ def score_table(scores: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def summary(folder: str, checkpoint: str, config: Config, study: StudyInput, scores: dict[str, dict]) -> dict:
-    """The JSON line ``hlip-ray predict`` ends with."""
+def predict_study(folder: str, checkpoint: str, config: Config, storage: Storage, labels: str | None = None,
+                  interpret: str | None = None) -> dict:
+    """``hlip-ray predict``: the study in ``folder`` decoded, the model of ``checkpoint`` loaded on
+    ``eval.device``, the labels of ``labels`` (comma-separated; every vocabulary label when None) scored and,
+    with ``interpret`` (a folder or s3:// prefix), each label's relevance map written there. Returns the
+    study, checkpoint, modality, input shape, grid, scans used and skipped, scores and the maps written."""
+    import tempfile
+
+    from hlip_ray.data.storage import join
+    from hlip_ray.eval.placement import local_device
+    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.eval.zeroshot import load_vocabulary
+    from hlip_ray.text_source import load_tokenizer
+
+    device = local_device(config)   # eval.device=cuda without CUDA fails here, before any decoding
+    vocabulary = None
+    if config.eval.vocabulary:
+        vocabulary = load_vocabulary(storage.read_bytes(config.eval.vocabulary), config.eval.vocabulary)
+    asked = parse_labels(labels, vocabulary)
+    study = read_study(folder, config, storage)
+    model, _ = load_model(checkpoint, storage, config)
+    model = model.to(device).eval()
+    classes = label_classes(model, asked, vocabulary, load_tokenizer(config.model.text.name_or_path),
+                            config.model.text.context_length, config.eval.templates)
+    scores = zero_shot_scores(model, study, classes, vocabulary)
+    written = []
+    if interpret:
+        with tempfile.TemporaryDirectory() as scratch:   # drawn here, then written where ``interpret`` says
+            study_id = os.path.basename(os.path.normpath(folder))
+            for path in relevance_figures(model, study, classes, scratch, study_id):
+                written.append(join(interpret, path.name))
+                storage.write_bytes(written[-1], path.read_bytes())
     return {"study": folder, "checkpoint": checkpoint, "modality": study.modality,
             "input_shape": list(study.pixels.shape), "grid": list(config.eval.grid or config.data.grid),
-            "scans": study.scans, "skipped": study.skipped, "scores": scores}
+            "scans": study.scans, "skipped": study.skipped, "scores": scores, "relevance_maps": written}
+
+
+def predict_lines(result: dict) -> list[str]:
+    """``predict_study``'s result as a person reads it: the score table, and where the maps went."""
+    lines = [score_table(result["scores"])]
+    if result["relevance_maps"]:
+        lines.append(f"relevance maps: {', '.join(result['relevance_maps'])}")
+    return lines
 
