@@ -102,10 +102,10 @@ def main() -> None:
     from hlip_ray.data.preprocess import write_shards
     from hlip_ray.data.quarantine import create_quarantine_log
     from hlip_ray.data.sources import RawStudies
-    from hlip_ray.data.storage import Storage
     from hlip_ray.data.streams import evaluation_stream, study_records
     from hlip_ray.demo.local_s3 import moto_server, use_local_credentials
     from hlip_ray.demo.synth import write_corpus
+    from hlip_ray.storage import Storage
 
     use_local_credentials()
     started = time.perf_counter()

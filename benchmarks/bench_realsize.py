@@ -82,7 +82,7 @@ def read_raw(source, item: dict) -> list[dict]:
 def raw_source(grid: list[int]):
     from hlip_ray.config import load_config
     from hlip_ray.data.sources import RawStudies
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
 
     config = load_config(None, [f"data.grid={grid}"])
     return RawStudies.of_config(config, Storage(), None, train=False)
@@ -126,7 +126,7 @@ def child_memory(job: dict) -> dict:
 @contextmanager
 def counted_reads():
     """Count what ``Storage`` fetches: ``(method, uri, bytes)`` per ``read_head`` / ``read_bytes`` call."""
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
 
     calls: list[tuple[str, str, int]] = []
     originals = {name: getattr(Storage, name) for name in ("read_head", "read_bytes")}
@@ -153,8 +153,8 @@ def manifest_bytes(folders: dict[str, Path]) -> dict:
     import boto3
 
     from hlip_ray.data.manifest import build_manifest
-    from hlip_ray.data.storage import Storage
     from hlip_ray.demo.local_s3 import moto_server, use_local_credentials
+    from hlip_ray.storage import Storage
 
     use_local_credentials()
     out = {}
@@ -187,7 +187,7 @@ def shard_rate(record: dict, scratch: Path, repeats: int) -> tuple[float, int]:
 
     from hlip_ray.data.shards import SHARDS_DIR, index_files, read_index, write_index
     from hlip_ray.data.sources import ShardStudies
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
 
     out, name = scratch / "cache", "run-bench/part-00000.parquet"
     path = out / SHARDS_DIR / name
@@ -234,8 +234,8 @@ def main(argv=None) -> None:
     import torch
 
     from hlip_ray.data.manifest import build_manifest
-    from hlip_ray.data.storage import Storage
     from hlip_ray.demo.synth import folder_writer, write_corpus
+    from hlip_ray.storage import Storage
 
     torch.set_num_threads(1)
     started = time.perf_counter()

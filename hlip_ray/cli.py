@@ -89,7 +89,7 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def _storage(config):
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
 
     return Storage.from_config(config.storage)
 
@@ -113,7 +113,7 @@ def _manifest_command(args: argparse.Namespace) -> int:
     """``--layout folders``: a folder per study, hash split. ``--layout ct-rate``: CT-RATE's published layout,
     its own split and labels, and its 18-label vocabulary written beside the manifest."""
     from hlip_ray.data.manifest import build_manifest, write_manifest
-    from hlip_ray.data.storage import is_s3, join
+    from hlip_ray.storage import is_s3, join
 
     config = _load(args)
     storage = _storage(config)
@@ -209,8 +209,8 @@ def _trained_model_config(args: argparse.Namespace, overrides: list[str]):
 def _latest_in(checkpoint: str, config: Config, storage) -> str:
     """``checkpoint`` as a command takes it: a run folder stands for its latest complete checkpoint, and
     ``latest`` for that of ``train.storage_path/train.run_name``; a checkpoint or a model file is itself."""
-    from hlip_ray.data.storage import join
     from hlip_ray.eval.trained_model import is_run_checkpoint
+    from hlip_ray.storage import join
     from hlip_ray.train.checkpoints import latest_checkpoint
 
     run = join(config.train.storage_path, config.train.run_name) if checkpoint == LATEST else checkpoint

@@ -46,8 +46,8 @@ def shard_records(shards_dir: str, storage) -> dict[str, dict]:
 def synthetic_corpus(root, studies: int, seed: int, val_fraction: float):
     """A synthetic corpus in ``root/raw`` listed into ``root/manifest.parquet`` (local files); returns ``root``."""
     from hlip_ray.data.manifest import build_manifest, write_manifest
-    from hlip_ray.data.storage import Storage
     from hlip_ray.demo.synth import folder_writer, write_corpus
+    from hlip_ray.storage import Storage
 
     write_corpus(folder_writer(str(root / "raw")), studies=studies, seed=seed)
     rows = build_manifest(str(root / "raw"), Storage(), salt="hlip-ray", val_fraction=val_fraction)

@@ -22,7 +22,7 @@ import pytest
 
 from hlip_ray import cli, ray_runtime
 from hlip_ray.data.shards import read_index
-from hlip_ray.data.storage import Storage
+from hlip_ray.storage import Storage
 from tests.helpers import tiny_bert_dir, tiny_run_checkpoint
 
 GRID = ["data.grid=[16,32,32]", "data.windows=[[-20,140]]", "data.max_eval_scans=3"]

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     from hlip_ray.config import ConfigError, load_config
     from hlip_ray.data.manifest import build_manifest
     from hlip_ray.data.quarantine import create_quarantine_log
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
     from hlip_ray.demo.synth import folder_writer, write_corpus
     from hlip_ray.train.run import build_trainer
     from tests.helpers import raw_training_examples

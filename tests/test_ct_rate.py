@@ -20,8 +20,8 @@ from hlip_ray.config import StorageConfig
 from hlip_ray.data.ct_rate import LABELS
 from hlip_ray.data.manifest import read_manifest
 from hlip_ray.data.sources import decode_scan, read_scan
-from hlip_ray.data.storage import Storage
 from hlip_ray.eval.zeroshot import load_vocabulary
+from hlip_ray.storage import Storage
 
 # Volume -> (findings, impressions, labels set to 1). Patient valid_1 has two scans (studies a and b).
 VOLUMES = {

@@ -14,8 +14,8 @@ from hlip_ray.config import load_config
 from hlip_ray.data.order import DataOrder
 from hlip_ray.data.shards import INDEX_FILE
 from hlip_ray.data.sources import ReadAhead, study_items
-from hlip_ray.data.storage import Storage
 from hlip_ray.data.streams import collate_study_batch, training_stream
+from hlip_ray.storage import Storage
 
 
 class TinyStudies:

@@ -42,8 +42,8 @@ from hlip_ray.data.decode import (
 from hlip_ray.data.manifest import ScanRef
 from hlip_ray.data.records import Decoded, Volume
 from hlip_ray.data.sources import decode_scan, read_scan
-from hlip_ray.data.storage import Storage
 from hlip_ray.data.volume import preprocess_volume, resize
+from hlip_ray.storage import Storage
 from tests.helpers import measured
 
 NIFTI_DATA = Path(nibabel.__file__).parent / "tests" / "data"

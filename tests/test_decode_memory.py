@@ -14,7 +14,7 @@ from hlip_ray.data import streams
 from hlip_ray.data.manifest import StudyRow, read_manifest
 from hlip_ray.data.quarantine import create_quarantine_log
 from hlip_ray.data.sources import RawStudies, ShardStudies
-from hlip_ray.data.storage import Storage
+from hlip_ray.storage import Storage
 from tests.helpers import synthetic_corpus
 
 TINY = ["data.grid=[8,16,16]", "data.scans_per_study=2", "data.max_eval_scans=2", "data.windows=[[0,80]]",

@@ -34,7 +34,7 @@ PART_STUDIES = 2   # a part every two studies or more: five studies come in two 
 def archive(tmp_path_factory):
     """``(root, manifest, readable study ids)``: a synthetic corpus and a study with a broken scan."""
     from hlip_ray.data.manifest import ScanRef, StudyRow, read_manifest, write_manifest
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
 
     root = synthetic_corpus(tmp_path_factory.mktemp("embed"), studies=5, seed=4, val_fraction=0.4)
     rows = read_manifest(str(root / "manifest.parquet"), Storage())
@@ -139,9 +139,9 @@ def test_embeddings_are_the_models_encode_study_of_the_same_study(first_run, arc
 
     from hlip_ray.data.manifest import read_manifest
     from hlip_ray.data.sources import RawStudies
-    from hlip_ray.data.storage import Storage
     from hlip_ray.data.streams import ScanSampler
     from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.storage import Storage
 
     out, _, _ = first_run
     _, manifest, readable = archive

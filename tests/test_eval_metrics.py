@@ -244,11 +244,11 @@ def test_eval_encodes_in_an_actor_holding_a_trainer_slot_with_the_figures_of_the
 
     from hlip_ray.config import apply_overrides
     from hlip_ray.data.sources import study_items
-    from hlip_ray.data.storage import Storage
     from hlip_ray.data.streams import collate_study_batch, evaluation_stream
     from hlip_ray.eval.held_out import evaluate
     from hlip_ray.eval.trained_model import load_model, read_config
     from hlip_ray.eval.zeroshot import load_vocabulary
+    from hlip_ray.storage import Storage
     from hlip_ray.text_source import load_tokenizer
 
     (encoder,) = eval_run["encoders"]
@@ -301,6 +301,6 @@ def test_eval_asked_for_cuda_on_a_cluster_without_a_gpu_fails_naming_the_key_bef
 
 def _split_studies(corpus, split: str) -> list[str]:
     from hlip_ray.data.manifest import read_manifest
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
 
     return [row.study_id for row in read_manifest(str(corpus / "manifest.parquet"), Storage()) if row.split == split]

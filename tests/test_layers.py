@@ -2,8 +2,8 @@
 
     config -> text_source -> model -> data -> eval -> train -> cli
 
-(``layouts``, ``named_models`` and ``progress`` are plain Python below them all; ``demo`` is a tool beside them
-that no layer uses.)
+(``layouts``, ``named_models``, ``progress`` and ``storage`` are plain Python below them all; ``demo`` is a tool
+beside them that no layer uses.)
 Each layer is imported in a fresh interpreter, where what it loads, third-party libraries included,
 is checked; and every import in the package's source, lazy (in-function) ones included, is read, so a
 module that would reach a layer above it only when a function runs is caught too.
@@ -34,6 +34,9 @@ NEVER = {
     "hlip_ray.eval": ["deepspeed", "hlip_ray.train", "hlip_ray.tune", "hlip_ray.demo"],
     "hlip_ray.train": ["hlip_ray.tune", "hlip_ray.demo", "hlip_ray.cli"],
     "hlip_ray.tune": ["hlip_ray.demo", "hlip_ray.cli"],
+    # files and objects, below every layer: the standard library, pyarrow, boto3
+    "hlip_ray.storage": ["torch", "ray", "pydantic", "hlip_ray.config", "hlip_ray.data", "hlip_ray.model",
+                         "hlip_ray.train", "hlip_ray.eval"],
     # a bar or lines: the standard library, and tqdm once a bar is drawn
     "hlip_ray.progress": ["torch", "ray", "pydantic", "numpy", "hlip_ray.config", "hlip_ray.data", "hlip_ray.train",
                           "hlip_ray.eval"],
@@ -96,7 +99,7 @@ def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
 # imports anyway (eval imports data; the model reads text towers through text_source), so this is as
 # strict as one interpreter per layer, with fewer of them. (The trainer's and the sweeps' rules are all about
 # hlip_ray's own modules: the source check below covers them.)
-SEQUENCES = [["hlip_ray.config", "hlip_ray.config_reference"], ["hlip_ray.progress"],
+SEQUENCES = [["hlip_ray.config", "hlip_ray.config_reference"], ["hlip_ray.progress", "hlip_ray.storage"],
              ["hlip_ray.text_source", "hlip_ray.model"], ["hlip_ray.data", "hlip_ray.eval"],
              ["hlip_ray.spot"]]
 

@@ -21,7 +21,7 @@ from hlip_ray.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from hlip_ray.data.storage import Storage
+from hlip_ray.storage import Storage
 from tests.helpers import measured
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # a real CT slice

@@ -23,7 +23,7 @@ from hlip_ray.data import manifest as manifest_module
 from hlip_ray.data.manifest import build_manifest, is_dicom_name, patient_split
 from hlip_ray.data.records import Decoded, Note, Rejection
 from hlip_ray.data.sources import decode_scan, read_scan
-from hlip_ray.data.storage import Storage
+from hlip_ray.storage import Storage
 
 NIFTI_DATA = Path(nibabel.__file__).parent / "tests" / "data"
 CANARY_NAME, CANARY_ID = "CANARY^PACSEXPORT", "CANARY-PID-4711"

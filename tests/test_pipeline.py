@@ -17,9 +17,9 @@ from hlip_ray.data.manifest import ScanRef, StudyRow, read_manifest
 from hlip_ray.data.preprocess import write_shards
 from hlip_ray.data.quarantine import create_quarantine_log
 from hlip_ray.data.sources import RawStudies, study_items
-from hlip_ray.data.storage import Storage
 from hlip_ray.data.streams import collate_study_batch, evaluation_stream
 from hlip_ray.demo.synth import folder_writer, write_corpus
+from hlip_ray.storage import Storage
 from tests.helpers import raw_training_examples, shard_records
 
 CANARY_NAME = "CANARY^ZEBULON"

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from hlip_ray import cli
-from hlip_ray.data.storage import Storage
 from hlip_ray.eval.trained_model import load_model
 from hlip_ray.model import from_hlip_checkpoint
+from hlip_ray.storage import Storage
 from tests.helpers import tiny_bert_dir, tiny_run_checkpoint
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"

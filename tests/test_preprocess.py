@@ -22,7 +22,7 @@ import pytest
 
 from hlip_ray import cli
 from hlip_ray.data.shards import INDEX_FILE, SHARDS_DIR, SUMMARY_FILE, read_index, read_study
-from hlip_ray.data.storage import Storage
+from hlip_ray.storage import Storage
 from tests.conftest import REPO_ROOT
 from tests.helpers import synthetic_corpus
 

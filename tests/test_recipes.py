@@ -147,7 +147,7 @@ def test_preprocess_with_the_ct_rate_config_writes_hlips_chest_inputs(tmp_path, 
     import json
 
     from hlip_ray import cli
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
     from tests.conftest import REPO_ROOT
     from tests.helpers import shard_records
 

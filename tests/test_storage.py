@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from hlip_ray.data.storage import Storage
+from hlip_ray.storage import Storage
 from tests.s3_servers import FlakyProxy
 
 

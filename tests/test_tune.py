@@ -155,7 +155,7 @@ def _trials_csv(storage, folder: str) -> list[dict]:
 @pytest.mark.slow
 def test_a_sweep_on_s3_whose_driver_is_killed_resumes_without_rerunning_finished_trials(corpus, ray_session, bucket,
                                                                                       s3_endpoint):
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
 
     space = _space(corpus, "data.scans_per_study: {grid: [1, 2]}\n")
     args = ["--space", space, "--config", SMOKE, *_data(corpus), f"tune.storage_path={bucket}/sweeps",

@@ -44,7 +44,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from hlip_ray.data.manifest import ManifestError, ScanRef, StudyRow
-from hlip_ray.data.storage import Storage, is_s3, join
+from hlip_ray.storage import Storage, is_s3, join
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hlip_ray.data.decode import HEADER_BYTES, read_header
-from hlip_ray.data.storage import Storage, is_s3, join
+from hlip_ray.storage import Storage, is_s3, join
 
 logger = logging.getLogger(__name__)
 

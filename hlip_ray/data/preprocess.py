@@ -23,9 +23,9 @@ from hlip_ray.data.manifest import StudyRow
 from hlip_ray.data.quarantine import QUARANTINE_FILE, run_records
 from hlip_ray.data.shards import SHARDS_DIR, SUMMARY_FILE, index_files, read_index, shard_files, write_index
 from hlip_ray.data.sources import study_source
-from hlip_ray.data.storage import Storage, join
 from hlip_ray.data.streams import study_records
 from hlip_ray.data.volume import RESIZE_METHOD
+from hlip_ray.storage import Storage, join
 
 logger = logging.getLogger(__name__)
 

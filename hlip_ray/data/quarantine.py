@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import ray
 
 from hlip_ray.data.records import Note, Rejection
-from hlip_ray.data.storage import Storage, join
+from hlip_ray.storage import Storage, join
 
 logger = logging.getLogger(__name__)
 

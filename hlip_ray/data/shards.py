@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from collections import OrderedDict
 
-from hlip_ray.data.storage import Storage, join
+from hlip_ray.storage import Storage, join
 
 SHARDS_DIR = "shards"
 SUMMARY_FILE = "shards.json"

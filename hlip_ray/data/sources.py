@@ -33,7 +33,7 @@ from hlip_ray.data.order import study_rng
 from hlip_ray.data.quarantine import quarantine
 from hlip_ray.data.records import Decoded, Note, Rejection
 from hlip_ray.data.shards import read_index, read_study
-from hlip_ray.data.storage import Storage
+from hlip_ray.storage import Storage
 
 
 class StudySource(Protocol):

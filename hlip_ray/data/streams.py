@@ -32,7 +32,7 @@ from hlip_ray.config import Config
 from hlip_ray.data.manifest import StudyRow
 from hlip_ray.data.order import StudiesAtPositions, study_rng
 from hlip_ray.data.sources import RawStudies, ReadAhead, ShardStudies, StudySource
-from hlip_ray.data.storage import Storage
+from hlip_ray.storage import Storage
 
 MAX_BLOCKS = 4096  # manifest blocks fed to the decode tasks
 # Studies per decode task. A task reads the next study's files while it decodes the current one

@@ -114,8 +114,8 @@ def write_corpus(config, endpoint: str, studies: int, seed: int, clock: Clock):
     import boto3
 
     from hlip_ray.data.manifest import build_manifest, write_manifest
-    from hlip_ray.data.storage import Storage
     from hlip_ray.demo.synth import write_corpus as write_synthetic
+    from hlip_ray.storage import Storage
 
     storage = Storage.from_config(config.storage)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
@@ -134,7 +134,7 @@ def preprocess(rows, config, clock: Clock) -> None:
     """The corpus decoded and preprocessed into shards on Ray Data (Ray Data's own progress log)."""
     from hlip_ray.data.preprocess import write_shards
     from hlip_ray.data.quarantine import create_quarantine_log
-    from hlip_ray.data.storage import Storage
+    from hlip_ray.storage import Storage
 
     summary = write_shards(rows, config, Storage.from_config(config.storage), config.data.shards,
                            create_quarantine_log())
@@ -162,9 +162,9 @@ def train(config, out: Path, clock: Clock) -> dict:
 def evaluate(config, checkpoint_uri: str, checkpoint: Path, report_dir: Path) -> dict:
     """``hlip-ray eval`` of the held-out split, from a local copy of the final checkpoint (the bucket lives
     only as long as this job); its report (JSON, Markdown, ROC curves) in ``report_dir``."""
-    from hlip_ray.data.storage import Storage
     from hlip_ray.eval.run import evaluate_split
     from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.storage import Storage
 
     storage = Storage.from_config(config.storage)
     for uri in storage.list_files(checkpoint_uri):

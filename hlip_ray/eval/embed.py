@@ -43,9 +43,9 @@ import pyarrow.parquet as pq
 from hlip_ray.config import Config, ConfigError
 from hlip_ray.data.manifest import read_manifest
 from hlip_ray.data.quarantine import QUARANTINE_FILE, create_quarantine_log, run_records
-from hlip_ray.data.storage import Storage, join
 from hlip_ray.eval.trained_model import HLIP_SUFFIXES, MODEL_FILE, STATE_FILE, inference_config, is_run_checkpoint
 from hlip_ray.progress import Progress
+from hlip_ray.storage import Storage, join
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import torch
 
 from hlip_ray.config import Config
 from hlip_ray.data.manifest import study_row
-from hlip_ray.data.storage import Storage, is_s3
+from hlip_ray.storage import Storage, is_s3
 
 
 @dataclass
@@ -184,10 +184,10 @@ def predict_study(folder: str, checkpoint: str, config: Config, storage: Storage
     study, checkpoint, modality, input shape, grid, scans used and skipped, scores and the maps written."""
     import tempfile
 
-    from hlip_ray.data.storage import join
     from hlip_ray.eval.placement import local_device
     from hlip_ray.eval.trained_model import load_model
     from hlip_ray.eval.zeroshot import load_vocabulary
+    from hlip_ray.storage import join
     from hlip_ray.text_source import load_tokenizer
 
     device = local_device(config)   # eval.device=cuda without CUDA fails here, before any decoding

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hlip_ray.data.storage import Storage, join
+from hlip_ray.storage import Storage, join
 
 ROC_FIGURE = "roc_curves.png"
 

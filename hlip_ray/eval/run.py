@@ -23,13 +23,13 @@ import torch
 
 from hlip_ray.config import Config
 from hlip_ray.data.sources import study_items
-from hlip_ray.data.storage import Storage, join
 from hlip_ray.data.streams import collate_study_batch, evaluation_stream
 from hlip_ray.eval import metrics
 from hlip_ray.eval.held_out import Encoded, encode, summarize
 from hlip_ray.eval.placement import Placement, actor_placement, announce_wait
 from hlip_ray.eval.zeroshot import class_embeddings, load_vocabulary, zeroshot_scores
 from hlip_ray.progress import Progress
+from hlip_ray.storage import Storage, join
 from hlip_ray.text_source import load_tokenizer
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from hlip_ray.config import Config, config_from_dict, read_yaml
-from hlip_ray.data.storage import Storage, join
+from hlip_ray.storage import Storage, join
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from hlip_ray.config import Config, dump_config
-from hlip_ray.data.storage import Storage, join
 from hlip_ray.eval.trained_model import CONFIG_FILE, MODEL_FILE, STATE_FILE
+from hlip_ray.storage import Storage, join
 
 logger = logging.getLogger(__name__)
 

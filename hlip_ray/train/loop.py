@@ -25,13 +25,13 @@ import ray.train
 import torch
 
 from hlip_ray.config import Config, config_from_dict
-from hlip_ray.data.storage import Storage, join
 from hlip_ray.data.streams import collate_study_batch
 from hlip_ray.eval.held_out import evaluate
 from hlip_ray.eval.trained_model import load_model
 from hlip_ray.eval.zeroshot import load_vocabulary
 from hlip_ray.model import build_model
 from hlip_ray.model.randomness import study_seed
+from hlip_ray.storage import Storage, join
 from hlip_ray.text_source import load_tokenizer
 from hlip_ray.train.checkpoints import (
     TrainState,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hlip_ray.config import Config, ConfigError
-from hlip_ray.data.storage import Storage, is_s3, join
 from hlip_ray.ray_runtime import check_shared_storage
+from hlip_ray.storage import Storage, is_s3, join
 
 logger = logging.getLogger(__name__)
 

@@ -84,14 +84,14 @@ class RunLog:
 
     def _storage(self):
         from hlip_ray.config import StorageConfig
-        from hlip_ray.data.storage import Storage
+        from hlip_ray.storage import Storage
 
         return Storage.from_config(StorageConfig.model_validate(self.storage_config or {}))
 
     def _take_up_copy(self) -> None:
         """The local metrics.jsonl as the copy has it (empty where there is none yet), unless it goes on from
         the copy (this actor restarted on its node: the lines since the last copy are kept)."""
-        from hlip_ray.data.storage import join
+        from hlip_ray.storage import join
 
         storage, uri = self._storage(), join(self.copy_to, "metrics.jsonl")
         copy = storage.read_bytes(uri) if storage.exists(uri) else b""
@@ -103,7 +103,7 @@ class RunLog:
 
     def _copy(self) -> None:
         """``metrics.jsonl`` and the TensorBoard event files, whole, to ``copy_to`` (same names below it)."""
-        from hlip_ray.data.storage import join
+        from hlip_ray.storage import join
 
         if self._writer is not None:
             self._writer.flush()

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from hlip_ray.config import Config, dump_config, with_values
-from hlip_ray.data.storage import Storage, join
+from hlip_ray.storage import Storage, join
 
 TABLE = "trials"
 BEST_CONFIG = "best.yaml"

@@ -14,8 +14,8 @@ from functools import partial
 from typing import Any
 
 from hlip_ray.config import Config, ConfigError, with_values
-from hlip_ray.data.storage import Storage, is_s3, join
 from hlip_ray.ray_runtime import check_shared_storage
+from hlip_ray.storage import Storage, is_s3, join
 from hlip_ray.train.run import check_storage_path
 from hlip_ray.tune.space import Space, check_space
 from hlip_ray.tune.trial import run_trial
