@@ -2,7 +2,7 @@
 Prints ONE JSON line on stdout (progress goes to stderr).
 
 A small model is trained with the platform on the synthetic corpus (``hlip-ray synth``, ``manifest``,
-``preprocess`` and ``train`` with ``jobs/configs/demo.yaml`` on local folders), or ``--checkpoint``
+``preprocess`` and ``train`` with ``hlip_ray/demo/demo.yaml`` on local folders), or ``--checkpoint``
 names a run checkpoint trained on a corpus that ``--corpus`` holds. Then, for every held-out study
 and every label present in it, the label's relevance map over the study's scans is computed, and the
 study **hits** when the voxel of peak relevance (over all its scans) lies inside that label's lesion
@@ -42,7 +42,7 @@ from measure import log, ratio
 from hlip_ray.demo.synth import LABELS
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
+DEMO_CONFIG = REPO / "hlip_ray" / "demo" / "demo.yaml"
 GOAL_OVER_CHANCE = 3.0
 
 

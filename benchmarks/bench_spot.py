@@ -1,5 +1,5 @@
 """Benchmark of training on spot nodes: what reclaims, kills and lost nodes cost a run, on a real Ray
-cluster of three nodes on this machine (``hlip_ray.demo.spot_drill``: a head that decodes, two trainer
+cluster of three nodes on this machine (``tests.spot_drill``: a head that decodes, two trainer
 nodes, each with its instance-metadata server on 127.0.0.1 and its ``hlip-ray spot-watch``).
 
 One elastic run (``train.num_workers=[1,2]``, tiny model, checkpoints every 5 steps on ``file://``
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
-from hlip_ray.demo.spot_drill import (  # noqa: E402
+from tests.spot_drill import (  # noqa: E402
     DRILL_GLOBAL_BATCH,
     LocalSpotCluster,
     TrainingRun,

@@ -313,7 +313,11 @@ def _spot_watch_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     from hlip_ray.demo import job
 
-    job.main(args.rest)
+    try:
+        job.main(args.rest)
+    except ImportError as error:   # an extra not installed (moto: `pip install 'hlip-ray[demo]'`)
+        print(f"hlip-ray demo: {error}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

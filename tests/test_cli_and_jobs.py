@@ -28,7 +28,7 @@ def test_every_job_entry_point_is_its_command(job):
 
 
 def test_config_command_prints_the_merged_config(capsys):
-    assert cli.main(["config", "--config", str(REPO / "jobs/configs/demo.yaml"), "model.depth=6"]) == 0
+    assert cli.main(["config", "--config", str(REPO / "hlip_ray/demo/demo.yaml"), "model.depth=6"]) == 0
     out = capsys.readouterr().out
     assert "depth: 6" in out and "embed_dim: 48" in out
 
@@ -39,7 +39,7 @@ def test_overrides_come_before_between_and_after_options(capsys):
     assert (args.config, args.init_from, args.overrides) == ("C.yaml", "X", ["model.depth=6", "data.grid=[8,8,8]"])
     args = cli.parse_args(["predict", "--checkpoint", "C", "study", "eval.grid=[8,8,8]", "--labels", "mass", "a=b"])
     assert (args.study, args.labels, args.overrides) == ("study", "mass", ["eval.grid=[8,8,8]", "a=b"])
-    demo = str(REPO / "jobs/configs/demo.yaml")
+    demo = str(REPO / "hlip_ray/demo/demo.yaml")
     assert cli.main(["config", "model.depth=6", "--config", demo, "data.max_eval_scans=3"]) == 0
     out = capsys.readouterr().out
     assert "depth: 6" in out and "embed_dim: 48" in out and "max_eval_scans: 3" in out

@@ -1,6 +1,6 @@
 """Spot instances, for real: `hlip-ray spot-watch` against an instance-metadata server on 127.0.0.1
 (IMDSv2: token, then the paths), and a training run on a Ray cluster of several nodes
-(`hlip_ray.demo.spot_drill`) through a reclaim with notice, a node coming back, a SIGKILLed worker and a
+(`tests.spot_drill`) through a reclaim with notice, a node coming back, a SIGKILLed worker and a
 node lost without notice. The run ends with the weights of a run nothing happened to.
 """
 
@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from hlip_ray import cli, spot
-from hlip_ray.demo.spot_drill import (
+from tests.spot_drill import (
     LocalSpotCluster,
     MetadataServer,
     TrainingRun,

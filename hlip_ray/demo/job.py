@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")   # package data: found from a wheel too
 BUCKET = "hlip-demo"
 
 
@@ -53,7 +53,7 @@ def plot_loss(metrics_file: Path, out: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="hlip-ray demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEMO_CONFIG),
-                        help="the demo's config, overrides applied on top (default: jobs/configs/demo.yaml)")
+                        help="the demo's config, overrides applied on top (default: hlip_ray/demo/demo.yaml)")
     parser.add_argument("--studies", type=int, default=600,
                         help="synthetic studies written, a fifth of them held out (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus (default: %(default)s)")

@@ -26,7 +26,7 @@ def moto_server(timeout_s: float = 60.0):
     """moto's S3 server on a free local port, in a process of its own (so serving S3 never competes
     with this process for the GIL); yields its endpoint URL (``http://127.0.0.1:PORT``)."""
     if importlib.util.find_spec("moto") is None:  # pragma: no cover
-        raise ImportError("a local S3 endpoint needs moto: pip install 'hlip-ray[dev]'")
+        raise ImportError("a local S3 endpoint needs moto: pip install 'hlip-ray[demo]'")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

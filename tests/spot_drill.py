@@ -274,8 +274,9 @@ def drill_overrides(root: Path, run_name: str, *extra: str) -> list[str]:
 def write_drill_corpus(root: Path, studies: int = 24, seed: int = 3) -> Path:
     """A synthetic corpus (``root/raw``, all training studies), its manifest and a tiny text tower."""
     from hlip_ray.data.manifest import build_manifest, write_manifest
-    from hlip_ray.demo.synth import folder_writer, write_corpus, write_tiny_text_tower
+    from hlip_ray.demo.synth import folder_writer, write_corpus
     from hlip_ray.storage import Storage
+    from tests.helpers import write_tiny_text_tower
 
     write_corpus(folder_writer(str(root / "raw")), studies=studies, seed=seed)
     rows = build_manifest(str(root / "raw"), Storage(), salt="drill", val_fraction=0.0)
