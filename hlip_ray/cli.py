@@ -192,7 +192,8 @@ def _trained_model_config(args: argparse.Namespace, overrides: list[str]):
     ``eval.checkpoint``); a run checkpoint brings its config (model, preprocessing, data, vocabulary) and
     ``overrides`` apply on top; studies are decoded at ``eval.grid`` where one is set."""
     from hlip_ray.config import apply_overrides
-    from hlip_ray.eval.trained_model import inference_config, is_run_checkpoint, read_config
+    from hlip_ray.eval.trained_model import inference_config
+    from hlip_ray.run_checkpoint import is_run_checkpoint, read_config
 
     config = _load(args, overrides)
     checkpoint = args.checkpoint or config.eval.checkpoint
@@ -209,9 +210,8 @@ def _trained_model_config(args: argparse.Namespace, overrides: list[str]):
 def _latest_in(checkpoint: str, config: Config, storage) -> str:
     """``checkpoint`` as a command takes it: a run folder stands for its latest complete checkpoint, and
     ``latest`` for that of ``train.storage_path/train.run_name``; a checkpoint or a model file is itself."""
-    from hlip_ray.eval.trained_model import is_run_checkpoint
+    from hlip_ray.run_checkpoint import is_run_checkpoint, latest_checkpoint
     from hlip_ray.storage import join
-    from hlip_ray.train.checkpoints import latest_checkpoint
 
     run = join(config.train.storage_path, config.train.run_name) if checkpoint == LATEST else checkpoint
     if checkpoint != LATEST and is_run_checkpoint(checkpoint, storage):

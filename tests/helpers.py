@@ -93,9 +93,8 @@ def tiny_run_checkpoint(folder: Path, text_dir: Path, *overrides: str, seed: int
     from safetensors.torch import save_file
 
     from hlip_ray.config import dump_config, load_config
-    from hlip_ray.eval.trained_model import CONFIG_FILE, MODEL_FILE, STATE_FILE
     from hlip_ray.model import build_model
-    from hlip_ray.train.checkpoints import TrainState
+    from hlip_ray.run_checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, TrainState
 
     config = load_config(None, [*TINY_MODEL, f"model.text.name_or_path={text_dir}", *overrides])
     torch.manual_seed(seed)

@@ -246,8 +246,9 @@ def test_eval_encodes_in_an_actor_holding_a_trainer_slot_with_the_figures_of_the
     from hlip_ray.data.sources import study_items
     from hlip_ray.data.streams import collate_study_batch, evaluation_stream
     from hlip_ray.eval.held_out import evaluate
-    from hlip_ray.eval.trained_model import load_model, read_config
+    from hlip_ray.eval.trained_model import load_model
     from hlip_ray.eval.zeroshot import load_vocabulary
+    from hlip_ray.run_checkpoint import read_config
     from hlip_ray.storage import Storage
     from hlip_ray.text_source import load_tokenizer
 

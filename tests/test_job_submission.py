@@ -115,8 +115,8 @@ def test_the_job_api_refuses_a_client_without_the_token(ray_head):
 def test_smoke_training_job_succeeds_then_a_resumed_run_stops_cleanly_on_ray_job_stop(ray_head, smoke_data):
     from hlip_ray.config import load_config
     from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.run_checkpoint import TrainState
     from hlip_ray.storage import Storage
-    from hlip_ray.train.checkpoints import TrainState
 
     address, env = ray_head
     submitted = _ray_job(address, env, "submit", "--submission-id", "smoke", *_train_entrypoint(smoke_data),

@@ -26,6 +26,8 @@ from tests.conftest import REPO_ROOT
 NEVER = {
     "hlip_ray.config": ["torch", "ray", "hlip_ray.text_source", "hlip_ray.model", "hlip_ray.data"],
     "hlip_ray.config_reference": ["torch", "ray", "hlip_ray.text_source", "hlip_ray.model", "hlip_ray.data"],
+    # a run checkpoint's format: what the trainer writes and evaluation and inference read, on config and storage
+    "hlip_ray.run_checkpoint": ["torch", "ray", "hlip_ray.model", "hlip_ray.data", "hlip_ray.train", "hlip_ray.eval"],
     "hlip_ray.text_source": ["torch", "ray", "pydantic", "hlip_ray.config", "hlip_ray.model"],
     # what the GPU machine has: torch, timm, transformers (no Ray, DeepSpeed, pydantic or flash-attn)
     "hlip_ray.model": ["ray", "deepspeed", "pydantic", "flash_attn", "hlip_ray.config", "hlip_ray.data",
@@ -99,7 +101,8 @@ def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
 # imports anyway (eval imports data; the model reads text towers through text_source), so this is as
 # strict as one interpreter per layer, with fewer of them. (The trainer's and the sweeps' rules are all about
 # hlip_ray's own modules: the source check below covers them.)
-SEQUENCES = [["hlip_ray.config", "hlip_ray.config_reference"], ["hlip_ray.progress", "hlip_ray.storage"],
+SEQUENCES = [["hlip_ray.config", "hlip_ray.config_reference", "hlip_ray.run_checkpoint"],
+             ["hlip_ray.progress", "hlip_ray.storage"],
              ["hlip_ray.text_source", "hlip_ray.model"], ["hlip_ray.data", "hlip_ray.eval"],
              ["hlip_ray.spot"]]
 

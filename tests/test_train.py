@@ -19,9 +19,9 @@ from hlip_ray import cli
 from hlip_ray.config import ConfigError, load_config
 from hlip_ray.data.shards import read_index
 from hlip_ray.demo.local_s3 import LOCAL_CREDENTIALS
-from hlip_ray.eval.trained_model import STATE_FILE, load_model
+from hlip_ray.eval.trained_model import load_model
+from hlip_ray.run_checkpoint import STATE_FILE, TrainState, latest_checkpoint, rank_marker
 from hlip_ray.storage import Storage
-from hlip_ray.train.checkpoints import TrainState, latest_checkpoint, rank_marker
 from hlip_ray.train.engine import lr_factor
 from hlip_ray.train.run import build_trainer
 from tests.helpers import tiny_bert_dir

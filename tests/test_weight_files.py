@@ -34,7 +34,7 @@ def test_damaged_weights_files_are_refused_naming_the_file(tmp_path):
 
 
 def test_a_run_checkpoint_with_damaged_weights_names_its_file(tmp_path):
-    from hlip_ray.train.checkpoints import TrainState
+    from hlip_ray.run_checkpoint import TrainState
 
     folder = tmp_path / "checkpoint_00000010"
     folder.mkdir()

@@ -43,8 +43,9 @@ import pyarrow.parquet as pq
 from hlip_ray.config import Config, ConfigError
 from hlip_ray.data.manifest import read_manifest
 from hlip_ray.data.quarantine import QUARANTINE_FILE, create_quarantine_log, run_records
-from hlip_ray.eval.trained_model import HLIP_SUFFIXES, MODEL_FILE, STATE_FILE, inference_config, is_run_checkpoint
+from hlip_ray.eval.trained_model import inference_config
 from hlip_ray.progress import Progress
+from hlip_ray.run_checkpoint import model_weights, read_state
 from hlip_ray.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -62,15 +63,8 @@ SCHEMA = pa.schema([("study_id", pa.string()), ("embedding", pa.list_(pa.float32
 def checkpoint_identity(checkpoint: str, storage: Storage) -> tuple[str, str]:
     """``(model_id, sha256 of the model weights' bytes)`` of a run checkpoint or an HLIP model file."""
     path = PurePosixPath(checkpoint.rstrip("/"))
-    if is_run_checkpoint(checkpoint, storage):
-        step = json.loads(storage.read_bytes(join(checkpoint, STATE_FILE)))["step"]
-        weights = join(checkpoint, MODEL_FILE)
-        model_id = f"{path.parent.name}/step-{step}"
-    elif checkpoint.endswith(HLIP_SUFFIXES):
-        weights, model_id = checkpoint, path.name
-    else:
-        raise FileNotFoundError(f"{checkpoint}: neither a run checkpoint (no {STATE_FILE} and {MODEL_FILE}) nor a "
-                                f"model file ({', '.join(HLIP_SUFFIXES)})")
+    weights, from_run = model_weights(checkpoint, storage)
+    model_id = f"{path.parent.name}/step-{read_state(checkpoint, storage).step}" if from_run else path.name
     return model_id, hashlib.sha256(storage.read_bytes(weights)).hexdigest()
 
 

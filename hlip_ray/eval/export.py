@@ -31,10 +31,10 @@ import os
 import torch
 
 from hlip_ray.config import Config, config_from_dict, dump_config, read_yaml
-from hlip_ray.eval.trained_model import CONFIG_FILE, MODEL_FILE, STATE_FILE
 from hlip_ray.layouts import expand_layout
 from hlip_ray.model.hlip_export import hlip_state_dict
 from hlip_ray.model.hlip_import import HLIP_MODELS
+from hlip_ray.run_checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE
 from hlip_ray.storage import Storage, is_s3, join
 
 FORMATS = ("hlip", "safetensors")

@@ -1,16 +1,6 @@
-"""A trained model for inference: from a run checkpoint or a model file released by the HLIP authors.
-
-A run checkpoint is a folder (local or ``s3://``) that every training worker wrote part of
-(``hlip_ray/train/checkpoints.py`` writes it)::
-
-    deepspeed/<tag>/...        the DeepSpeed engine state (ZeRO shards of every rank)
-    model.safetensors          the consolidated model weights (float32)
-    config.yaml                the run's config
-    train_state.json           step, epoch, position, seed, world size, provenance
-    rank-<r>.done              one per worker, written last: its files and their sizes
-
-Inference needs only ``model.safetensors`` and ``config.yaml``. ``--checkpoint`` arguments take
-such a folder or URI, or an HLIP release file (``.pt``/``.pth``/``.bin``/``.safetensors``).
+"""A trained model for inference: from a run checkpoint (its format: ``hlip_ray/run_checkpoint.py``) or a
+model file released by the HLIP authors (``.pt``/``.pth``/``.bin``/``.safetensors``), as ``--checkpoint``
+arguments take them.
 """
 
 from __future__ import annotations
@@ -18,13 +8,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from hlip_ray.config import Config, config_from_dict, read_yaml
-from hlip_ray.storage import Storage, join
-
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-STATE_FILE = "train_state.json"
-HLIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+from hlip_ray.config import Config
+from hlip_ray.run_checkpoint import model_weights, read_config
+from hlip_ray.storage import Storage
 
 
 def inference_config(config: Config) -> Config:
@@ -39,16 +25,6 @@ def inference_config(config: Config) -> Config:
     return config.model_copy(update={"data": data})
 
 
-def is_run_checkpoint(source: str, storage: Storage) -> bool:
-    return storage.exists(join(source, STATE_FILE)) and storage.exists(join(source, MODEL_FILE))
-
-
-def read_config(checkpoint: str, storage: Storage) -> Config:
-    """The config a run checkpoint was trained with."""
-    uri = join(checkpoint, CONFIG_FILE)
-    return config_from_dict(read_yaml(storage.read_bytes(uri)), uri)
-
-
 def load_model(source: str, storage: Storage, config: Config | None = None):
     """``(model, config)`` from a run checkpoint (folder or URI) or an HLIP release file.
 
@@ -59,10 +35,10 @@ def load_model(source: str, storage: Storage, config: Config | None = None):
 
     from hlip_ray.model import build_model, from_hlip_checkpoint
 
-    if is_run_checkpoint(source, storage):
+    weights, from_run = model_weights(source, storage)
+    if from_run:
         config = read_config(source, storage)
         model = build_model(config, text_weights=False)
-        weights = join(source, MODEL_FILE)
         try:
             state_dict = load(storage.read_bytes(weights))
         except Exception as error:   # safetensors' own errors: a truncated or foreign file
@@ -73,11 +49,6 @@ def load_model(source: str, storage: Storage, config: Config | None = None):
             first = str(error).splitlines()[0]
             raise ValueError(f"{weights}: weights that do not fit the model of its config.yaml ({first})") from None
         return model, config
-    if not source.endswith(HLIP_SUFFIXES):
-        raise FileNotFoundError(
-            f"{source}: neither a run checkpoint (no {STATE_FILE} and {MODEL_FILE}) nor a model file "
-            f"({', '.join(HLIP_SUFFIXES)})"
-        )
     if config is None:
         raise ValueError(f"{source}: an HLIP model file needs a config (text tower, attention layout)")
     with tempfile.TemporaryDirectory() as scratch:

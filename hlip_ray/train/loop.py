@@ -31,15 +31,10 @@ from hlip_ray.eval.trained_model import load_model
 from hlip_ray.eval.zeroshot import load_vocabulary
 from hlip_ray.model import build_model
 from hlip_ray.model.randomness import study_seed
+from hlip_ray.run_checkpoint import TrainState, checkpoint_dir_name, resume_point
 from hlip_ray.storage import Storage, join
 from hlip_ray.text_source import load_tokenizer
-from hlip_ray.train.checkpoints import (
-    TrainState,
-    checkpoint_dir_name,
-    report_checkpoint,
-    restore_checkpoint,
-    resume_point,
-)
+from hlip_ray.train.checkpoints import report_checkpoint, restore_checkpoint
 from hlip_ray.train.engine import build_engine
 from hlip_ray.train.grad_cache import SENTENCE_TENSORS, contrastive_step
 from hlip_ray.train.losses import gather_global

@@ -81,7 +81,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
     from ray.train.torch import TorchTrainer
 
     from hlip_ray.data.quarantine import create_quarantine_log
-    from hlip_ray.train.checkpoints import checkpoint_at
+    from hlip_ray.run_checkpoint import checkpoint_at
     from hlip_ray.train.loop import train_loop
     from hlip_ray.train.tracking import OneLineRestarts, start_run_log
 
@@ -263,7 +263,7 @@ def run_datasets(config: Config, storage: Storage, quarantine, resume_from: str 
 
     from hlip_ray.data.sources import study_items
     from hlip_ray.data.streams import evaluation_stream, training_stream
-    from hlip_ray.train.checkpoints import resume_point
+    from hlip_ray.run_checkpoint import resume_point
 
     train = config.train
     train_items, train_source = study_items(config, storage, quarantine, "train", train=True)
@@ -389,7 +389,7 @@ def train_summary_lines(summary: dict) -> list[str]:
 
 def _resume_point(config: Config, storage: Storage) -> str:
     """What a stopped run leaves: its latest complete checkpoint, where training the same run resumes."""
-    from hlip_ray.train.checkpoints import latest_checkpoint
+    from hlip_ray.run_checkpoint import latest_checkpoint
 
     found = latest_checkpoint(run_dir(config), storage)
     if found is None:
