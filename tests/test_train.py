@@ -109,10 +109,11 @@ def _resume_and_save(loop_config: dict) -> None:
     """A Ray Train worker that resumes ``loop_config["resume_from"]`` at its world size (the training
     loop's own ``start``) and saves it again at once (the loop's own checkpoint writer)."""
     from hlip_ray.train.checkpoints import report_checkpoint
-    from hlip_ray.train.loop import Worker, start
+    from hlip_ray.train.loop import LoopConfig, Worker, start
 
-    worker = Worker.create(loop_config)
-    engine, _, state, resumed = start(worker, loop_config)
+    loop = LoopConfig(**loop_config)
+    worker = Worker.create(loop)
+    engine, _, state, resumed = start(worker, loop)
     assert resumed
     report_checkpoint(engine, state, worker.config, worker.rank, {"step": state.step})
 

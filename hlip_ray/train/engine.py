@@ -15,6 +15,7 @@ from hlip_ray.config import Config
 
 # Parameters without weight decay: norms and biases (1-D), position embeddings, CLS, logit scale/bias.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "logit_scale", "logit_bias")
+DECAYED_GROUP = 0   # parameter_groups' order: the decayed group, then the rest
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -96,3 +97,13 @@ def build_engine(model: nn.Module, config: Config, world_size: int, load_univers
         config=deepspeed_config(config, world_size, load_universal), dist_init_required=False,
     )
     return engine, optimizer, scheduler
+
+
+def continue_schedule(engine, scheduler, config: Config, step: int) -> None:
+    """After a checkpoint was restored at ``step``: this config's learning rate and weight decay (a PBT trial
+    continues another trial's checkpoint with its own), and the learning rate of the next step under this
+    run's schedule (``train.max_steps`` may have grown since the checkpoint)."""
+    scheduler.base_lrs = [config.train.lr] * len(scheduler.base_lrs)
+    engine.optimizer.param_groups[DECAYED_GROUP]["weight_decay"] = config.train.weight_decay
+    scheduler.last_epoch = step - 1
+    scheduler.step()

@@ -19,7 +19,8 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import ray.train
 import torch
@@ -35,7 +36,7 @@ from hlip_ray.run_checkpoint import TrainState, checkpoint_dir_name, resume_poin
 from hlip_ray.storage import Storage, join
 from hlip_ray.text_source import load_tokenizer
 from hlip_ray.train.checkpoints import report_checkpoint, restore_checkpoint
-from hlip_ray.train.engine import build_engine
+from hlip_ray.train.engine import build_engine, continue_schedule
 from hlip_ray.train.grad_cache import SENTENCE_TENSORS, contrastive_step
 from hlip_ray.train.losses import gather_global
 from hlip_ray.train.tracking import ExperimentTrackers, StepLog, quiet_worker_console
@@ -47,22 +48,38 @@ FROZEN_TEXT_CACHE = 100_000  # pooled outputs of a frozen text tower kept per wo
 RECLAIM_MARGIN_S = 5.0   # kept free before a reclaim deadline, beyond a step and a checkpoint
 
 
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver hands every worker (``TorchTrainer``'s ``train_loop_config`` holds ``as_dict()``)."""
+
+    config: dict                         # the run's Config, as a dict
+    run_dir: str                         # where this run's checkpoints are
+    train_studies: int                   # studies in the training split: an epoch
+    run_log: Any = None                  # the RunLog actor (tracking.py); None: no metrics sent
+    init_checkpoint: str | None = None   # initial weights of a new run (a run checkpoint or an HLIP file)
+    resume_from: str | None = None       # another run's checkpoint this one continues (a PBT trial's)
+    provenance: dict = field(default_factory=dict)
+    validate: bool = False               # whether there is a val split to validate on
+
+    def as_dict(self) -> dict:
+        """The fields as they are (no copies: ``run_log`` is an actor handle)."""
+        return {item.name: getattr(self, item.name) for item in fields(self)}
+
+
 def train_loop(loop_config: dict) -> None:
-    """Ray Train worker entry point. ``loop_config``: ``config`` (a Config as a dict), ``run_dir``
-    (where this run's checkpoints are), ``train_studies``, ``init_checkpoint``, ``provenance`` and
-    ``run_log`` (the ``RunLog`` actor)."""
+    """Ray Train worker entry point: ``loop_config`` is a ``LoopConfig.as_dict()``."""
     quiet_worker_console()
     context = ray.train.get_context()
     with stop_on_lost_peer(context.get_world_rank(), context.get_world_size()):
-        train(loop_config)
+        train(LoopConfig(**loop_config))
 
 
-def train(loop_config: dict) -> None:
+def train(loop: LoopConfig) -> None:
     """The training loop of one worker (``train_loop``)."""
-    worker = Worker.create(loop_config)
-    engine, scheduler, state, resumed = start(worker, loop_config)
-    validate = Validation(worker, loop_config.get("validate", False))
-    log = StepLog(loop_config["run_log"], worker.rank, ExperimentTrackers(worker.config, worker.rank))
+    worker = Worker.create(loop)
+    engine, scheduler, state, resumed = start(worker, loop)
+    validate = Validation(worker, loop.validate)
+    log = StepLog(loop.run_log, worker.rank, ExperimentTrackers(worker.config, worker.rank))
     train = worker.config.train
     validate_every = train.validate_every or train.checkpoint_every
     validation = state.validation or {VAL_METRIC: state.val_zeroshot_auc}   # steps carry the latest validation
@@ -88,7 +105,7 @@ def train(loop_config: dict) -> None:
         checkpoint = reclaim.check(state.step) or checkpoint
         if checkpoint:
             started = time.perf_counter()
-            log.step(metrics, checkpoint=join(loop_config["run_dir"], checkpoint_dir_name(state.step)))
+            log.step(metrics, checkpoint=join(loop.run_dir, checkpoint_dir_name(state.step)))
             report_checkpoint(engine, state, worker.config, worker.rank, metrics)
             reclaim.checkpoint_s = time.perf_counter() - started
             if reclaim.holding and not last:
@@ -209,8 +226,8 @@ class Worker:
     train_studies: int
 
     @classmethod
-    def create(cls, loop_config: dict) -> Worker:
-        config = config_from_dict(loop_config["config"], "train_loop_config")
+    def create(cls, loop: LoopConfig) -> Worker:
+        config = config_from_dict(loop.config, "train_loop_config")
         context = ray.train.get_context()
         rank, world_size = context.get_world_rank(), context.get_world_size()
         train = config.train
@@ -223,18 +240,18 @@ class Worker:
         use_gpu = train.use_gpu and torch.cuda.is_available()
         device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
         return cls(config, Storage.from_config(config.storage), rank, world_size, device, local_batch,
-                   loop_config["train_studies"])
+                   loop.train_studies)
 
 
-def start(worker: Worker, loop_config: dict):
+def start(worker: Worker, loop: LoopConfig):
     """``(engine, scheduler, state, resumed)``: the model in its DeepSpeed engine, at the run's latest
     checkpoint if it has one, else at the initial weights (``init_checkpoint``, or fresh)."""
     config, train = worker.config, worker.config.train
     torch.manual_seed(train.seed)
     model = build_model(config)
-    found = resume_point(loop_config["run_dir"], worker.storage, loop_config.get("resume_from"))
-    if found is None and loop_config.get("init_checkpoint"):
-        initial, _ = load_model(loop_config["init_checkpoint"], worker.storage, config)
+    found = resume_point(loop.run_dir, worker.storage, loop.resume_from)
+    if found is None and loop.init_checkpoint:
+        initial, _ = load_model(loop.init_checkpoint, worker.storage, config)
         model.load_state_dict(initial.state_dict())
     if config.model.text.frozen and train.zero_stage < 3:
         model.text.cache_pooled(max_entries=FROZEN_TEXT_CACHE)  # reports repeat every epoch
@@ -243,15 +260,10 @@ def start(worker: Worker, loop_config: dict):
     engine, _, scheduler = build_engine(model, config, worker.world_size, load_universal=resized)
     if found is None:
         state = TrainState(seed=train.seed, world_size=worker.world_size, global_batch_size=train.global_batch_size,
-                           provenance=loop_config.get("provenance", {}))
+                           provenance=loop.provenance)
         return engine, scheduler, state, False
     state = restore_checkpoint(engine, found, worker.storage, worker.world_size)
-    # The optimizer's values are this config's (a PBT trial continues another's checkpoint with its own
-    # lr), and the lr a function of the step under this run's schedule (max_steps may have grown).
-    scheduler.base_lrs = [train.lr] * len(scheduler.base_lrs)
-    engine.optimizer.param_groups[0]["weight_decay"] = train.weight_decay   # the decayed group (parameter_groups)
-    scheduler.last_epoch = state.step - 1
-    scheduler.step()
+    continue_schedule(engine, scheduler, config, state.step)
     logger.info("resumed from %s at step %d, position %d", found[0], state.step, state.position)
     return engine, scheduler, state, True
 

@@ -82,7 +82,7 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
 
     from hlip_ray.data.quarantine import create_quarantine_log
     from hlip_ray.run_checkpoint import checkpoint_at
-    from hlip_ray.train.loop import train_loop
+    from hlip_ray.train.loop import LoopConfig, train_loop
     from hlip_ray.train.tracking import OneLineRestarts, start_run_log
 
     check_setup(config)
@@ -109,16 +109,11 @@ def build_trainer(config: Config, *, init_checkpoint: str | None = None, resume_
     filesystem, storage_path = storage.resolve(train.storage_path)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "run_dir": run_dir(config),
-            "train_studies": train_studies,
-            "init_checkpoint": init_checkpoint,
-            "resume_from": resume_from,
-            "provenance": provenance(config, storage),
-            "run_log": run_log,
-            "validate": "val" in datasets,
-        },
+        train_loop_config=LoopConfig(
+            config=config.model_dump(mode="json"), run_dir=run_dir(config), train_studies=train_studies,
+            run_log=run_log, init_checkpoint=init_checkpoint, resume_from=resume_from,
+            provenance=provenance(config, storage), validate="val" in datasets,
+        ).as_dict(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=train.resize_check_interval_s),
         run_config=RunConfig(
