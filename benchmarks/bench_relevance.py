@@ -143,8 +143,8 @@ def pointing_game(checkpoint: str, corpus: Path, figures_dir: Path, figure_count
     for the input of every block but the last (``relevance_maps``' ``block``); overlays of a few studies."""
     from hlip_ray.data.manifest import read_manifest
     from hlip_ray.eval.relevance import label_directions, relevance_figures, relevance_maps
-    from hlip_ray.eval.trained_model import inference_config, load_model
     from hlip_ray.eval.zeroshot import class_embeddings, load_vocabulary
+    from hlip_ray.inference.trained_model import inference_config, load_model
     from hlip_ray.storage import Storage
     from hlip_ray.text_source import load_tokenizer
 

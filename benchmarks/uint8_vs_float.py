@@ -75,8 +75,8 @@ def main() -> None:
     from hlip_ray.data.manifest import read_manifest
     from hlip_ray.data.sources import decode_scan, read_scan
     from hlip_ray.data.volume import preprocess_volume, recipe
-    from hlip_ray.eval.trained_model import load_model
     from hlip_ray.eval.zeroshot import class_embeddings, load_vocabulary, roc_auc, zeroshot_scores
+    from hlip_ray.inference.trained_model import load_model
     from hlip_ray.storage import Storage
     from hlip_ray.text_source import load_tokenizer
 

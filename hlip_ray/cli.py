@@ -110,7 +110,7 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 
 def _manifest_command(args: argparse.Namespace) -> int:
-    """``--layout folders``: a folder per study, hash split. ``--layout ct-rate``: CT-RATE's published layout,
+    """``--archive folders``: a folder per study, hash split. ``--archive ct-rate``: CT-RATE's published layout,
     its own split and labels, and its 18-label vocabulary written beside the manifest."""
     from hlip_ray.data.manifest import build_manifest, write_manifest
     from hlip_ray.storage import is_s3, join
@@ -118,7 +118,7 @@ def _manifest_command(args: argparse.Namespace) -> int:
     config = _load(args)
     storage = _storage(config)
     vocabulary = None
-    if args.layout == "ct-rate":
+    if args.archive == "ct-rate":
         from hlip_ray.data.ct_rate import build_ct_rate_manifest, vocabulary_json
 
         rows = build_ct_rate_manifest(args.root, storage, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -192,7 +192,7 @@ def _trained_model_config(args: argparse.Namespace, overrides: list[str]):
     ``eval.checkpoint``); a run checkpoint brings its config (model, preprocessing, data, vocabulary) and
     ``overrides`` apply on top; studies are decoded at ``eval.grid`` where one is set."""
     from hlip_ray.config import apply_overrides
-    from hlip_ray.eval.trained_model import inference_config
+    from hlip_ray.inference.trained_model import inference_config
     from hlip_ray.run_checkpoint import is_run_checkpoint, read_config
 
     config = _load(args, overrides)
@@ -236,10 +236,10 @@ def _manifest_overrides(manifest: str | None) -> list[str]:
 def _eval_command(args: argparse.Namespace) -> int:
     from hlip_ray import ray_runtime
     from hlip_ray.data.sources import check_studies
+    from hlip_ray.eval.evaluate import evaluate_split
     from hlip_ray.eval.placement import actor_placement
     from hlip_ray.eval.report import markdown
-    from hlip_ray.eval.run import evaluate_split
-    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.inference.trained_model import load_model
 
     checkpoint, config, storage = _trained_model_config(args, [*args.overrides, *_manifest_overrides(args.manifest)])
     check_studies(config, storage, args.split)
@@ -256,7 +256,7 @@ def _eval_command(args: argparse.Namespace) -> int:
 def _embed_command(args: argparse.Namespace) -> int:
     from hlip_ray import ray_runtime
     from hlip_ray.data.manifest import read_manifest
-    from hlip_ray.eval.embed import embed_archive, summary_lines
+    from hlip_ray.inference.embed import embed_archive, summary_lines
 
     checkpoint, config, storage = _trained_model_config(args, [*args.overrides, *_manifest_overrides(args.manifest)])
     read_manifest(args.manifest, storage, data_root=args.data_root)   # an empty or broken one fails before Ray starts
@@ -268,7 +268,7 @@ def _embed_command(args: argparse.Namespace) -> int:
 
 def _predict_command(args: argparse.Namespace) -> int:
     """One local study, no Ray: decoded at eval.grid (else data.grid), scored for --labels on eval.device."""
-    from hlip_ray.eval.predict import predict_lines, predict_study
+    from hlip_ray.inference.predict import predict_lines, predict_study
 
     checkpoint, config, storage = _trained_model_config(args, args.overrides)
     result = predict_study(args.study, checkpoint, config, storage, args.labels, args.interpret)
@@ -277,8 +277,8 @@ def _predict_command(args: argparse.Namespace) -> int:
 
 
 def _export_command(args: argparse.Namespace) -> int:
-    from hlip_ray.eval.export import check_target, export_model
-    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.inference.export import check_target, export_model
+    from hlip_ray.inference.trained_model import load_model
 
     checkpoint, config, storage = _trained_model_config(args, args.overrides)
     check_target(args.format, args.out, storage, args.force)   # before the model load (seconds)
@@ -365,12 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     manifest = with_config(commands.add_parser("manifest", help="build a manifest from a folder listing"))
     manifest.add_argument("--root", required=True, help="root/<study>/<scan>/... folder or s3:// prefix "
-                                                        "(--layout ct-rate: the folder holding CT-RATE's dataset/)")
-    manifest.add_argument("--layout", choices=["folders", "ct-rate"], default="folders",
-                          help="(default: %(default)s) folders: a folder per study, split by a salted hash of "
-                               "the patient; ct-rate: the public CT-RATE benchmark's layout, its split and 18 "
-                               "labels, and vocabulary.json "
-                               "written beside --out")
+                                                        "(--archive ct-rate: the folder holding CT-RATE's dataset/)")
+    manifest.add_argument("--archive", choices=["folders", "ct-rate"], default="folders",
+                          help="how the archive under --root is organised (default: %(default)s). folders: a "
+                               "folder per study, split by a salted hash of the patient; ct-rate: the public "
+                               "CT-RATE benchmark's folders and tables, its split and 18 labels, and "
+                               "vocabulary.json written beside --out")
     manifest.add_argument("--out", required=True, help="manifest .parquet or .jsonl (local or s3://)")
     manifest.set_defaults(run=_manifest_command)
 

@@ -1,6 +1,6 @@
 """A run checkpoint's format, in one place: its file names, its state, when it is complete, finding the
 latest, and reading it. The trainer writes through it (``hlip_ray/train/checkpoints.py``); evaluation and
-inference read through it (``hlip_ray/eval/trained_model.py``, ``embed.py``, ``export.py``, the command line).
+inference read through it (``hlip_ray/inference/trained_model.py``, ``embed.py``, ``export.py``, the command line).
 
 A run checkpoint is a folder (local or ``s3://``), ``run_dir/checkpoint_<step>``, that every training
 worker wrote part of::

@@ -1,4 +1,4 @@
-"""CT-RATE's published layout -> a manifest and its vocabulary, through ``hlip-ray manifest --layout ct-rate``.
+"""CT-RATE's published layout -> a manifest and its vocabulary, through ``hlip-ray manifest --archive ct-rate``.
 
 A tiny copy of the layout is written per test: 8x16x16 NIfTI volumes and the report, label and metadata CSVs.
 """
@@ -88,7 +88,7 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
 
 
 def manifest_command(root: str, out: str, *overrides: str) -> int:
-    return cli.main(["manifest", "--layout", "ct-rate", "--root", root, "--out", out, *overrides])
+    return cli.main(["manifest", "--archive", "ct-rate", "--root", root, "--out", out, *overrides])
 
 
 def test_ct_rate_layout_gives_studies_of_reconstructions_with_its_split_report_labels_and_vocabulary(

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hlip_ray import cli
-from hlip_ray.eval import embed
+from hlip_ray.inference import embed
 from tests.helpers import synthetic_corpus, tiny_bert_dir, tiny_run_checkpoint
 
 SETTINGS = ["resources.data=data_pool", "resources.trainer=trainer", "embed.batch_size=2"]
@@ -140,7 +140,7 @@ def test_embeddings_are_the_models_encode_study_of_the_same_study(first_run, arc
     from hlip_ray.data.manifest import read_manifest
     from hlip_ray.data.sources import RawStudies
     from hlip_ray.data.streams import ScanSampler
-    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.inference.trained_model import load_model
     from hlip_ray.storage import Storage
 
     out, _, _ = first_run

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hlip_ray.config import ConfigError, load_config
-from hlip_ray.eval.embed import embed_placement
 from hlip_ray.eval.placement import actor_placement, local_device
+from hlip_ray.inference.embed import embed_placement
 
 NO_GPU = {"CPU": 8.0, "trainer": 4.0}
 GPU_NODES = {"CPU": 16.0, "GPU": 2.0, "gpu_pool": 2.0}

@@ -184,14 +184,14 @@ def eval_run(tmp_path_factory, ray_session):
     import contextlib
     import io
 
-    from hlip_ray.eval import run
+    from hlip_ray.eval import evaluate
 
     tmp_path = tmp_path_factory.mktemp("eval")
     corpus = synthetic_corpus(tmp_path / "corpus", studies=16, seed=4, val_fraction=0.5)
     checkpoint, _ = tiny_run_checkpoint(tmp_path / "checkpoint", tiny_bert_dir(tmp_path))
     out = tmp_path / "report"
     encoders = []
-    stop = run.SplitEncoder.stop
+    stop = evaluate.SplitEncoder.stop
 
     def recorded_stop(encoder):
         encoders.append({"where": encoder.where(), "placement": encoder.placement})
@@ -199,7 +199,7 @@ def eval_run(tmp_path_factory, ray_session):
 
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
-        patch.setattr(run.SplitEncoder, "stop", recorded_stop)
+        patch.setattr(evaluate.SplitEncoder, "stop", recorded_stop)
         assert cli.main(["eval", "--checkpoint", str(checkpoint), "--manifest", str(corpus / "manifest.parquet"),
                          "--out", str(out), "--interpret", str(tmp_path / "maps"),
                          f"eval.vocabulary={corpus / 'raw' / 'vocabulary.json'}", "resources.trainer=trainer",
@@ -246,8 +246,8 @@ def test_eval_encodes_in_an_actor_holding_a_trainer_slot_with_the_figures_of_the
     from hlip_ray.data.sources import study_items
     from hlip_ray.data.streams import collate_study_batch, evaluation_stream
     from hlip_ray.eval.held_out import evaluate
-    from hlip_ray.eval.trained_model import load_model
     from hlip_ray.eval.zeroshot import load_vocabulary
+    from hlip_ray.inference.trained_model import load_model
     from hlip_ray.run_checkpoint import read_config
     from hlip_ray.storage import Storage
     from hlip_ray.text_source import load_tokenizer
@@ -285,7 +285,7 @@ def test_eval_asked_for_cuda_on_a_cluster_without_a_gpu_fails_naming_the_key_bef
     naming ``resources.trainer``, rather than an actor that waits forever."""
     import torch
 
-    from hlip_ray.eval import trained_model
+    from hlip_ray.inference import trained_model
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -114,7 +114,7 @@ def test_the_job_api_refuses_a_client_without_the_token(ray_head):
 
 def test_smoke_training_job_succeeds_then_a_resumed_run_stops_cleanly_on_ray_job_stop(ray_head, smoke_data):
     from hlip_ray.config import load_config
-    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.inference.trained_model import load_model
     from hlip_ray.run_checkpoint import TrainState
     from hlip_ray.storage import Storage
 

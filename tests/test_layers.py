@@ -1,6 +1,6 @@
 """The layers of ../shared/DESIGN.md, as executable documentation: what each layer must never pull in.
 
-    config -> text_source -> model -> data -> eval -> train -> cli
+    config -> text_source -> model -> data -> eval -> inference -> train -> cli
 
 (``layouts``, ``named_models``, ``progress`` and ``storage`` are plain Python below them all; ``demo`` is a tool
 beside them that no layer uses.)
@@ -27,13 +27,16 @@ NEVER = {
     "hlip_ray.config": ["torch", "ray", "hlip_ray.text_source", "hlip_ray.model", "hlip_ray.data"],
     "hlip_ray.config_reference": ["torch", "ray", "hlip_ray.text_source", "hlip_ray.model", "hlip_ray.data"],
     # a run checkpoint's format: what the trainer writes and evaluation and inference read, on config and storage
-    "hlip_ray.run_checkpoint": ["torch", "ray", "hlip_ray.model", "hlip_ray.data", "hlip_ray.train", "hlip_ray.eval"],
+    "hlip_ray.run_checkpoint": ["torch", "ray", "hlip_ray.model", "hlip_ray.data", "hlip_ray.train", "hlip_ray.eval",
+                                "hlip_ray.inference"],
     "hlip_ray.text_source": ["torch", "ray", "pydantic", "hlip_ray.config", "hlip_ray.model"],
     # what the GPU machine has: torch, timm, transformers (no Ray, DeepSpeed, pydantic or flash-attn)
     "hlip_ray.model": ["ray", "deepspeed", "pydantic", "flash_attn", "hlip_ray.config", "hlip_ray.data",
-                       "hlip_ray.train", "hlip_ray.eval", "hlip_ray.demo"],
-    "hlip_ray.data": ["deepspeed", "timm", "hlip_ray.model", "hlip_ray.train", "hlip_ray.eval", "hlip_ray.demo"],
-    "hlip_ray.eval": ["deepspeed", "hlip_ray.train", "hlip_ray.tune", "hlip_ray.demo"],
+                       "hlip_ray.train", "hlip_ray.eval", "hlip_ray.inference", "hlip_ray.demo"],
+    "hlip_ray.data": ["deepspeed", "timm", "hlip_ray.model", "hlip_ray.train", "hlip_ray.eval", "hlip_ray.inference",
+                      "hlip_ray.demo"],
+    "hlip_ray.eval": ["deepspeed", "hlip_ray.inference", "hlip_ray.train", "hlip_ray.tune", "hlip_ray.demo"],
+    "hlip_ray.inference": ["deepspeed", "hlip_ray.train", "hlip_ray.tune", "hlip_ray.demo"],
     "hlip_ray.train": ["hlip_ray.tune", "hlip_ray.demo", "hlip_ray.cli"],
     "hlip_ray.tune": ["hlip_ray.demo", "hlip_ray.cli"],
     # files and objects, below every layer: the standard library, pyarrow, boto3
@@ -103,7 +106,7 @@ def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
 # hlip_ray's own modules: the source check below covers them.)
 SEQUENCES = [["hlip_ray.config", "hlip_ray.config_reference", "hlip_ray.run_checkpoint"],
              ["hlip_ray.progress", "hlip_ray.storage"],
-             ["hlip_ray.text_source", "hlip_ray.model"], ["hlip_ray.data", "hlip_ray.eval"],
+             ["hlip_ray.text_source", "hlip_ray.model"], ["hlip_ray.data", "hlip_ray.eval", "hlip_ray.inference"],
              ["hlip_ray.spot"]]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from hlip_ray import cli
 from hlip_ray.config import load_config
-from hlip_ray.eval.trained_model import load_model
+from hlip_ray.inference.trained_model import load_model
 from hlip_ray.run_checkpoint import DEEPSPEED_DIR, MODEL_FILE, latest_checkpoint
 from hlip_ray.storage import Storage
 from hlip_ray.train.engine import deepspeed_config

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hlip_ray import cli
-from hlip_ray.eval.trained_model import load_model
+from hlip_ray.inference.trained_model import load_model
 from hlip_ray.model import from_hlip_checkpoint
 from hlip_ray.storage import Storage
 from tests.helpers import tiny_bert_dir, tiny_run_checkpoint

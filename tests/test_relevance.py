@@ -13,8 +13,8 @@ import torch
 
 from hlip_ray.demo.synth import VOCABULARY
 from hlip_ray.eval.relevance import label_directions, relevance_figures, relevance_maps
-from hlip_ray.eval.trained_model import load_model
 from hlip_ray.eval.zeroshot import class_embeddings, zeroshot_scores
+from hlip_ray.inference.trained_model import load_model
 from hlip_ray.storage import Storage
 from hlip_ray.text_source import load_tokenizer
 from tests.helpers import tiny_bert_dir, tiny_run_checkpoint

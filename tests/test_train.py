@@ -19,7 +19,7 @@ from hlip_ray import cli
 from hlip_ray.config import ConfigError, load_config
 from hlip_ray.data.shards import read_index
 from hlip_ray.demo.local_s3 import LOCAL_CREDENTIALS
-from hlip_ray.eval.trained_model import load_model
+from hlip_ray.inference.trained_model import load_model
 from hlip_ray.run_checkpoint import STATE_FILE, TrainState, latest_checkpoint, rank_marker
 from hlip_ray.storage import Storage
 from hlip_ray.train.engine import lr_factor

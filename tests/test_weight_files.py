@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from hlip_ray.config import ConfigError, load_config
-from hlip_ray.eval.trained_model import load_model
+from hlip_ray.inference.trained_model import load_model
 from hlip_ray.model.weight_files import load_state_dict_file
 from hlip_ray.storage import Storage
 

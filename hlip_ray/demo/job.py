@@ -162,8 +162,8 @@ def train(config, out: Path, clock: Clock) -> dict:
 def evaluate(config, checkpoint_uri: str, checkpoint: Path, report_dir: Path) -> dict:
     """``hlip-ray eval`` of the held-out split, from a local copy of the final checkpoint (the bucket lives
     only as long as this job); its report (JSON, Markdown, ROC curves) in ``report_dir``."""
-    from hlip_ray.eval.run import evaluate_split
-    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.eval.evaluate import evaluate_split
+    from hlip_ray.inference.trained_model import load_model
     from hlip_ray.storage import Storage
 
     storage = Storage.from_config(config.storage)

@@ -8,7 +8,7 @@
   labels: per-label and macro ROC AUC, beside the mean-intensity baseline.
 
 So a corpus of studies and reports without a label anywhere is validated too (loss and retrieval).
-``evaluate`` is ``encode`` then ``summarize``: ``hlip-ray eval`` (``run.py``) calls the two in one process
+``evaluate`` is ``encode`` then ``summarize``: ``hlip-ray eval`` (``evaluate.py``) calls the two in one process
 (keeping the embeddings for its further figures, ``metrics.py``); validation during training calls
 ``evaluate`` on every worker,
 each encoding a share of the batches, with the trainer's gather bringing the parts together so that

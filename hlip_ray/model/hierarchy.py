@@ -2,7 +2,7 @@
 
 Only real scans are ever tokenised. Their body tokens live in one canonical order,
 ``[S, U, t]`` flattened (S real scans in batch order, which groups them by study; U units per
-scan: the token slices of depth ``pd`` when a layout has slice attention, else one unit holding
+scan: the token slices of depth ``pd`` when an attention layout has slice attention, else one unit holding
 the whole scan; t tokens per unit after patch dropout). At every level a group's body tokens
 form one contiguous run of that order:
 
@@ -30,7 +30,7 @@ LEVELS = ("slice", "scan", "study")  # finest first
 
 
 @dataclass(frozen=True)
-class PackedLayout:
+class PackedSequences:
     """One level's packed sequence.
 
     ``pack_index[i]`` is the row of ``cat([prefix_flat, body_flat])`` that packed token ``i``
@@ -75,7 +75,7 @@ class TokenGroups:
         self.num_prefix = num_prefix
         self.device = scan_study.device
         self.scans_per_study = torch.bincount(scan_study, minlength=num_studies)
-        self._layouts: dict[str, PackedLayout] = {}
+        self._packed: dict[str, PackedSequences] = {}
 
     # -- groups at each level, in canonical order ----------------------------------------
     def num_groups(self, level: str) -> int:
@@ -107,13 +107,13 @@ class TokenGroups:
             return torch.full((self.num_scans,), self.units_per_scan * unit_tokens, device=self.device)
         return self.scans_per_study * self.units_per_scan * unit_tokens
 
-    # -- packed layout -------------------------------------------------------------------
-    def layout(self, level: str) -> PackedLayout:
-        if level not in self._layouts:
-            self._layouts[level] = self._build_layout(level)
-        return self._layouts[level]
+    # -- packed sequences -------------------------------------------------------------------
+    def packed(self, level: str) -> PackedSequences:
+        if level not in self._packed:
+            self._packed[level] = self._pack(level)
+        return self._packed[level]
 
-    def _build_layout(self, level: str) -> PackedLayout:
+    def _pack(self, level: str) -> PackedSequences:
         prefix = self.num_prefix
         groups = self.num_groups(level)
         body_lengths = self._body_lengths(level)
@@ -141,7 +141,7 @@ class TokenGroups:
             first += count * length
         cu_seqlens = torch.zeros(groups + 1, dtype=torch.int32, device=self.device)
         cu_seqlens[1:] = torch.cumsum(seq_lengths, 0)
-        return PackedLayout(
+        return PackedSequences(
             num_groups=groups,
             pack_index=pack_index,
             unpack_index=unpack_index,
@@ -153,16 +153,16 @@ class TokenGroups:
 
     def token_study(self, level: str) -> torch.Tensor:
         """``[T]`` the study of each packed token at ``level``."""
-        return self.group_study(level)[self.layout(level).token_group]
+        return self.group_study(level)[self.packed(level).token_group]
 
     def pack(self, prefix: torch.Tensor, body: torch.Tensor, level: str) -> torch.Tensor:
         """``prefix [G, P, E]`` and ``body [S*U*t, E]`` -> packed ``[T, E]`` at ``level``."""
         rows = torch.cat([prefix.reshape(-1, prefix.shape[-1]), body], dim=0)
-        return rows.index_select(0, self.layout(level).pack_index)
+        return rows.index_select(0, self.packed(level).pack_index)
 
     def unpack(self, packed: torch.Tensor, level: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed ``[T, E]`` at ``level`` -> ``prefix [G, P, E]``, ``body [S*U*t, E]``."""
-        rows = packed.index_select(0, self.layout(level).unpack_index)
+        rows = packed.index_select(0, self.packed(level).unpack_index)
         prefix_rows = self.num_groups(level) * self.num_prefix
         prefix = rows[:prefix_rows].reshape(self.num_groups(level), self.num_prefix, -1)
         return prefix, rows[prefix_rows:]

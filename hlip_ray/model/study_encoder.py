@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 
 from hlip_ray.model import randomness
-from hlip_ray.model.hierarchy import PackedLayout, TokenGroups
+from hlip_ray.model.hierarchy import PackedSequences, TokenGroups
 from hlip_ray.model.pos_embed import resample_slots, resample_spatial, sincos_1d, sincos_3d
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -40,7 +40,7 @@ def flash_varlen_kernel(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     )
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout, backend: str) -> torch.Tensor:
+def _attention(attn: nn.Module, x: torch.Tensor, packed: PackedSequences, backend: str) -> torch.Tensor:
     """Self-attention of timm ``Attention`` within each packed sequence: ``[T, E] -> [T, E]``.
 
     The projections run once over all tokens, whatever the number of sequence lengths: every
@@ -55,27 +55,27 @@ def _attention(attn: nn.Module, x: torch.Tensor, layout: PackedLayout, backend: 
     if backend == "sdpa":
         dropout = attn.attn_drop.p if attn.training else 0.0
         outputs = []
-        for first, count, length in layout.buckets:
+        for first, count, length in packed.buckets:
             span = slice(first, first + count * length)
             q_b, k_b, v_b = (t[span].view(count, length, heads, -1).transpose(1, 2) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q_b, k_b, v_b, dropout_p=dropout, scale=attn.scale)
             outputs.append(out.transpose(1, 2).reshape(count * length, heads, -1))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
     else:
-        out = flash_varlen_kernel(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn.scale)
+        out = flash_varlen_kernel(q, k, v, packed.cu_seqlens, packed.max_seqlen, attn.scale)
     return attn.proj_drop(attn.proj(attn.norm(out.reshape(tokens, width))))
 
 
 def _block_forward(
     block: Block,
     x: torch.Tensor,
-    layout: PackedLayout,
+    packed: PackedSequences,
     backend: str,
     keep_attn: torch.Tensor | None,
     keep_mlp: torch.Tensor | None,
 ) -> torch.Tensor:
     """A timm ``Block`` over a packed sequence; ``keep_*`` ``[T, 1]`` are drop-path scales."""
-    update = block.ls1(_attention(block.attn, block.norm1(x), layout, backend))
+    update = block.ls1(_attention(block.attn, block.norm1(x), packed, backend))
     x = x + (update if keep_attn is None else update * keep_attn)
     update = block.ls2(block.mlp(block.norm2(x)))
     return x + (update if keep_mlp is None else update * keep_mlp)
@@ -315,14 +315,14 @@ class StudyEncoder(nn.Module):
                 token_study = groups.token_study(level)
                 keep_attn = drop_path[index, 0][token_study][:, None]
                 keep_mlp = drop_path[index, 1][token_study][:, None]
-            layout = groups.layout(level)
+            packed = groups.packed(level)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(
-                    _block_forward, block, x, layout, self.attention_backend, keep_attn, keep_mlp,
+                    _block_forward, block, x, packed, self.attention_backend, keep_attn, keep_mlp,
                     use_reentrant=False,
                 )
             else:
-                x = _block_forward(block, x, layout, self.attention_backend, keep_attn, keep_mlp)
+                x = _block_forward(block, x, packed, self.attention_backend, keep_attn, keep_mlp)
         return EncodedTokens(packed=x, level=level, groups=groups)
 
 

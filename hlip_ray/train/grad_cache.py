@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from hlip_ray.model.contrastive import contrastive_loss
-from hlip_ray.train.losses import gather_global, with_local_leaf, world
+from hlip_ray.train.gather import gather_global, with_local_leaf, world
 
 BATCH_TENSORS = ("pixels", "scan_mask", "input_ids", "attention_mask", "study_seeds")
 SENTENCE_TENSORS = ("sentence_input_ids", "sentence_attention_mask")   # the dual loss's one sentence

@@ -28,8 +28,8 @@ import torch
 from hlip_ray.config import Config, config_from_dict
 from hlip_ray.data.streams import collate_study_batch
 from hlip_ray.eval.held_out import evaluate
-from hlip_ray.eval.trained_model import load_model
 from hlip_ray.eval.zeroshot import load_vocabulary
+from hlip_ray.inference.trained_model import load_model
 from hlip_ray.model import build_model
 from hlip_ray.model.randomness import study_seed
 from hlip_ray.run_checkpoint import TrainState, checkpoint_dir_name, resume_point
@@ -37,8 +37,8 @@ from hlip_ray.storage import Storage, join
 from hlip_ray.text_source import load_tokenizer
 from hlip_ray.train.checkpoints import report_checkpoint, restore_checkpoint
 from hlip_ray.train.engine import build_engine, continue_schedule
+from hlip_ray.train.gather import gather_global
 from hlip_ray.train.grad_cache import SENTENCE_TENSORS, contrastive_step
-from hlip_ray.train.losses import gather_global
 from hlip_ray.train.tracking import ExperimentTrackers, StepLog, quiet_worker_console
 
 logger = logging.getLogger(__name__)

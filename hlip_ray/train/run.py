@@ -241,7 +241,7 @@ def _without_userinfo(url: str) -> str:
 def check_initial_weights(source: str, config: Config, storage: Storage) -> None:
     """``--checkpoint`` read once here, so that a wrong path or a damaged file fails with its name
     before any worker starts (each worker loads it again)."""
-    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.inference.trained_model import load_model
 
     try:
         load_model(source, storage, config)

@@ -185,8 +185,8 @@ def predict_study(folder: str, checkpoint: str, config: Config, storage: Storage
     import tempfile
 
     from hlip_ray.eval.placement import local_device
-    from hlip_ray.eval.trained_model import load_model
     from hlip_ray.eval.zeroshot import load_vocabulary
+    from hlip_ray.inference.trained_model import load_model
     from hlip_ray.storage import join
     from hlip_ray.text_source import load_tokenizer
 

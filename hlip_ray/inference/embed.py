@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from hlip_ray.config import Config, ConfigError
 from hlip_ray.data.manifest import read_manifest
 from hlip_ray.data.quarantine import QUARANTINE_FILE, create_quarantine_log, run_records
-from hlip_ray.eval.trained_model import inference_config
+from hlip_ray.inference.trained_model import inference_config
 from hlip_ray.progress import Progress
 from hlip_ray.run_checkpoint import model_weights, read_state
 from hlip_ray.storage import Storage, join
@@ -77,7 +77,7 @@ class StudyEmbedder:
         import torch
 
         from hlip_ray.data.streams import ScanSampler
-        from hlip_ray.eval.trained_model import load_model
+        from hlip_ray.inference.trained_model import load_model
 
         config = Config.model_validate(config)
         model, _ = load_model(checkpoint, storage, config)
@@ -185,7 +185,7 @@ def embed_archive(manifest: str, checkpoint: str, config: Config, storage: Stora
 
     from hlip_ray.data.streams import study_records
     from hlip_ray.eval.placement import announce_wait
-    from hlip_ray.eval.trained_model import load_model
+    from hlip_ray.inference.trained_model import load_model
 
     started = time.perf_counter()
     placement = embed_placement(config)
