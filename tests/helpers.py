@@ -45,9 +45,9 @@ def write_tiny_text_tower(folder: str | Path, dropout: float = 0.1) -> Path:
 def raw_training_examples(rows, config, storage, quarantine_log=None):
     """Manifest rows -> a Ray Dataset of training examples decoded from raw files, in manifest order
     (a training stream's examples without the data order)."""
-    from hlip_ray.data.streams import study_records, training_examples
+    from hlip_ray.data.streams import study_examples, study_records
 
-    return training_examples(study_records(rows, config, storage, quarantine_log, train=True), config, train=True)
+    return study_examples(study_records(rows, config, storage, quarantine_log, train=True), config, train=True)
 
 
 def shard_records(shards_dir: str, storage) -> dict[str, dict]:

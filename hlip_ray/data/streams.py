@@ -190,8 +190,9 @@ def study_records(rows: list[StudyRow], config: Config, storage: Storage, quaran
     return _read_studies(manifest, loader, config, epoch)
 
 
-def training_examples(records, config: Config, *, train: bool, batch_size: int | None = 8, raw: bool = True):
-    """Study records -> tokenized fixed-K examples (the training batch contract).
+def study_examples(records, config: Config, *, train: bool, batch_size: int | None = 8, raw: bool = True):
+    """Study records -> tokenized fixed-K examples (the batch contract of training and evaluation alike; ``train``
+    samples ``data.scans_per_study`` scans at random, else the first ``data.max_eval_scans``).
 
     Ray Data fuses decoding, scan sampling and tokenizing into one task per block, up to
     ``data.decode_concurrency`` at a time; each task worker loads the tokenizer once
@@ -231,7 +232,7 @@ def training_stream(items: list[dict], source: StudySource, config: Config, *, s
                                     override_num_blocks=min(chunks, MAX_BLOCKS))
     raw = _decodes(source)
     records = _read_studies(positions, StudiesAtPositions(items, source, config.train.seed, start), config, raw=raw)
-    examples = training_examples(records, config, train=True, batch_size=None, raw=raw)
+    examples = study_examples(records, config, train=True, batch_size=None, raw=raw)
     if source.drops_studies or chunks > MAX_BLOCKS:   # blocks not exactly one chunk
         examples = examples.repartition(target_num_rows_per_block=chunk, strict=True)
     # A block is never split for size: 4 examples of a full-size study are over Ray's 128 MiB default.
@@ -253,7 +254,7 @@ def evaluation_stream(items: list[dict], source: StudySource, config: Config):
     listed = ray.data.from_items(items, override_num_blocks=_decode_blocks(len(items)))
     raw = _decodes(source)
     records = _read_studies(listed, source, config, raw=raw)
-    examples = training_examples(records, config, train=False, batch_size=None, raw=raw)
+    examples = study_examples(records, config, train=False, batch_size=None, raw=raw)
     return _ordered_quietly(examples)
 
 
