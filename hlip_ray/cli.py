@@ -338,12 +338,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the configuration reference (every key, type, default, description) as Markdown")
     config.set_defaults(run=_config_command)
 
-    def with_config(command):
-        command.add_argument("--config", help="YAML config (default: built-in defaults)")
-        command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. storage.endpoint_url=...")
-        return command
+    _add_data_commands(commands)
+    _add_training_commands(commands)
+    _add_model_commands(commands)
 
-    synth = with_config(commands.add_parser("synth", help="write a synthetic DICOM/NIfTI corpus"))
+    watch = _with_config(commands.add_parser(
+        "spot-watch", help="on a spot instance's reclaim notice, drain this Ray node (training checkpoints at once)"))
+    watch.add_argument("--now", action="store_true",
+                       help="drain at once (a Kubernetes preStop hook), announcing spot.now_deadline_s")
+    watch.add_argument("--address", help="the Ray cluster's GCS address, HOST:PORT (default: RAY_ADDRESS, else the "
+                                         "cluster `ray start` started on this machine); checked at start")
+    watch.add_argument("--node-id", help="the Ray node to drain (default: this machine's)")
+    watch.set_defaults(run=_spot_watch_command)
+
+    demo = commands.add_parser("demo", help="run the embedded CPU demo (hlip-ray demo --help: its options)")
+    demo.add_argument("rest", nargs=argparse.REMAINDER, help="the demo's options and overrides")
+    demo.set_defaults(run=_demo_command)
+    return parser
+
+
+def _with_config(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    command.add_argument("--config", help="YAML config (default: built-in defaults)")
+    command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. storage.endpoint_url=...")
+    return command
+
+
+def _with_json(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    command.add_argument("--json", action="store_true",
+                         help="print the result as one line of JSON on stdout, the only thing there: the summary a "
+                              "person reads, progress and notes go to stderr")
+    return command
+
+
+def _add_data_commands(commands) -> None:
+    """synth, manifest, preprocess: an archive (or a synthetic one) into a manifest and a shard cache."""
+    synth = _with_config(commands.add_parser("synth", help="write a synthetic DICOM/NIfTI corpus"))
     synth.add_argument("--out", required=True, help="folder or s3://bucket/prefix the corpus is written to (a "
                                                     "folder per study: scans, report.txt, labels.json; "
                                                     "vocabulary.json at the top)")
@@ -363,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--modality", choices=["CT", "MR"], help="every study's modality, rather than half of each")
     synth.set_defaults(run=_synth_command)
 
-    manifest = with_config(commands.add_parser("manifest", help="build a manifest from a folder listing"))
+    manifest = _with_config(commands.add_parser("manifest", help="build a manifest from a folder listing"))
     manifest.add_argument("--root", required=True, help="root/<study>/<scan>/... folder or s3:// prefix "
                                                         "(--archive ct-rate: the folder holding CT-RATE's dataset/)")
     manifest.add_argument("--archive", choices=["folders", "ct-rate"], default="folders",
@@ -374,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--out", required=True, help="manifest .parquet or .jsonl (local or s3://)")
     manifest.set_defaults(run=_manifest_command)
 
-    preprocess = with_config(commands.add_parser("preprocess", help="decode a manifest into Parquet shards"))
+    preprocess = _with_config(commands.add_parser("preprocess", help="decode a manifest into Parquet shards"))
     preprocess.add_argument("--manifest", required=True,
                             help="the studies to decode and preprocess (a manifest .parquet, .jsonl or HLIP "
                                  ".json; local or s3://)")
@@ -385,20 +414,30 @@ def build_parser() -> argparse.ArgumentParser:
                                  "match the folder's")
     preprocess.add_argument("--data-root", help="data root of an HLIP JSON manifest")
     preprocess.set_defaults(run=_preprocess_command)
+    for command in (manifest, preprocess):
+        _with_json(command)
 
-    train = with_config(commands.add_parser("train", help="train (or resume) a run on Ray Train + DeepSpeed"))
+
+def _add_training_commands(commands) -> None:
+    """train, tune: a run, a sweep of runs."""
+    train = _with_config(commands.add_parser("train", help="train (or resume) a run on Ray Train + DeepSpeed"))
     train.add_argument("--init-from", metavar="CHECKPOINT",
                        help="initial weights (the run starts at step 0): a run checkpoint (folder or URI) or an HLIP "
                             "model file. A run resumes from its own checkpoints by itself (train.run_name)")
     train.set_defaults(run=_train_command)
 
-    tune = with_config(commands.add_parser("tune", help="sweep a space of configs with Ray Tune (ASHA)"))
+    tune = _with_config(commands.add_parser("tune", help="sweep a space of configs with Ray Tune (ASHA)"))
     tune.add_argument("--space", required=True, help="a space YAML (tune_spaces/*.yaml)")
     tune.add_argument("--resume", action="store_true",
                       help="continue the interrupted sweep named tune.name under tune.storage_path")
     tune.set_defaults(run=_tune_command)
+    for command in (train, tune):
+        _with_json(command)
 
-    evaluate = with_config(commands.add_parser(
+
+def _add_model_commands(commands) -> None:
+    """eval, embed, predict, export: what is done with a trained model."""
+    evaluate = _with_config(commands.add_parser(
         "eval", help="a trained model on a split: zero-shot AUC with CIs, thresholds, linear probe, retrieval"))
     evaluate.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     evaluate.add_argument("--split", default="val",
@@ -411,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "figure per study and label it is positive for, into DIR, a folder or s3:// prefix")
     evaluate.set_defaults(run=_eval_command)
 
-    embed = with_config(commands.add_parser(
+    embed = _with_config(commands.add_parser(
         "embed", help="embed every study of a manifest with a trained model into Parquet files (resumable)"))
     embed.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     embed.add_argument("--manifest", required=True, help="the studies to embed, every split (local or s3://)")
@@ -426,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="zero-shot scores of one local study (a folder of DICOM series and/or NIfTI files)",
         description="hlip-ray predict --checkpoint C --labels 'mass,hemorrhage' STUDY_DIR eval.grid=[96,224,224]")
     predict.add_argument("study", metavar="STUDY_DIR", help="the study folder (local)")
-    with_config(predict)
+    _with_config(predict)
     predict.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     predict.add_argument("--labels", help="comma-separated labels to score (default: every label of eval.vocabulary)")
     predict.add_argument("--interpret", metavar="DIR",
@@ -434,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "s3:// prefix")
     predict.set_defaults(run=_predict_command)
 
-    export = with_config(commands.add_parser(
+    export = _with_config(commands.add_parser(
         "export", help="write a trained model in HLIP's released layout (open_clip), as .pt or safetensors"))
     export.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: eval.checkpoint)")
     export.add_argument("--format", choices=["hlip", "safetensors"], required=True,
@@ -445,25 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true",
                         help="overwrite an existing --out file (or the exported files in an --out folder)")
     export.set_defaults(run=_export_command)
-
-    watch = with_config(commands.add_parser(
-        "spot-watch", help="on a spot instance's reclaim notice, drain this Ray node (training checkpoints at once)"))
-    watch.add_argument("--now", action="store_true",
-                       help="drain at once (a Kubernetes preStop hook), announcing spot.now_deadline_s")
-    watch.add_argument("--address", help="the Ray cluster's GCS address, HOST:PORT (default: RAY_ADDRESS, else the "
-                                         "cluster `ray start` started on this machine); checked at start")
-    watch.add_argument("--node-id", help="the Ray node to drain (default: this machine's)")
-    watch.set_defaults(run=_spot_watch_command)
-
-    for command in (manifest, preprocess, train, tune, evaluate, embed, predict):
-        command.add_argument("--json", action="store_true",
-                             help="print the result as one line of JSON on stdout, the only thing there: the "
-                                  "summary a person reads, progress and notes go to stderr")
-
-    demo = commands.add_parser("demo", help="run the embedded CPU demo (hlip-ray demo --help: its options)")
-    demo.add_argument("rest", nargs=argparse.REMAINDER, help="the demo's options and overrides")
-    demo.set_defaults(run=_demo_command)
-    return parser
+    for command in (evaluate, embed, predict):
+        _with_json(command)
 
 
 def _commands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
