@@ -180,7 +180,8 @@ EVAL_OPTIONS = ["eval.threshold_split=train", "eval.bootstrap_samples=100", "eva
 def eval_run(tmp_path_factory, ray_session):
     """One ``hlip-ray eval`` of a tiny random model on 16 synthetic studies (thresholds chosen on the train
     split, relevance maps drawn), its encoder asking for the test cluster's ``trainer`` slots: the folders,
-    the printed lines, and where the encoder actor ran (its ``where()``, its placement)."""
+    what it printed for a person (stderr, with ``--json``), its result (stdout's one line), and where the encoder
+    actor ran (its ``where()``, its placement)."""
     import contextlib
     import io
 
@@ -197,22 +198,24 @@ def eval_run(tmp_path_factory, ray_session):
         encoders.append({"where": encoder.where(), "placement": encoder.placement})
         stop(encoder)
 
-    stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         patch.setattr(evaluate.SplitEncoder, "stop", recorded_stop)
         assert cli.main(["eval", "--checkpoint", str(checkpoint), "--manifest", str(corpus / "manifest.parquet"),
                          "--out", str(out), "--interpret", str(tmp_path / "maps"),
                          f"eval.vocabulary={corpus / 'raw' / 'vocabulary.json'}", "resources.trainer=trainer",
-                         *EVAL_OPTIONS]) == 0
+                         "--json", *EVAL_OPTIONS]) == 0
+    assert len(stdout.getvalue().splitlines()) == 1, stdout.getvalue()[-3000:]
     return {"corpus": corpus, "checkpoint": checkpoint, "out": out, "maps": tmp_path / "maps",
-            "printed": stdout.getvalue().strip().splitlines(), "encoders": encoders}
+            "printed": stderr.getvalue().strip().splitlines(), "report": json.loads(stdout.getvalue()),
+            "encoders": encoders}
 
 
 def test_eval_command_writes_the_report_with_intervals_thresholds_and_probe(eval_run):
     """The figures' structure end to end (a random model's figures are near chance), and report.md,
     report.json and the ROC figure written to --out."""
-    corpus, checkpoint, out, printed = (eval_run[key] for key in ("corpus", "checkpoint", "out", "printed"))
-    report = json.loads(printed[-1])
+    corpus, checkpoint, out, printed, report = (eval_run[key] for key in ("corpus", "checkpoint", "out", "printed",
+                                                                          "report"))
     assert report["split"] == "val" and report["checkpoint"] == str(checkpoint)
     assert set(report) >= {"studies", "macro_auc", "per_label", "baseline", "loss", "retrieval", "auc_ci",
                            "classification", "linear_probe", "few_shot"}
@@ -256,7 +259,7 @@ def test_eval_encodes_in_an_actor_holding_a_trainer_slot_with_the_figures_of_the
     assert encoder["where"]["pid"] != os.getpid() and encoder["where"]["device"] == "cpu"
     assert encoder["placement"].options() == {"num_cpus": 1, "num_gpus": 0.0, "resources": {"trainer": 1.0}}
     assert encoder["where"]["resources"] == {"CPU": 1.0, "trainer": 1.0}   # as Ray assigned them
-    report = json.loads(eval_run["printed"][-1])
+    report = eval_run["report"]
 
     corpus, checkpoint = eval_run["corpus"], eval_run["checkpoint"]
     model, _ = load_model(str(checkpoint), Storage())
