@@ -54,13 +54,14 @@ class Progress:
 
     def _print_line(self, now: float) -> None:
         self.printed, self.printed_done = now, self.done
-        self.stream.write(self.line(self.done, self.note, now - self.started) + "\n")
+        self.stream.write(self._line(now - self.started) + "\n")
         self.stream.flush()
 
-    def line(self, done: int, note: str, elapsed: float) -> str:
+    def _line(self, elapsed: float) -> str:
+        done = self.done
         share = f" ({100 * done / self.total:.0f}%)" if self.total else ""
         eta = elapsed / done * (self.total - done) if done else float("nan")
-        parts = [f"{self.what} {done}/{self.total}{share}", note, f"elapsed {duration(elapsed)}",
+        parts = [f"{self.what} {done}/{self.total}{share}", self.note, f"elapsed {duration(elapsed)}",
                  f"ETA {duration(eta)}"]
         return "  ".join(part for part in parts if part)
 

@@ -207,11 +207,8 @@ def _metric_vs_compute(trials: list[Trial], front: set[str], metric: str, unit: 
 def results_summary(found: dict, base: Config) -> dict:
     """The results as a program reads them (``hlip-ray tune --json``): a row per trial as in the table, the best
     trial, the Pareto front's trials and the files written."""
-    metric, unit = base.tune.metric, found["unit"]
     best = found["best"]
-    front = {trial.trial_id for trial in found["front"]}
-    return {"sweep": base.tune.name, "metric": metric, "mode": base.tune.mode,
-            "trials": [trial.row(metric, unit, front, best.trial_id if best else None) for trial in found["trials"]],
+    return {"sweep": base.tune.name, "metric": base.tune.metric, "mode": base.tune.mode, "trials": found["rows"],
             "best": best.trial_id if best else None, "pareto_front": [trial.trial_id for trial in found["front"]],
             "files": found["files"]}
 
